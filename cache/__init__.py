@@ -1,0 +1,1 @@
+"""tollway cache package."""

@@ -1,0 +1,62 @@
+"""``create_app(settings)``: the gateway's ASGI app, its lifespan and its error handlers.
+
+Nothing is configured at import time. The lifespan opens the upstream pool
+and health checks before the first request and closes them after the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound, error_response
+from gateway.hotpath import HotPath
+from gateway.request_id import RequestIdMiddleware, request_id_of
+from gateway.routes import router
+from gateway.services import Services
+
+
+def create_app(settings: Settings) -> ASGIApp:
+    """The gateway as an ASGI app: request ids, the completion hot path, then FastAPI."""
+    api = create_api(Services.build(settings))
+    return RequestIdMiddleware(HotPath(api, api.state.services.pipeline))
+
+
+def create_api(services: Services) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await services.start()
+        try:
+            yield
+        finally:
+            await services.stop()
+
+    app = FastAPI(title="tollway", version="0.1.0", lifespan=lifespan)
+    app.state.services = services
+    app.include_router(router)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc, request_id_of(request.scope))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"Method {request.method} is not allowed."))
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"No route for {request.url.path}."))
+        return error_response(exc)
+
+    # GatewayError is expected (a 4xx, a dead upstream): answered, not re-raised.
+    # Any other Exception reaches Starlette's ServerErrorMiddleware: answered
+    # as a generic 500 by the same function, and logged with its trace.
+    app.add_exception_handler(GatewayError, on_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_error)
+    return app

@@ -1,0 +1,103 @@
+"""The ``tollway`` command: serve, sim, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or settings.listen.host
+    port = args.port or settings.listen.port
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.drain_timeout,
+        backlog=4096,
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"tollway: invalid config: {exc}", file=sys.stderr)
+        return 1
+    resolved = settings.model_dump(mode="json")
+    for key in resolved["auth"]["keys"]:
+        key["key"] = key["key"][:3] + "...(redacted)"
+    sys.stdout.write(orjson.dumps(resolved, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(f"tollway: {args.config} is valid", file=sys.stderr)
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from sim.cli import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tollway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path to tollway.yaml")
+    serve.add_argument("--host", help="overrides listen.host")
+    serve.add_argument("--port", type=int, help="overrides listen.port")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=25,
+        help="seconds to finish in-flight requests after SIGTERM "
+        "(keep it under the orchestrator's grace period)",
+    )
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    check.add_argument("config")
+    check.set_defaults(func=_check_config)
+
+    sim = sub.add_parser("sim", help="run the vLLM-compatible simulator (a test double)")
+    from sim.cli import configure_parser
+
+    configure_parser(sim)
+    sim.set_defaults(func=_sim)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

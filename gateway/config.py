@@ -1,0 +1,205 @@
+"""Configuration: the one YAML file, its pydantic models, and how it is loaded.
+
+Every model forbids unknown fields, so a typo fails at start with the path of
+the bad field instead of silently falling back to a default. Values may name
+environment variables as ``${VAR}`` or ``${VAR:-default}`` (secrets, URLs), and
+a few well-known variables override whole fields (see ``ENV_OVERRIDES``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class RedisConfig(Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+class ApiKey(Strict):
+    """One API key and its tenant. Keep secrets out of the file: ``key: ${TEAM_A_KEY}``."""
+
+    key: str = Field(min_length=8, repr=False)
+    tenant: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    admin: bool = False
+
+
+class AuthConfig(Strict):
+    keys: list[ApiKey] = Field(min_length=1)
+
+
+class Replica(Strict):
+    url: str = Field(pattern=r"^https?://[^/\s]+$")
+    max_num_seqs: int = Field(default=256, ge=1)
+    gpus: PositiveFloat = 1.0
+    gpu_hourly_usd: NonNegativeFloat = 0.0
+
+
+class TokenPrices(Strict):
+    input_usd_per_mtok: NonNegativeFloat
+    output_usd_per_mtok: NonNegativeFloat
+
+
+class Tier(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    models: list[str] = Field(min_length=1)
+    replicas: list[Replica] = Field(min_length=1)
+    prices: TokenPrices | None = None
+
+
+class RoutingConfig(Strict):
+    aliases: list[str] = Field(default_factory=lambda: ["auto"])
+    default_tier: str | None = None
+
+
+class UpstreamConfig(Strict):
+    connect_timeout_s: PositiveFloat = 2.0
+    first_byte_timeout_s: PositiveFloat = 60.0
+    total_timeout_s: PositiveFloat = 600.0
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    pool_size_per_replica: int = Field(default=512, ge=1)
+
+
+class HealthConfig(Strict):
+    interval_s: PositiveFloat = 2.0
+    timeout_s: PositiveFloat = 1.0
+    unhealthy_after: int = Field(default=2, ge=1)
+
+
+class LimitsConfig(Strict):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
+class Settings(Strict):
+    listen: ListenConfig = ListenConfig()
+    redis: RedisConfig = RedisConfig()
+    auth: AuthConfig
+    tiers: list[Tier] = Field(min_length=1)
+    routing: RoutingConfig = RoutingConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    health: HealthConfig = HealthConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        tier_names = [t.name for t in self.tiers]
+        _no_repeats("tier name", tier_names)
+        served = [m for t in self.tiers for m in t.models]
+        _no_repeats("model name (a model belongs to one tier)", served)
+        for alias in self.routing.aliases:
+            if alias in served:
+                raise ValueError(f"routing alias {alias!r} is also a tier's model name")
+        default = self.routing.default_tier
+        if default is not None and default not in tier_names:
+            raise ValueError(f"routing.default_tier {default!r} is not a tier ({tier_names})")
+        shared: dict[str, Replica] = {}
+        for tier in self.tiers:
+            for replica in tier.replicas:
+                if shared.setdefault(replica.url, replica) != replica:
+                    raise ValueError(
+                        f"replica {replica.url} appears in several tiers with different "
+                        "settings; one process has one max_num_seqs, gpus and price"
+                    )
+        return self
+
+    def tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+
+def _no_repeats(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"duplicate {what}: {name!r}")
+        seen.add(name)
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names the file and the field."""
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# Env vars that replace a whole field, applied after interpolation.
+ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
+    "TOLLWAY_REDIS_URL": ("redis", "url"),
+    "TOLLWAY_HOST": ("listen", "host"),
+    "TOLLWAY_PORT": ("listen", "port"),
+}
+
+
+def _interpolate(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _apply_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for var, path in ENV_OVERRIDES.items():
+        if var in env:
+            node = raw
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = env[var]
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{source}: {path}: {first['msg']}"
+
+
+def parse_settings(raw: Any, source: str, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    raw = _interpolate(raw, env, "")
+    _apply_overrides(raw, env)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(raw, str(path), env)

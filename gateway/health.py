@@ -1,0 +1,66 @@
+"""Active health checks: poll every replica's ``/health`` and keep its state current.
+
+A replica becomes unhealthy after ``unhealthy_after`` failed checks in a row
+(or at once when the upstream client cannot connect to it) and healthy again
+on its first passing check. ``/ready`` and replica choice read that state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+
+from gateway.config import HealthConfig
+from gateway.pool import Pools, ReplicaState
+from gateway.upstream import describe_error
+
+log = logging.getLogger("tollway.health")
+
+
+class HealthChecker:
+    def __init__(self, pools: Pools, config: HealthConfig, session: aiohttp.ClientSession):
+        self.pools = pools
+        self.config = config
+        self.session = session
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self, replica: ReplicaState, *, unhealthy_after: int | None = None) -> None:
+        was_healthy = replica.healthy
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                async with self.session.get(replica.url + "/health") as response:
+                    ok = response.status == 200
+                    reason = f"/health answered {response.status}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            ok, reason = False, f"/health failed: {describe_error(exc)}"
+        if ok:
+            replica.record_success()
+        else:
+            threshold = unhealthy_after or self.config.unhealthy_after
+            replica.record_failure(reason, unhealthy_after=threshold)
+        if replica.healthy != was_healthy:
+            state = "healthy again" if replica.healthy else f"unhealthy ({reason})"
+            log.warning("replica %s is %s", replica.url, state)
+
+    async def check_all(self, *, unhealthy_after: int | None = None) -> None:
+        """One round; at start-up ``unhealthy_after=1`` so a dead replica is out at once."""
+        checks = (self.check(r, unhealthy_after=unhealthy_after) for r in self.pools.replicas())
+        await asyncio.gather(*checks)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            await self.check_all()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tollway-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,99 @@
+"""HTTP routes: each takes the pipeline or state from the app and returns its answer.
+
+Error bodies everywhere have the OpenAI shape (see ``gateway.errors``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.schemas import Endpoint
+from gateway.services import Services
+from gateway.streaming import EventStreamResponse
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text}
+    for code, text in {
+        400: "malformed JSON or an invalid field (`param` names it)",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "body over `limits.max_body_bytes`",
+        502: "upstream failed after retries",
+        503: "no healthy replica for the tier",
+        504: "upstream timed out",
+    }.items()
+}
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+@router.post("/v1/chat/completions", responses=_ERRORS, response_model=None)
+async def chat_completions(request: Request) -> Response | EventStreamResponse:
+    return await _services(request).pipeline.handle(request, Endpoint.CHAT)
+
+
+@router.post("/v1/completions", responses=_ERRORS, response_model=None)
+async def completions(request: Request) -> Response | EventStreamResponse:
+    return await _services(request).pipeline.handle(request, Endpoint.COMPLETIONS)
+
+
+@router.get("/v1/models", responses={401: _ERRORS[401]})
+async def list_models(request: Request) -> Response:
+    services = _services(request)
+    services.auth.authenticate(request.headers.get("authorization"))
+    created = int(services.started_at)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "tollway"}
+        for name in services.routes.model_names()
+    ]
+    return _json({"object": "list", "data": data})
+
+
+@router.get("/health")
+async def health() -> Response:
+    """Liveness: the process answers. Says nothing about upstreams (see /ready)."""
+    return _json({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    """Readiness: every tier has at least one healthy replica."""
+    services = _services(request)
+    tiers = {
+        pool.name: {
+            "healthy_replicas": len(pool.healthy()),
+            "replicas": [
+                {
+                    "url": r.url,
+                    "healthy": r.healthy,
+                    "in_flight": r.in_flight,
+                    "error": r.last_error,
+                }
+                for r in pool.replicas
+            ],
+        }
+        for pool in services.pools
+    }
+    ok = all(t["healthy_replicas"] for t in tiers.values())
+    return _json(
+        {
+            "status": "ready" if ok else "not_ready",
+            "uptime_s": time.time() - services.started_at,
+            "tiers": tiers,
+        },
+        200 if ok else 503,
+    )

@@ -1,0 +1,189 @@
+"""The upstream vLLM client: pooled connections, timeouts and retries.
+
+aiohttp was chosen by measurement (../shared/BACKENDS.md: ~3,700 proxied
+requests/s on one core against ~700 for httpx). One ``ClientSession`` with a
+keep-alive pool is opened and closed by the app's lifespan.
+
+Retries live here and only here. An attempt is retried, on another healthy
+replica when the tier has one, when it fails before the upstream sent its
+status line: connect errors, a dropped connection, a first-byte timeout, or a
+502/503/504 status. Once ``send`` returns, a response exists and nothing is
+retried; the caller has not yet sent a byte to its client at that point.
+
+Timeouts: ``connect_timeout_s`` per TCP connect; ``total_timeout_s`` for the
+whole request, body included; for streams ``first_byte_timeout_s`` bounds the
+wait for the status line and any later stall between events. vLLM answers a
+non-streaming request only when generation ends, so those are bounded by the
+total alone, and a timed-out non-streaming attempt is not retried: its budget
+is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.config import HealthConfig, UpstreamConfig
+from gateway.errors import NoHealthyUpstream, UpstreamError, UpstreamTimeout
+from gateway.pool import ReplicaState, TierPool
+
+log = logging.getLogger("tollway.upstream")
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+@dataclass(eq=False)
+class UpstreamReply:
+    """A response whose status line has arrived; the body is still to be read."""
+
+    replica: ReplicaState
+    response: aiohttp.ClientResponse
+    attempts: int
+    _released: bool = False
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    async def read(self) -> bytes:
+        """The whole body (aiohttp holds it to the request's total deadline)."""
+        try:
+            return await self.response.read()
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The upstream replica {self.replica.url} did not finish in time."
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"The upstream replica {self.replica.url} failed while answering: {exc}."
+            ) from None
+        finally:
+            self.release()
+
+    def release(self, *, abort: bool = False) -> None:
+        """Give the slot back; ``abort`` drops the connection so vLLM stops generating."""
+        if self._released:
+            return
+        self._released = True
+        self.replica.in_flight -= 1
+        if abort:
+            self.response.close()
+        else:
+            self.response.release()
+
+
+class UpstreamClient:
+    def __init__(self, config: UpstreamConfig, health: HealthConfig):
+        self.config = config
+        self.health = health
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=self.config.pool_size_per_replica,
+            keepalive_timeout=60,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        return self._session
+
+    async def send(
+        self,
+        pool: TierPool,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        stream: bool,
+    ) -> UpstreamReply:
+        """POST ``body`` to a replica of ``pool``, retrying failures before the status line."""
+        config = self.config
+        deadline = time.monotonic() + config.total_timeout_s
+        tried: list[ReplicaState] = []
+        failure = ""
+        for attempt in range(1, config.max_attempts + 1):
+            replica = pool.pick(exclude=tried)
+            if replica is None:
+                detail = f" (last failure: {failure})" if failure else ""
+                raise NoHealthyUpstream(
+                    f"No healthy replica is available for tier '{pool.name}'{detail}."
+                )
+            if replica in tried:
+                await asyncio.sleep(min(0.05 * 2 ** (attempt - 2), 1.0) * random.uniform(0.5, 1))
+            tried.append(replica)
+            # aiohttp enforces ``total`` over the whole exchange, body included;
+            # for streams ``sock_read`` bounds the wait for the first byte and
+            # any later stall between events.
+            timeout = aiohttp.ClientTimeout(
+                total=max(0.001, deadline - time.monotonic()),
+                sock_connect=config.connect_timeout_s,
+                sock_read=config.first_byte_timeout_s if stream else None,
+            )
+            replica.in_flight += 1
+            try:
+                response = await self.session.post(
+                    replica.url + path, data=body, headers=headers, timeout=timeout
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                replica.in_flight -= 1
+                failure = f"cannot connect to {replica.url}: {describe_error(exc)}"
+                replica.record_failure(failure, unhealthy_after=1)
+                continue
+            except TimeoutError:
+                replica.in_flight -= 1
+                failure = f"{replica.url} sent nothing in time"
+                replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
+                if stream and time.monotonic() < deadline:
+                    continue
+                raise UpstreamTimeout(
+                    f"The upstream replica {replica.url} of tier '{pool.name}' "
+                    "did not answer in time."
+                ) from None
+            except aiohttp.ClientError as exc:
+                replica.in_flight -= 1
+                failure = f"{replica.url} dropped the request: {describe_error(exc)}"
+                replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
+                continue
+            reply = UpstreamReply(replica, response, attempt)
+            if response.status in RETRYABLE_STATUS and attempt < config.max_attempts:
+                failure = f"{replica.url} answered {response.status}"
+                reply.release()
+                replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
+                continue
+            if response.status < 500:
+                replica.consecutive_failures = 0
+            return reply
+        log.warning("tier %s: giving up after %d attempts: %s", pool.name, len(tried), failure)
+        raise UpstreamError(
+            f"The upstream for tier '{pool.name}' failed after {len(tried)} attempt(s): {failure}."
+        )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, log-friendly reason: "Connection refused", not the connector's repr."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or str(exc.os_error) or type(exc).__name__
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what tollway needs on a fresh Debian 12 machine, idempotently:
+# apt packages (redis-server, and any named in TOLLWAY_APT_EXTRA) and the
+# project's virtualenv in .venv with the package installed editable.
+# Re-running is cheap: each step is skipped when its stamp is current.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+APT_PACKAGES="redis-server curl ${TOLLWAY_APT_EXTRA:-}"
+
+need_apt=()
+for pkg in $APT_PACKAGES; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+    echo "bootstrap: apt-get install ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian starts the packaged service; tollway starts its own on loopback.
+    $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+stamp="$VENV/.tollway-stamp"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bootstrap: creating $VENV"
+    python3.11 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,85 @@
+"""Test-support endpoints under `/sim/`. Not part of vLLM's API.
+
+- `GET  /sim/stats`    request counters and engine occupancy (see `sim.state`)
+- `POST /sim/reset`    zero the counters, Prometheus metrics and recorded requests
+- `GET  /sim/faults`   the fault settings in force
+- `POST /sim/faults`   merge a JSON object of `FaultSettings` fields into them
+- `DELETE /sim/faults` turn every fault off
+- `GET  /sim/requests` the last completion requests received (`?limit=N`)
+
+Errors use vLLM's error shape, like everything else the simulator answers.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from sim.protocol import SimError
+from sim.state import SIM_STATE
+
+
+def _json(obj: object) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return _json(request.app[SIM_STATE].stats_json())
+
+
+async def reset(request: web.Request) -> web.Response:
+    state = request.app[SIM_STATE]
+    state.reset()
+    return _json(state.stats_json())
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return _json(request.app[SIM_STATE].faults.settings.model_dump())
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    injector = request.app[SIM_STATE].faults
+    try:
+        changes = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"Invalid JSON body: {exc}") from None
+    if not isinstance(changes, dict):
+        raise _bad("The body must be a JSON object of fault settings")
+    try:
+        settings = injector.update(changes)
+    except ValidationError as exc:
+        raise _bad(str(exc)) from None
+    return _json(settings.model_dump())
+
+
+async def clear_faults(request: web.Request) -> web.Response:
+    return _json(request.app[SIM_STATE].faults.clear().model_dump())
+
+
+async def recent_requests(request: web.Request) -> web.Response:
+    recent = list(request.app[SIM_STATE].recent)
+    try:
+        limit = int(request.query.get("limit", len(recent)))
+    except ValueError:
+        raise _bad("limit must be an integer") from None
+    rows = recent[-limit:] if limit > 0 else []
+    return _json(
+        [
+            {"endpoint": r.endpoint, "time": r.time, "headers": r.headers, "body": r.body}
+            for r in rows
+        ]
+    )
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(body=SimError(message).body(), content_type="application/json")
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/sim/stats", get_stats)
+    app.router.add_post("/sim/reset", reset)
+    app.router.add_get("/sim/faults", get_faults)
+    app.router.add_post("/sim/faults", set_faults)
+    app.router.add_delete("/sim/faults", clear_faults)
+    app.router.add_get("/sim/requests", recent_requests)

@@ -1,0 +1,155 @@
+"""Shared fixtures: a real stack of simulator replicas behind a real gateway process.
+
+Session stack: tier ``small`` = one simulator (``sim-small``, 4 slots), tier
+``large`` = two simulator replicas (``sim-large``), so retries have another
+replica to go to. Every test that uses ``stack`` starts with the simulators'
+faults cleared and counters zeroed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.support.procs import Proc, start_gateway, start_sim
+
+KEY = "sk-test-acme-0001"
+OTHER_KEY = "sk-test-globex-0002"
+FAST_SIM = [
+    "--decode-base-ms", "2", "--decode-per-seq-ms", "0.1",
+    "--output-tokens-min", "8", "--output-tokens-max", "24",
+]  # fmt: skip
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 10) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+def sim_stats(sim: Proc) -> dict[str, Any]:
+    stats: dict[str, Any] = http_json("GET", sim.url + "/sim/stats")
+    return stats
+
+
+def set_faults(sim: Proc, **faults: Any) -> None:
+    http_json("POST", sim.url + "/sim/faults", faults)
+
+
+def reset_sim(sim: Proc) -> None:
+    http_json("DELETE", sim.url + "/sim/faults")
+    http_json("POST", sim.url + "/sim/reset")
+
+
+def gateway_config(small: list[str], large: list[str], **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 8080},
+        "auth": {
+            "keys": [
+                {"key": KEY, "tenant": "acme"},
+                {"key": OTHER_KEY, "tenant": "globex", "admin": True},
+            ]
+        },
+        "tiers": [
+            {
+                "name": "small",
+                "models": ["sim-small"],
+                "replicas": [{"url": u, "max_num_seqs": 4, "gpu_hourly_usd": 1.0} for u in small],
+            },
+            {
+                "name": "large",
+                "models": ["sim-large"],
+                "replicas": [{"url": u, "max_num_seqs": 8, "gpu_hourly_usd": 4.0} for u in large],
+            },
+        ],
+        "routing": {"aliases": ["auto"], "default_tier": "small"},
+        "upstream": {"first_byte_timeout_s": 1.5, "total_timeout_s": 20, "max_attempts": 3},
+        "health": {"interval_s": 0.2, "timeout_s": 0.5, "unhealthy_after": 2},
+        "limits": {"max_body_bytes": 64 * 1024},
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass
+class Stack:
+    gateway: Proc
+    small: Proc
+    large: list[Proc]
+    log_dir: Path
+
+    @property
+    def sims(self) -> list[Proc]:
+        return [self.small, *self.large]
+
+    @property
+    def base_url(self) -> str:
+        return self.gateway.url + "/v1"
+
+    def client(self, key: str = KEY, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+
+    def async_client(self, key: str = KEY, **kwargs: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("procs")
+
+
+@pytest.fixture(scope="session")
+def _session_stack(log_dir: Path) -> Iterator[Stack]:
+    procs: list[Proc] = []
+    try:
+        small = start_sim(log_dir, ["sim-small"], "--max-num-seqs", "4", *FAST_SIM)
+        procs.append(small)
+        large = [start_sim(log_dir, ["sim-large"], *FAST_SIM) for _ in range(2)]
+        procs += large
+        config = gateway_config([small.url], [s.url for s in large])
+        gateway = start_gateway(log_dir, config)
+        procs.append(gateway)
+        yield Stack(gateway, small, large, log_dir)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def all_replicas_healthy(gateway: Proc) -> bool:
+    ready = http_json("GET", gateway.url + "/ready") if _ready_ok(gateway) else None
+    return ready is not None and all(
+        r["healthy"] for tier in ready["tiers"].values() for r in tier["replicas"]
+    )
+
+
+def _ready_ok(gateway: Proc) -> bool:
+    try:
+        with urllib.request.urlopen(gateway.url + "/ready", timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def stack(_session_stack: Stack) -> Stack:
+    """The session stack with faults cleared, counters zeroed and every replica healthy."""
+    for sim in _session_stack.sims:
+        reset_sim(sim)
+    deadline = time.monotonic() + 10
+    while not all_replicas_healthy(_session_stack.gateway):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not see every replica healthy again")
+        time.sleep(0.05)
+    return _session_stack

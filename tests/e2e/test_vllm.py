@@ -1,0 +1,136 @@
+"""End to end against real vLLM on CPU (SmolLM2-135M) through the gateway, with the openai SDK.
+
+One vLLM process serves both tiers under two aliases, as in deploy/local.
+Output text differs between runs, so assertions are on structure,
+finish_reason and usage, never on exact text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import KEY, gateway_config
+from tests.support.procs import Proc, free_port, start_gateway
+from tests.support.vllm import run_vllm
+
+pytestmark = pytest.mark.vllm
+
+MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    log_dir = tmp_path_factory.mktemp("vllm")
+    with run_vllm(
+        free_port(),
+        aliases=["smollm2-small", "smollm2-large"],
+        max_num_seqs=8,
+        log_path=log_dir / "vllm.log",
+    ) as vllm_url:
+        config = gateway_config([vllm_url], [vllm_url])
+        config["tiers"][0]["models"] = ["smollm2-small"]
+        config["tiers"][1]["models"] = ["smollm2-large"]
+        for tier in config["tiers"]:
+            tier["replicas"][0]["max_num_seqs"] = 8
+        config["upstream"] = {"first_byte_timeout_s": 120, "total_timeout_s": 300}
+        gateway = start_gateway(log_dir, config)
+        try:
+            yield gateway
+        finally:
+            gateway.stop()
+
+
+@pytest.fixture
+def client(vllm_gateway: Proc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=vllm_gateway.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_chat(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2-small", messages=MESSAGES, max_tokens=16, temperature=0
+    )
+    completion = raw.parse()
+    assert completion.model == "smollm2-small"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None
+    assert 0 < completion.usage.completion_tokens <= 16
+    assert completion.usage.prompt_tokens > 5  # the chat template wraps the message
+    assert raw.headers["x-tollway-tier"] == "small"
+
+
+def test_completions_on_the_large_alias(client: openai.OpenAI) -> None:
+    completion = client.completions.create(
+        model="smollm2-large", prompt="The three primary colours are", max_tokens=12
+    )
+    assert completion.model == "smollm2-large"
+    assert completion.choices[0].text
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None
+    assert 0 < completion.usage.completion_tokens <= 12
+
+
+def test_stream_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="auto",
+        messages=MESSAGES,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) >= 2
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert usage is not None
+    # A token can decode to an empty delta (part of a UTF-8 character), never to two chunks.
+    assert len(content) <= usage.completion_tokens <= 16
+
+
+def test_unknown_model_never_reaches_vllm(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="llama-70b", messages=MESSAGES)
+
+
+def test_vllm_rejection_is_relayed_as_400(client: openai.OpenAI) -> None:
+    too_long = [{"role": "user", "content": "word " * 3000}]  # over --max-model-len 2048
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2-small", messages=too_long, max_tokens=8)
+    assert err.value.status_code == 400
+    assert err.value.body is not None
+
+
+async def test_eight_concurrent_requests(vllm_gateway: Proc) -> None:
+    client = openai.AsyncOpenAI(base_url=vllm_gateway.url + "/v1", api_key=KEY, max_retries=0)
+    async with client:
+        results = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model="smollm2-small" if i % 2 else "smollm2-large",
+                    messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+                    max_tokens=24,
+                )
+                for i in range(8)
+            )
+        )
+    assert len(results) == 8
+    for result in results:
+        assert result.choices[0].finish_reason in ("stop", "length")
+        assert result.usage is not None
+        assert result.usage.completion_tokens > 0
+
+
+def test_gateway_log_has_no_errors(vllm_gateway: Proc) -> None:
+    log = Path(vllm_gateway.log).read_text()
+    assert "Traceback" not in log
+    assert "ERROR" not in log
