@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from sim.protocol import SimError
+from sim.protocol import SimError, decode_json
 from sim.state import SIM_STATE
 
 
@@ -41,15 +41,12 @@ async def get_faults(request: web.Request) -> web.Response:
 async def set_faults(request: web.Request) -> web.Response:
     injector = request.app[SIM_STATE].faults
     try:
-        changes = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"Invalid JSON body: {exc}") from None
-    if not isinstance(changes, dict):
-        raise _bad("The body must be a JSON object of fault settings")
-    try:
+        changes = decode_json(await request.read())
         settings = injector.update(changes)
+    except SimError as exc:
+        return _error(exc)
     except ValidationError as exc:
-        raise _bad(str(exc)) from None
+        return _error(SimError.invalid(exc))
     return _json(settings.model_dump())
 
 
@@ -62,7 +59,7 @@ async def recent_requests(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", len(recent)))
     except ValueError:
-        raise _bad("limit must be an integer") from None
+        return _error(SimError("limit must be an integer", 400, "limit"))
     rows = recent[-limit:] if limit > 0 else []
     return _json(
         [
@@ -72,8 +69,8 @@ async def recent_requests(request: web.Request) -> web.Response:
     )
 
 
-def _bad(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(body=SimError(message).body(), content_type="application/json")
+def _error(exc: SimError) -> web.Response:
+    return web.Response(body=exc.body(), status=exc.status, content_type="application/json")
 
 
 def add_admin_routes(app: web.Application) -> None:

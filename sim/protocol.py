@@ -37,7 +37,8 @@ SAMPLING_FIELDS: tuple[str, ...] = (
 
 def error_type(status: int) -> str:
     """vLLM's error `type` names: "BadRequestError", "NotFoundError", "InternalServerError"..."""
-    return HTTPStatus(status).phrase.replace(" ", "").replace("-", "") + "Error"
+    name = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    return name if name.endswith("Error") else name + "Error"
 
 
 def error_body(message: str, status: int, param: str | None = None) -> bytes:
@@ -57,6 +58,15 @@ class SimError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.status, self.param)
+
+    @classmethod
+    def invalid(cls, exc: ValidationError) -> SimError:
+        """A 400 naming the first invalid field, from a pydantic error."""
+        first = exc.errors()[0]
+        loc = first["loc"]
+        where = ".".join(str(part) for part in loc)
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return cls(message, 400, str(loc[0]) if loc else None)
 
 
 class StreamOptions(BaseModel):
@@ -152,12 +162,7 @@ def validate_request(kind: Kind, raw: dict[str, Any]) -> GenerationRequest:
     try:
         req: GenerationRequest = model.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = first["loc"]
-        param = str(loc[0]) if loc else None
-        where = ".".join(str(part) for part in loc)
-        message = first["msg"] if not where else f"{where}: {first['msg']}"
-        raise SimError(message, 400, param) from None
+        raise SimError.invalid(exc) from None
     limit = req.limit()
     if limit is not None and limit < 1:
         raise SimError(f"max_tokens must be at least 1, got {limit}.", 400, "max_tokens")

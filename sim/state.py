@@ -68,7 +68,11 @@ class RequestStats:
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
-    """What reached a completion endpoint, for tests that check what a gateway sent."""
+    """What reached a completion endpoint, for tests that check what a gateway sent.
+
+    `headers` names are lower-cased; `body` is the decoded JSON, or the raw text
+    when it was not JSON.
+    """
 
     endpoint: str
     time: float
@@ -99,7 +103,10 @@ class SimState:
         return f"{prefix}-{self._id_prefix}{next(self._ids):016x}"
 
     def record(self, endpoint: str, headers: Mapping[str, str], body: Any) -> None:
-        self.recent.append(RecordedRequest(endpoint, time.time(), dict(headers), body))
+        # Lower-cased (names are case-insensitive) and plain str: multidict's `istr`
+        # keys are refused by JSON encoders.
+        names = {name.lower(): value for name, value in headers.items()}
+        self.recent.append(RecordedRequest(endpoint, time.time(), names, body))
 
     def reset(self) -> None:
         """Zero every counter: /sim/stats, the Prometheus counters and histograms."""
