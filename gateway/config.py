@@ -88,6 +88,11 @@ class LimitsConfig(Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
 
+class MeteringConfig(Strict):
+    overhead_factor: Annotated[float, Field(ge=1)] = 1.25
+    idle_window_s: PositiveFloat = 300.0
+
+
 class Settings(Strict):
     listen: ListenConfig = ListenConfig()
     redis: RedisConfig = RedisConfig()
@@ -97,6 +102,7 @@ class Settings(Strict):
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
     limits: LimitsConfig = LimitsConfig()
+    metering: MeteringConfig = MeteringConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

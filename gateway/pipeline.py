@@ -1,7 +1,7 @@
 """The request pipeline: one path from an HTTP request to an upstream answer.
 
 auth -> read body (size limit) -> parse JSON -> validate -> route to a tier
--> dispatch to a replica (retries inside the upstream client) -> relay.
+-> dispatch to a replica (retries inside the upstream client) -> relay -> meter.
 
 Both completion endpoints share it; routes only pick the ``Endpoint``. The
 client's own JSON is what goes upstream (only ``model`` is rewritten when an
@@ -27,11 +27,14 @@ from gateway.errors import (
     UpstreamError,
     error_body,
 )
+from gateway.meter import Meter, RequestContext
 from gateway.pool import Pools
 from gateway.request_id import request_id_of
 from gateway.schemas import Endpoint, validate
-from gateway.streaming import EventStreamResponse, relay_events
+from gateway.stream_shaper import StreamShaper, upstream_stream_options
+from gateway.streaming import EventStreamResponse, StreamEnd, relay_events
 from gateway.upstream import UpstreamClient, UpstreamReply
+from metering.usage import TokenUsage
 from router.table import Decision, RouteTable, UnknownModel
 
 log = logging.getLogger("tollway.pipeline")
@@ -47,44 +50,102 @@ class Pipeline:
         routes: RouteTable,
         pools: Pools,
         upstream: UpstreamClient,
+        meter: Meter,
         max_body_bytes: int,
     ):
         self.auth = auth
         self.routes = routes
         self.pools = pools
         self.upstream = upstream
+        self.meter = meter
         self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
-        request_id = request_id_of(request.scope) or ""
-        self.auth.authenticate(request.headers.get("authorization"))
+        principal = self.auth.authenticate(request.headers.get("authorization"))
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(endpoint, body)
         decision = self._route(parsed.model)
-        if decision.model != parsed.model:
+        ctx = RequestContext(
+            request_id_of(request.scope) or "", principal.tenant, endpoint, decision
+        )
+        shaper: StreamShaper | None = None
+        if parsed.stream:
+            shaper = StreamShaper(body.get("stream_options"))
+            body["stream_options"] = upstream_stream_options(body.get("stream_options"))
+        if decision.model != parsed.model or shaper is not None:
             body["model"] = decision.model
             raw = orjson.dumps(body)
-        forward = self._forward(endpoint, decision, raw, request_id, stream=parsed.stream)
+        forward = self._forward(ctx, raw, shaper)
         return await cancel_on_disconnect(forward, request.receive)
 
     async def _forward(
-        self, endpoint: Endpoint, decision: Decision, raw: bytes, request_id: str, *, stream: bool
+        self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None
     ) -> Response:
-        reply = await self.upstream.send(
-            self.pools.tiers[decision.tier],
-            endpoint.path,
-            raw,
-            {"content-type": JSON, "x-request-id": request_id},
-            stream=stream,
-        )
-        headers = _report_headers(decision)
-        if stream and reply.status == 200:
-            return EventStreamResponse(relay_events(reply), headers)
-        data = await reply.read()
+        headers = _report_headers(ctx.decision)
+        reply: UpstreamReply | None = None
+        try:
+            reply = await self.upstream.send(
+                self.pools.tiers[ctx.decision.tier],
+                ctx.endpoint.path,
+                raw,
+                {"content-type": JSON, "x-request-id": ctx.request_id},
+                stream=shaper is not None,
+                bill=ctx.bill,
+            )
+            if shaper is not None and reply.status == 200:
+                return EventStreamResponse(
+                    relay_events(reply, shaper, self._stream_end(ctx, reply, shaper)), headers
+                )
+            data = await reply.read()
+        except BaseException as exc:
+            # The request occupied replicas (failed attempts, or a client that
+            # left): meter what it used, then let the error take its course.
+            status = exc.status if isinstance(exc, GatewayError) else 499
+            self.meter.finish(
+                ctx,
+                replica=reply.replica if reply else None,
+                usage=None,
+                status=status,
+                error_type=type(exc).__name__,
+            )
+            raise
         if reply.status != 200:
-            return _upstream_failure(reply, data, headers)
+            response = _upstream_failure(reply, data, headers)
+            report = self.meter.finish(
+                ctx, replica=reply.replica, usage=None, status=response.status_code,
+                error_type=f"upstream_{reply.status}",
+            )  # fmt: skip
+            response.headers.update(report.headers())
+            return response
+        completion = _json_object(data)
+        report = self.meter.finish(
+            ctx,
+            replica=reply.replica,
+            usage=TokenUsage.from_openai(completion.get("usage")),
+            status=200,
+            finish_reasons=_finish_reasons(completion),
+            response_id=completion.get("id"),
+        )
+        headers.update(report.headers())
         return Response(data, headers=headers, media_type=JSON)
+
+    def _stream_end(
+        self, ctx: RequestContext, reply: UpstreamReply, shaper: StreamShaper
+    ) -> StreamEnd:
+        def on_end(failure: str | None) -> dict[str, Any]:
+            report = self.meter.finish(
+                ctx,
+                replica=reply.replica,
+                usage=shaper.usage.latest,
+                status=200 if failure is None else 499 if failure == "client_disconnected" else 502,
+                finish_reasons=shaper.finish_reasons,
+                response_id=shaper.response_id,
+                error_type=failure and failure.split(" (")[0],
+            )
+            return report.stream_object()
+
+        return on_end
 
     def _route(self, model: str) -> Decision:
         try:
@@ -111,6 +172,25 @@ class Pipeline:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("The upstream answered 200 with a body that is not JSON.") from None
+    if not isinstance(parsed, dict):
+        raise UpstreamError("The upstream answered 200 with a body that is not a JSON object.")
+    return parsed
+
+
+def _finish_reasons(completion: dict[str, Any]) -> list[str]:
+    choices = completion.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [
+        str(c["finish_reason"]) for c in choices if isinstance(c, dict) and c.get("finish_reason")
+    ]
 
 
 def _parse_json(raw: bytes) -> Any:

@@ -12,19 +12,38 @@ replica with the lowest in-flight / slots ratio.
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from gateway.config import Replica, Settings, Tier
+from metering.replica import ReplicaMeter
+
+_attempt_ids = itertools.count()
 
 
 @dataclass(eq=False)
 class ReplicaState:
     config: Replica
+    meter: ReplicaMeter
     in_flight: int = 0
     healthy: bool = True
     consecutive_failures: int = 0
     last_error: str | None = None
+
+    def occupy(self) -> int:
+        """A request (attempt) starts here: count it and start its GPU-time share."""
+        key = next(_attempt_ids)
+        self.in_flight += 1
+        self.meter.start(key, time.monotonic())
+        return key
+
+    def vacate(self, key: int) -> float:
+        """It ended: returns the GPU-seconds it was attributed."""
+        self.in_flight -= 1
+        return self.meter.finish(key, time.monotonic())
 
     @property
     def url(self) -> str:
@@ -78,10 +97,19 @@ class Pools:
     def __init__(self, settings: Settings):
         self.tiers: dict[str, TierPool] = {}
         self.by_url: dict[str, ReplicaState] = {}
+        now = time.monotonic()
         for tier in settings.tiers:
             pool = TierPool(tier)
             for replica in tier.replicas:
-                state = self.by_url.setdefault(replica.url, ReplicaState(replica))
+                state = self.by_url.get(replica.url)
+                if state is None:
+                    meter = ReplicaMeter(
+                        gpus=replica.gpus,
+                        gpu_hourly_usd=Decimal(str(replica.gpu_hourly_usd)),
+                        now=now,
+                        idle_window_s=settings.metering.idle_window_s,
+                    )
+                    state = self.by_url[replica.url] = ReplicaState(replica, meter)
                 pool.replicas.append(state)
             self.tiers[tier.name] = pool
 

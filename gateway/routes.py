@@ -15,6 +15,7 @@ from starlette.responses import Response
 from gateway.schemas import Endpoint
 from gateway.services import Services
 from gateway.streaming import EventStreamResponse
+from metering.occupancy import OccupancySnapshot
 
 router = APIRouter()
 
@@ -63,6 +64,18 @@ async def list_models(request: Request) -> Response:
     return _json({"object": "list", "data": data})
 
 
+def _occupancy(snap: OccupancySnapshot) -> dict[str, float]:
+    """The replica's GPU time since the gateway started: busy (by whom) and idle."""
+    return {
+        "wall_s": snap.wall_s,
+        "gpus": snap.gpus,
+        "attributed_gpu_s": snap.attributed_gpu_s,
+        "accrued_gpu_s": snap.accrued_gpu_s,
+        "foreign_gpu_s": snap.foreign_gpu_s,
+        "idle_gpu_s": snap.idle_gpu_s,
+    }
+
+
 @router.get("/health")
 async def health() -> Response:
     """Liveness: the process answers. Says nothing about upstreams (see /ready)."""
@@ -73,6 +86,7 @@ async def health() -> Response:
 async def ready(request: Request) -> Response:
     """Readiness: every tier has at least one healthy replica."""
     services = _services(request)
+    now = time.monotonic()
     tiers = {
         pool.name: {
             "healthy_replicas": len(pool.healthy()),
@@ -82,6 +96,7 @@ async def ready(request: Request) -> Response:
                     "healthy": r.healthy,
                     "in_flight": r.in_flight,
                     "error": r.last_error,
+                    "occupancy": _occupancy(r.meter.snapshot(now)),
                 }
                 for r in pool.replicas
             ],

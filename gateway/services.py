@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.health import HealthChecker
+from gateway.meter import Meter
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
 from gateway.upstream import UpstreamClient
@@ -35,11 +36,13 @@ class Services:
         )
         pools = Pools(settings)
         upstream = UpstreamClient(settings.upstream, settings.health)
+        meter = Meter(settings)
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
             pools=pools,
             upstream=upstream,
+            meter=meter,
             max_body_bytes=settings.limits.max_body_bytes,
         )
         return cls(settings, auth, routes, pools, upstream, pipeline)

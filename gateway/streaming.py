@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -26,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.disconnect import wait_for_disconnect
 from gateway.errors import error_body
+from gateway.stream_shaper import StreamShaper
 from gateway.upstream import UpstreamReply
 
 log = logging.getLogger("tollway.streaming")
@@ -37,11 +39,19 @@ def error_event(message: str, code: str) -> bytes:
     return b"data: " + orjson.dumps(error_body(message, "server_error", code=code)) + b"\n\n"
 
 
-async def relay_events(reply: UpstreamReply) -> AsyncGenerator[bytes, None]:
+StreamEnd = Callable[[str | None], dict[str, Any]]
+"""Called once when a stream ends, after its replica slot is released, with the
+failure reason (None on success, "client_disconnected" when the client left);
+returns the ``tollway`` figures for the final event."""
+
+
+async def relay_events(
+    reply: UpstreamReply, shaper: StreamShaper, on_end: StreamEnd
+) -> AsyncGenerator[bytes, None]:
     """Yield the upstream's SSE events as they complete; end every stream with [DONE]."""
     buffer = b""
     finished = False
-    failure: str | None = None
+    failure: str | None = "client_disconnected"  # unless the loop below ends it
     try:
         async for chunk in reply.response.content.iter_any():
             buffer += chunk
@@ -49,21 +59,26 @@ async def relay_events(reply: UpstreamReply) -> AsyncGenerator[bytes, None]:
                 event, buffer = buffer[: end + 2], buffer[end + 2 :]
                 if event.startswith(b"data: [DONE]"):
                     finished = True
-                yield event
+                    break
+                for out in shaper.feed(event):
+                    yield out
             if finished:
                 break
-        if not finished:
-            failure = "the upstream closed the stream before it was complete"
+        failure = None if finished else "the upstream closed the stream before it was complete"
     except TimeoutError:
         failure = "the upstream stopped sending within the read timeout"
     except aiohttp.ClientError as exc:
         failure = f"the upstream connection failed mid-stream ({type(exc).__name__})"
     finally:
         reply.release(abort=not finished)
-    if failure is not None:
+        tollway = on_end(failure)
+    if failure is None:
+        for out in shaper.finish(tollway):
+            yield out
+    else:
         log.warning("stream from %s ended early: %s", reply.replica.url, failure)
         yield error_event(f"The stream was interrupted: {failure}.", "upstream_stream_error")
-        yield DONE
+    yield DONE
 
 
 class EventStreamResponse(Response):

@@ -39,12 +39,21 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 
 @dataclass(eq=False)
+class GpuBill:
+    """GPU-seconds a request occupied, over all its attempts (failed retries cost too)."""
+
+    gpu_seconds: float = 0.0
+    attempts: int = 0
+
+
+@dataclass(eq=False)
 class UpstreamReply:
     """A response whose status line has arrived; the body is still to be read."""
 
     replica: ReplicaState
     response: aiohttp.ClientResponse
-    attempts: int
+    bill: GpuBill
+    occupancy: int
     _released: bool = False
 
     @property
@@ -71,7 +80,7 @@ class UpstreamReply:
         if self._released:
             return
         self._released = True
-        self.replica.in_flight -= 1
+        self.bill.gpu_seconds += self.replica.vacate(self.occupancy)
         if abort:
             self.response.close()
         else:
@@ -118,8 +127,12 @@ class UpstreamClient:
         headers: Mapping[str, str],
         *,
         stream: bool,
+        bill: GpuBill,
     ) -> UpstreamReply:
-        """POST ``body`` to a replica of ``pool``, retrying failures before the status line."""
+        """POST ``body`` to a replica of ``pool``, retrying failures before the status line.
+
+        Every attempt's occupancy of its replica is added to ``bill``.
+        """
         config = self.config
         deadline = time.monotonic() + config.total_timeout_s
         tried: list[ReplicaState] = []
@@ -142,18 +155,23 @@ class UpstreamClient:
                 sock_connect=config.connect_timeout_s,
                 sock_read=config.first_byte_timeout_s if stream else None,
             )
-            replica.in_flight += 1
+            bill.attempts += 1
+            occupancy = replica.occupy()
+            error: Exception | None = None
             try:
                 response = await self.session.post(
                     replica.url + path, data=body, headers=headers, timeout=timeout
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                replica.in_flight -= 1
-                failure = f"cannot connect to {replica.url}: {describe_error(exc)}"
+            except BaseException as exc:
+                bill.gpu_seconds += replica.vacate(occupancy)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the client left
+                error = exc
+            if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                failure = f"cannot connect to {replica.url}: {describe_error(error)}"
                 replica.record_failure(failure, unhealthy_after=1)
                 continue
-            except TimeoutError:
-                replica.in_flight -= 1
+            if isinstance(error, TimeoutError):
                 failure = f"{replica.url} sent nothing in time"
                 replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
                 if stream and time.monotonic() < deadline:
@@ -162,12 +180,13 @@ class UpstreamClient:
                     f"The upstream replica {replica.url} of tier '{pool.name}' "
                     "did not answer in time."
                 ) from None
-            except aiohttp.ClientError as exc:
-                replica.in_flight -= 1
-                failure = f"{replica.url} dropped the request: {describe_error(exc)}"
+            if isinstance(error, aiohttp.ClientError):
+                failure = f"{replica.url} dropped the request: {describe_error(error)}"
                 replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
                 continue
-            reply = UpstreamReply(replica, response, attempt)
+            if error is not None:
+                raise error
+            reply = UpstreamReply(replica, response, bill, occupancy)
             if response.status in RETRYABLE_STATUS and attempt < config.max_attempts:
                 failure = f"{replica.url} answered {response.status}"
                 reply.release()

@@ -65,6 +65,19 @@ class OccupancyLedger:
     def in_flight(self) -> int:
         return len(self._active)
 
+    @property
+    def began(self) -> float:
+        return self._began
+
+    @property
+    def wall_gpu_s(self) -> float:
+        """GPU-seconds the replica has existed for, up to the last event."""
+        return (self._last - self._began) * self.gpus
+
+    def advance(self, now: float) -> None:
+        """Book the time up to ``now`` (events do this themselves)."""
+        self._advance(now)
+
     def _advance(self, now: float) -> None:
         dt = now - self._last
         if dt <= 0:  # same instant (or a clock that went back): nothing to share

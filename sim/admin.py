@@ -5,7 +5,8 @@
 - `GET  /sim/faults`   the fault settings in force
 - `POST /sim/faults`   merge a JSON object of `FaultSettings` fields into them
 - `DELETE /sim/faults` turn every fault off
-- `GET  /sim/requests` the last completion requests received (`?limit=N`)
+- `GET  /sim/requests` the last completion requests received (`?limit=N`), with
+  their lower-cased headers and JSON body
 
 Errors use vLLM's error shape, like everything else the simulator answers.
 """
@@ -61,12 +62,7 @@ async def recent_requests(request: web.Request) -> web.Response:
     except ValueError:
         return _error(SimError("limit must be an integer", 400, "limit"))
     rows = recent[-limit:] if limit > 0 else []
-    return _json(
-        [
-            {"endpoint": r.endpoint, "time": r.time, "headers": r.headers, "body": r.body}
-            for r in rows
-        ]
-    )
+    return _json([row.to_json() for row in rows])
 
 
 def _error(exc: SimError) -> web.Response:

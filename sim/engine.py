@@ -229,14 +229,16 @@ class Engine:
         # With free steps nothing ever queues, so the sequence runs and finishes
         # here; it still passes through the prefix cache and every counter.
         metrics = self._metrics
-        now = seq.arrival
-        hits = self.kv.match_prefix(seq.prefix_hashes, seq.prompt_tokens)
-        metrics.prefix_cache_queries += seq.prompt_tokens
-        metrics.prefix_cache_hits += hits
-        metrics.prompt_tokens += seq.prompt_tokens
+        prompt = seq.prompt_tokens
+        if seq.prefix_hashes:
+            metrics.prefix_cache_hits += self.kv.match_prefix(seq.prefix_hashes, prompt)
+        metrics.prefix_cache_queries += prompt
+        metrics.prompt_tokens += prompt
         metrics.generation_tokens += len(seq.output)
-        metrics.ttft.observe(0.0)
+        metrics.record_instant(seq.natural_finish)
         seq.generated = len(seq.output)
-        seq.scheduled = seq.first_token = now
-        self.max_running_seen = max(self.max_running_seen, 1)
-        self._finish(seq, now)
+        seq.state = SeqState.FINISHED
+        seq.finish_reason = seq.natural_finish
+        seq.scheduled = seq.first_token = seq.finished = seq.arrival
+        if not self.max_running_seen:
+            self.max_running_seen = 1

@@ -69,6 +69,13 @@ class EngineMetrics:
         self.prefill = Histogram(REQUEST_LATENCY_BUCKETS)
         self.decode = Histogram(REQUEST_LATENCY_BUCKETS)
 
+    def record_instant(self, reason: str) -> None:
+        """A request that took no time at all (zero-delay mode): every latency is 0."""
+        self.request_success[reason] += 1
+        for hist in (self.ttft, self.e2e, self.queue, self.prefill, self.decode):
+            hist.counts[0] += 1  # 0 s falls in the first bucket; the sum does not move
+            hist.count += 1
+
     def record_finished(
         self, reason: str, *, e2e: float, queue: float, prefill: float, decode: float
     ) -> None:

@@ -16,7 +16,7 @@ from http import HTTPStatus
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # Request fields that change what a real model would sample, hence the output
 # text. The length limits are left out on purpose: a lower max_tokens must
@@ -100,12 +100,6 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
 
-    @model_validator(mode="after")
-    def _check_stream_options(self) -> GenerationRequest:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("Stream options can only be defined when `stream=True`.")
-        return self
-
     def limit(self) -> int | None:
         return self.max_tokens
 
@@ -163,6 +157,8 @@ def validate_request(kind: Kind, raw: dict[str, Any]) -> GenerationRequest:
         req: GenerationRequest = model.model_validate(raw)
     except ValidationError as exc:
         raise SimError.invalid(exc) from None
+    if req.stream_options is not None and not req.stream:
+        raise SimError("Stream options can only be defined when `stream=True`.", 400, "stream")
     limit = req.limit()
     if limit is not None and limit < 1:
         raise SimError(f"max_tokens must be at least 1, got {limit}.", 400, "max_tokens")

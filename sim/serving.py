@@ -30,7 +30,7 @@ from sim.protocol import (
     validate_request,
 )
 from sim.responses import Shaper
-from sim.state import SIM_STATE, SimState
+from sim.state import ENDPOINTS, SIM_STATE, SimState
 from sim.streaming import stream
 from sim.textgen import render_chat, request_key, tokenize
 
@@ -42,7 +42,7 @@ def _error(exc: SimError) -> web.Response:
 async def serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[SIM_STATE]
     stats = state.stats
-    stats.received[request.path] += 1
+    stats.received[ENDPOINTS[kind]] += 1
     stats.in_flight += 1
     # A cancellation (the client went away under handler_cancellation) leaves this outcome.
     outcome = Outcome.ABORTED
@@ -62,9 +62,9 @@ async def _serve(
     try:
         raw = decode_json(body)
     except SimError as exc:
-        state.record(request.path, request.headers, body.decode(errors="replace"))
+        state.record(ENDPOINTS[kind], request.headers, body.decode(errors="replace"))
         return _error(exc), Outcome.REJECTED
-    state.record(request.path, request.headers, raw)
+    state.record(ENDPOINTS[kind], request.headers, raw)
     try:
         req = validate_request(kind, raw)
         _check_model(state, req)

@@ -35,15 +35,16 @@ from sim.config import SimConfig
 from sim.engine import Engine
 from sim.faults import FaultInjector
 from sim.metrics import EngineMetrics
+from sim.protocol import Kind
 from sim.textgen import TextGenerator
 
-ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 RECENT_REQUESTS = 256
 
 
 @dataclass
 class RequestStats:
-    received: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDPOINTS, 0))
+    received: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDPOINTS.values(), 0))
     finished: int = 0
     rejected: int = 0
     failed: int = 0
@@ -70,14 +71,19 @@ class RequestStats:
 class RecordedRequest:
     """What reached a completion endpoint, for tests that check what a gateway sent.
 
-    `headers` names are lower-cased; `body` is the decoded JSON, or the raw text
-    when it was not JSON.
+    `body` is the decoded JSON, or the raw text when it was not JSON.
     """
 
     endpoint: str
     time: float
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     body: Any
+
+    def to_json(self) -> dict[str, Any]:
+        # Names lower-cased (they are case-insensitive) and plain str: multidict's
+        # `istr` keys are refused by JSON encoders. Done here, not per request.
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        return {"endpoint": self.endpoint, "time": self.time, "headers": headers, "body": self.body}
 
 
 class SimState:
@@ -103,10 +109,8 @@ class SimState:
         return f"{prefix}-{self._id_prefix}{next(self._ids):016x}"
 
     def record(self, endpoint: str, headers: Mapping[str, str], body: Any) -> None:
-        # Lower-cased (names are case-insensitive) and plain str: multidict's `istr`
-        # keys are refused by JSON encoders.
-        names = {name.lower(): value for name, value in headers.items()}
-        self.recent.append(RecordedRequest(endpoint, time.time(), names, body))
+        # The request's own read-only headers mapping: no copy on the hot path.
+        self.recent.append(RecordedRequest(endpoint, time.time(), headers, body))
 
     def reset(self) -> None:
         """Zero every counter: /sim/stats, the Prometheus counters and histograms."""

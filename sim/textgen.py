@@ -7,7 +7,8 @@ near the ~4 characters per token of real BPE vocabularies on English and, unlike
 a real tokenizer, costs one regex pass. Prompt tokens of a chat request are the
 tokens of a ChatML-like rendering: every message adds 4 template tokens
 (`<|im_start|>`, the role, a newline, `<|im_end|>`) and the generation prompt
-adds 3 (`<|im_start|>`, `assistant`, a newline).
+adds 3 (`<|im_start|>`, `assistant`, a newline); a non-text content part (an
+image...) counts as one token.
 
 Output. A `TextGenerator` owns a fixed corpus of English-looking sentences made
 of words of at most 4 letters, so every corpus entry is exactly one token of
@@ -61,20 +62,20 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
-def _content_text(content: Any) -> str:
-    """The text of a message `content`: a string, or the text parts of a list."""
+def _content_tokens(content: Any) -> list[str]:
+    """Tokens of a message `content`: a string, or a list of parts."""
     if content is None:
-        return ""
+        return []
     if isinstance(content, str):
-        return content
-    pieces: list[str] = []
+        return _TOKEN_RE.findall(content)
+    tokens: list[str] = []
     for part in content:
         if part.get("type") == "text":
-            pieces.append(str(part.get("text", "")))
+            tokens.extend(_TOKEN_RE.findall(str(part.get("text", ""))))
         else:
             # Images, audio...: one placeholder token each, enough for a test double.
-            pieces.append(" <" + str(part.get("type")) + ">")
-    return "".join(pieces)
+            tokens.append(f"<{part.get('type')}>")
+    return tokens
 
 
 def render_chat(messages: Sequence[dict[str, Any]]) -> list[str]:
@@ -84,7 +85,7 @@ def render_chat(messages: Sequence[dict[str, Any]]) -> list[str]:
         tokens.append(_IM_START)
         tokens.append(str(message.get("role", "")))
         tokens.append("\n")
-        tokens.extend(_TOKEN_RE.findall(_content_text(message.get("content"))))
+        tokens.extend(_content_tokens(message.get("content")))
         if message.get("tool_calls"):
             tokens.extend(_TOKEN_RE.findall(orjson.dumps(message["tool_calls"]).decode()))
         tokens.append(_IM_END)

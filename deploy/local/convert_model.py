@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -125,6 +126,8 @@ def convert(gguf: Path, out: Path) -> None:
         )
 
         tmp.chmod(0o755)  # mkdtemp makes it 0700
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -143,6 +146,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=default_out(), help="target folder")
     ap.add_argument("--force", action="store_true", help="reconvert even if already done")
     args = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before transformers imports tqdm
+    # SIGTERM unwinds like Ctrl-C, so the temp folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out: Path = args.out.expanduser().resolve()
     if (out / MARKER).is_file() and not args.force:
         log(f"already converted: {out}")

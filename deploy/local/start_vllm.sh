@@ -67,7 +67,11 @@ url="http://$HOST:$port"
 
 log() { echo "start_vllm: $*"; }
 healthy() { curl -fsS -o /dev/null --max-time 2 "$url/health" 2>/dev/null; }
-alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# Alive and really our server (guards against a stale pid file whose pid was reused).
+alive() {
+    [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "vllm.entrypoints.openai.api_server.* --port $port "
+}
 read_pid() { cat "$pid_file" 2>/dev/null || true; }
 
 stop_server() {
@@ -113,9 +117,12 @@ if [ -z "$dtype" ]; then
     if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then dtype=bfloat16; else dtype=float32; fi
 fi
 
+read -r -a alias_list <<<"$aliases"
+((${#alias_list[@]})) || { echo "start_vllm: no model aliases given" >&2; exit 2; }
+
 args=(-m vllm.entrypoints.openai.api_server
       --model "$MODEL_DIR"
-      --served-model-name $aliases
+      --served-model-name "${alias_list[@]}"
       --host "$HOST" --port "$port"
       --max-model-len 2048 --enforce-eager
       --dtype "$dtype")
@@ -125,6 +132,7 @@ args+=("${extra[@]}")
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$TOLLWAY_HOME/vllm-cache}"
 
 if [ "$mode" = foreground ]; then
     log "exec python ${args[*]}"

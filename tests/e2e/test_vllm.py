@@ -86,9 +86,13 @@ def test_stream_with_usage(client: openai.OpenAI) -> None:
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    content = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert len(content) >= 2
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes in (["stop"], ["length"])
     usage = chunks[-1].usage
     assert chunks[-1].choices == []

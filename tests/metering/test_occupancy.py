@@ -104,3 +104,20 @@ def test_double_start_is_rejected() -> None:
     ledger.start("a", 0.0)
     with pytest.raises(ValueError, match="already started"):
         ledger.start("a", 1.0)
+
+
+def test_idle_per_busy_over_the_window() -> None:
+    from metering.utilisation import UtilisationWindow
+
+    ledger = OccupancyLedger(gpus=1, now=0.0)
+    window = UtilisationWindow(ledger, window_s=100, sample_s=1)
+    ledger.start("a", 10.0)  # idle 0-10
+    ledger.finish("a", 30.0)  # busy 10-30
+    assert window.idle_per_busy(40.0) == pytest.approx(20 / 20)  # idle 0-10 and 30-40
+    # Much later the samples before t=40 have left the window; its base is the
+    # sample at 40 (idle 20): since then idle 30->500 and 550->560 minus 30->40,
+    # i.e. 470 idle, against 50 busy.
+    ledger.start("b", 500.0)
+    ledger.finish("b", 550.0)
+    assert window.idle_per_busy(560.0) == pytest.approx(470 / 50)
+    assert UtilisationWindow(OccupancyLedger(1, 0.0)).idle_per_busy(10.0) == 0.0

@@ -120,10 +120,10 @@ def stats(http: aiohttp.ClientSession) -> Callable[[SimServer], Awaitable[dict[s
 
 
 async def poll(
-    condition: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.005
+    condition: Callable[[], Awaitable[bool]], within: float = 5.0, interval: float = 0.005
 ) -> None:
-    """Wait until `condition()` is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Wait until `condition()` is true; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
     while not await condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(interval)

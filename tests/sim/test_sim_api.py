@@ -28,7 +28,8 @@ async def test_chat_completion_shape(sim: SimServer, openai_client: ClientFactor
     assert resp.id.startswith("chatcmpl-")
     assert resp.object == "chat.completion"
     assert resp.model == "sim-model"
-    assert isinstance(resp.created, int) and resp.created > 0
+    assert isinstance(resp.created, int)
+    assert resp.created > 0
     [choice] = resp.choices
     assert choice.index == 0
     assert choice.message.role == "assistant"
@@ -172,7 +173,7 @@ async def test_context_window_is_enforced_like_vllm(
         (
             b'{"model": "sim-model", "messages": [{"role": "user", "content": "x"}], '
             b'"stream_options": {"include_usage": true}}',
-            None,
+            "stream",
         ),
     ],
 )
@@ -245,8 +246,13 @@ async def test_output_length_range_and_ignore_eos(
         lengths.add(data["usage"]["completion_tokens"])
     assert lengths <= {3, 4, 5, 6}
     assert len(lengths) > 1
-    body = {"model": "sim-model", "prompt": "x", "max_tokens": 40, "ignore_eos": True}
-    async with http.post(f"{sim.base_url}/completions", json=body) as resp:
+    eos_ignored: dict[str, Any] = {
+        "model": "sim-model",
+        "prompt": "x",
+        "max_tokens": 40,
+        "ignore_eos": True,
+    }
+    async with http.post(f"{sim.base_url}/completions", json=eos_ignored) as resp:
         data = await resp.json()
     assert data["usage"]["completion_tokens"] == 40
     assert data["choices"][0]["finish_reason"] == "length"

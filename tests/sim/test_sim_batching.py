@@ -42,9 +42,9 @@ async def test_running_never_exceeds_max_num_seqs(
 
     async def full() -> bool:
         s = await stats(sim)
-        return s["running"] == 4 and s["waiting"] == 4
+        return bool(s["running"] == 4 and s["waiting"] == 4)
 
-    await wait_for(full, timeout=2.0)
+    await wait_for(full, within=2.0)
     samples = await scrape(sim)
     assert samples[("vllm:num_requests_running", engine_labels())] == 4
     assert samples[("vllm:num_requests_waiting", engine_labels())] == 4
@@ -100,7 +100,11 @@ async def test_prefill_cost_and_prefix_cache(
 
 
 async def test_kv_pressure_preempts_and_everyone_still_finishes(
-    start_sim: StartSim, http: aiohttp.ClientSession, stats: Stats, scrape: Scrape, engine_labels: Labels
+    start_sim: StartSim,
+    http: aiohttp.ClientSession,
+    stats: Stats,
+    scrape: Scrape,
+    engine_labels: Labels,
 ) -> None:
     # 16 blocks of 16 tokens; four sequences that each grow to ~7 blocks.
     sim = await start_sim(
@@ -118,7 +122,11 @@ async def test_kv_pressure_preempts_and_everyone_still_finishes(
 
 
 async def test_zero_delay_mode_keeps_the_books(
-    start_sim: StartSim, http: aiohttp.ClientSession, stats: Stats, scrape: Scrape, engine_labels: Labels
+    start_sim: StartSim,
+    http: aiohttp.ClientSession,
+    stats: Stats,
+    scrape: Scrape,
+    engine_labels: Labels,
 ) -> None:
     sim = await start_sim(
         prefill_tokens_per_s=float("inf"), decode_base_ms=0.0, decode_per_seq_ms=0.0

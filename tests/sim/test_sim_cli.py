@@ -35,9 +35,23 @@ def test_defaults_match_the_config_and_flags_map_to_fields() -> None:
     assert config_from_args(_parse()) == SimConfig()
     config = config_from_args(
         _parse(
-            "--model", "a", "b", "--model", "c", "--max-num-seqs", "4", "--max-model-len",
-            "1024", "--decode-base-ms", "3", "--error-rate", "0.25", "--unhealthy", "--seed", "9",
-        )  # fmt: skip
+            "--model",
+            "a",
+            "b",
+            "--model",
+            "c",
+            "--max-num-seqs",
+            "4",
+            "--max-model-len",
+            "1024",
+            "--decode-base-ms",
+            "3",
+            "--error-rate",
+            "0.25",
+            "--unhealthy",
+            "--seed",
+            "9",
+        )
     )
     assert config.served_model_names == ["a", "b", "c"]
     assert (config.max_num_seqs, config.max_model_len, config.decode_base_ms) == (4, 1024, 3.0)
@@ -83,8 +97,9 @@ async def test_python_m_sim_serves_and_stops_on_sigterm() -> None:
                 await asyncio.sleep(0.05)
         async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
             assert [m.id for m in (await client.models.list()).data] == ["m", "m-alias"]
-            resp = await client.completions.create(model="m-alias", prompt="hi", max_tokens=3)
-            assert resp.usage is not None and resp.usage.completion_tokens == 3
+            answer = await client.completions.create(model="m-alias", prompt="hi", max_tokens=3)
+            assert answer.usage is not None
+            assert answer.usage.completion_tokens == 3
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
     finally:

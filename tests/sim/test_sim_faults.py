@@ -118,9 +118,9 @@ async def test_hang_holds_until_the_client_gives_up(
     # The handler ended (its outcome is counted) and nothing is left in flight.
     async def released() -> bool:
         s = await stats(sim)
-        return s["requests_aborted"] == 1 and s["in_flight"] == 0
+        return bool(s["requests_aborted"] == 1 and s["in_flight"] == 0)
 
-    await wait_for(released, timeout=1.0)
+    await wait_for(released, within=1.0)
     assert (await stats(sim))["requests_hung"] == 1
 
 
@@ -148,21 +148,29 @@ async def test_die_mid_stream_cuts_the_connection_without_done(
     await _set_faults(http, sim, die_mid_stream_rate=1.0, die_after_tokens=3)
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     events: list[bytes] = []
-    with pytest.raises(aiohttp.ClientPayloadError):
+
+    async def read_events() -> None:
         async with http.post(f"{sim.base_url}/chat/completions", json=body) as resp:
             assert resp.status == 200
             async for line in resp.content:
                 if line.strip():
                     events.append(line.strip())
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_events()
     # The role chunk, then exactly three tokens, then nothing: no usage, no [DONE].
     assert len(events) == 4
     assert all(e.startswith(b"data: {") for e in events)
 
     client = openai_client(sim)
-    received = []
-    with pytest.raises(openai.APIError):
+    received: list[Any] = []
+
+    async def read_chunks() -> None:
         async for chunk in await client.chat.completions.create(**body):  # type: ignore[call-overload]
             received.append(chunk)
+
+    with pytest.raises(openai.APIError):
+        await read_chunks()
     assert len(received) == 4
 
     # A non-streaming request gets no answer at all.

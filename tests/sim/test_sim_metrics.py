@@ -32,9 +32,8 @@ HISTOGRAMS = {
     "vllm:request_prefill_time_seconds": REQUEST_LATENCY_BUCKETS,
     "vllm:request_decode_time_seconds": REQUEST_LATENCY_BUCKETS,
 }
-_LINE = re.compile(
-    r'^(# (HELP|TYPE) \S+ .+|[a-z_:][a-z0-9_:]*\{(?:[a-z_]+="[^"]*",)*[a-z_]+="[^"]*"\} [-+0-9.eInf]+)$'
-)
+_LABELS = r'\{(?:[a-z_]+="[^"]*",)*[a-z_]+="[^"]*"\}'
+_LINE = re.compile(rf"^(# (HELP|TYPE) \S+ .+|[a-z_:][a-z0-9_:]*{_LABELS} [-+0-9.eInf]+)$")
 
 
 async def test_exposition_format_names_and_labels(
@@ -48,9 +47,7 @@ async def test_exposition_format_names_and_labels(
     assert text.endswith("\n")
     for line in text.splitlines():
         assert _LINE.match(line), line
-    types = dict(
-        line.split(" ")[2:4] for line in text.splitlines() if line.startswith("# TYPE ")
-    )
+    types = dict(line.split(" ")[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
     assert {name: types[name] for name in GAUGES} == dict.fromkeys(GAUGES, "gauge")
     assert {name: types[name] for name in COUNTERS} == dict.fromkeys(COUNTERS, "counter")
     assert {name: types[name] for name in HISTOGRAMS} == dict.fromkeys(HISTOGRAMS, "histogram")
@@ -58,7 +55,8 @@ async def test_exposition_format_names_and_labels(
     assert 'model_name="alias"' not in text
     for line in text.splitlines():
         if not line.startswith("#"):
-            assert 'engine="0"' in line and 'model_name="org/model-1b"' in line, line
+            assert 'engine="0"' in line, line
+            assert 'model_name="org/model-1b"' in line, line
     for reason in ("stop", "length", "abort"):
         assert f'finished_reason="{reason}"' in text
     for name, bounds in HISTOGRAMS.items():
@@ -104,7 +102,10 @@ async def test_counters_and_histograms_follow_the_traffic(
     assert delta("vllm:request_success_total", finished_reason="abort") == 0
     for name in HISTOGRAMS:
         assert delta(f"{name}_count") == 6
-        assert after[(f"{name}_bucket", engine_labels(le="+Inf"))] == after[(f"{name}_count", engine_labels())]
+        assert (
+            after[(f"{name}_bucket", engine_labels(le="+Inf"))]
+            == after[(f"{name}_count", engine_labels())]
+        )
         counts = [after[(f"{name}_bucket", engine_labels(le=repr(b)))] for b in HISTOGRAMS[name]]
         assert counts == sorted(counts)  # cumulative
     assert delta("vllm:e2e_request_latency_seconds_sum") > 0

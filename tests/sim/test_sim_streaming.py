@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import openai
@@ -46,9 +46,7 @@ async def test_chat_stream_without_usage(sim: SimServer, openai_client: ClientFa
     assert text == full.choices[0].message.content
 
 
-async def test_chat_stream_with_include_usage(
-    sim: SimServer, openai_client: ClientFactory
-) -> None:
+async def test_chat_stream_with_include_usage(sim: SimServer, openai_client: ClientFactory) -> None:
     client = openai_client(sim)
     stream = await client.chat.completions.create(
         model="sim-model",
@@ -80,7 +78,8 @@ async def test_continuous_usage_stats_on_every_chunk(
         messages=MESSAGES,
         max_tokens=6,
         stream=True,
-        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        # vLLM's extension, unknown to the SDK's types.
+        stream_options=cast(Any, {"include_usage": True, "continuous_usage_stats": True}),
     )
     chunks = [chunk async for chunk in stream]
     assert all(c.usage is not None for c in chunks)
@@ -167,9 +166,9 @@ async def test_client_disconnect_frees_the_slot(
 
     async def freed() -> bool:
         s = await stats(sim)
-        return s["running"] == 0 and s["requests_aborted"] == 1 and s["in_flight"] == 0
+        return bool(s["running"] == 0 and s["requests_aborted"] == 1 and s["in_flight"] == 0)
 
-    await wait_for(freed, timeout=1.0)
+    await wait_for(freed, within=1.0)
     # The slot is usable again straight away.
     short = {**body, "max_tokens": 2}
     async with http.post(f"{sim.base_url}/completions", json=short) as again:
@@ -197,13 +196,13 @@ async def test_disconnect_while_queued_or_not_streaming_aborts(
 
     async def queued() -> bool:
         s = await stats(sim)
-        return s["running"] == 1 and s["waiting"] == 1
+        return bool(s["running"] == 1 and s["waiting"] == 1)
 
-    await wait_for(queued, timeout=1.0)
+    await wait_for(queued, within=1.0)
     await calls
 
     async def gone() -> bool:
         s = await stats(sim)
-        return s["running"] == 0 and s["waiting"] == 0 and s["requests_aborted"] == 2
+        return bool(s["running"] == 0 and s["waiting"] == 0 and s["requests_aborted"] == 2)
 
-    await wait_for(gone, timeout=1.0)
+    await wait_for(gone, within=1.0)

@@ -1,0 +1,177 @@
+"""The gateway's one Redis connection, failing open.
+
+Redis makes the gateway better (cache, idempotency, the shared ledger) but
+must never make it fail. Every use goes through ``RedisClient.call``:
+
+- each call has a time budget (default 50 ms); past it, or on any Redis
+  error, the call returns the caller's ``default`` (a miss, "not recorded")
+  and the request goes on uncached and unprotected;
+- every such call is reported to ``on_failure(operation)`` (the gateway
+  passes a metric counter) and logged, at most once per ``log_interval_s``;
+- after a connection failure or timeout the client skips Redis for
+  ``backoff_s`` (the circuit is open: calls return their default at once,
+  still counted), so a dead Redis neither gets hammered nor adds its budget
+  to every request. Then a single call probes it; when it answers, calls go
+  through again. Nothing has to be recreated when Redis comes back: the pool
+  reconnects on the next call.
+
+A command error (``ResponseError``, e.g. a wrong type) is counted and logged
+like any failure but does not open the circuit: the server is up.
+
+Keys: callers build them so that Redis Cluster can work later; keys that one
+call touches together share a ``{hash tag}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+log = logging.getLogger("tollway.redis")
+
+T = TypeVar("T")
+
+DEFAULT_CALL_BUDGET_S = 0.05
+
+
+def _ignore(operation: str) -> None:
+    pass
+
+
+class RedisClient:
+    """One ``redis.asyncio`` client with a bounded pool, a per-call budget and a short circuit."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        call_budget_s: float = DEFAULT_CALL_BUDGET_S,
+        on_failure: Callable[[str], None] = _ignore,
+        backoff_s: float = 1.0,
+        log_interval_s: float = 10.0,
+        max_connections: int = 64,
+        connect_timeout_s: float = 0.5,
+        socket_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.call_budget_s = call_budget_s
+        self.on_failure = on_failure
+        self.backoff_s = backoff_s
+        self.log_interval_s = log_interval_s
+        self.max_connections = max_connections
+        self.connect_timeout_s = connect_timeout_s
+        self.socket_timeout_s = socket_timeout_s
+        self._clock = clock
+        self._redis: Redis | None = None
+        self._open_until: float | None = None  # circuit open (skip Redis) until this time
+        self._probing = False
+        self._last_log: float | None = None
+        self._unlogged = 0
+        self.failures = 0  # every call that returned its default, for tests and /ready
+
+    async def start(self) -> None:
+        """Build the pool; does not connect (the first call does), so a down Redis is no error."""
+        if self._redis is not None:
+            return
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            # Waiting for a free connection counts against the call budget anyway.
+            timeout=None,
+            socket_connect_timeout=self.connect_timeout_s,
+            socket_timeout=self.socket_timeout_s,
+            # Retrying is this class's job (the circuit); redis-py's own retries
+            # would spend the budget on a server that is not there.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            driver_info=None,  # no CLIENT SETINFO round trip per connection
+        )
+        self._redis = Redis.from_pool(pool)
+
+    async def close(self) -> None:
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.aclose()
+
+    @property
+    def available(self) -> bool:
+        """False while the circuit is open (Redis recently failed and is being skipped)."""
+        return self._open_until is None or self._clock() >= self._open_until
+
+    async def ping(self, budget_s: float | None = None) -> bool:
+        async def _ping(redis: Redis) -> bool:
+            return bool(await redis.ping())
+
+        return await self.call("ping", _ping, False, budget_s=budget_s)
+
+    async def call(
+        self,
+        operation: str,
+        fn: Callable[[Redis], Awaitable[T]],
+        default: T,
+        *,
+        budget_s: float | None = None,
+    ) -> T:
+        """``await fn(redis)`` within the budget; ``default`` on any Redis error, timeout or skip.
+
+        ``operation`` names the use (``cache.get``, ``ledger.write``...) for the
+        failure metric and the log. ``budget_s`` overrides the per-call budget
+        for work off the request path (the ledger's batch writes, usage queries).
+        """
+        redis = self._redis
+        if redis is None:
+            raise RuntimeError("RedisClient.call before start()")
+        probe = False
+        if self._open_until is not None:
+            if self._clock() < self._open_until or self._probing:
+                self._failed(operation, None)
+                return default
+            self._probing = probe = True
+        try:
+            async with asyncio.timeout(self.call_budget_s if budget_s is None else budget_s):
+                result = await fn(redis)
+        except ResponseError as exc:
+            self._failed(operation, exc)
+            if probe:
+                self._close_circuit()
+            return default
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._open_until = self._clock() + self.backoff_s
+            self._failed(operation, exc)
+            return default
+        finally:
+            if probe:
+                self._probing = False
+        if self._open_until is not None:
+            self._close_circuit()
+        return result
+
+    def _close_circuit(self) -> None:
+        self._open_until = None
+        log.info("redis at %s answers again", self.url)
+
+    def _failed(self, operation: str, exc: BaseException | None) -> None:
+        self.failures += 1
+        self.on_failure(operation)
+        now = self._clock()
+        if self._last_log is not None and now - self._last_log < self.log_interval_s:
+            self._unlogged += 1
+            return
+        reason = "skipped while redis is down" if exc is None else f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "redis %s failed, going on without it (%s); %d more failures since the last log",
+            operation,
+            reason or "timeout",
+            self._unlogged,
+        )
+        self._last_log = now
+        self._unlogged = 0

@@ -1,0 +1,103 @@
+"""The gateway's side of metering: turn a finished request into its report and record it.
+
+``metering/`` holds the ideas (occupancy, prices, the report); this module
+collects what one request did (``RequestContext``: who, which tier, the GPU
+bill of its attempts) and hands the finished ``RequestReport`` to the sinks
+(metrics, spans, the usage ledger). A sink that fails is logged and counted;
+it never fails the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from gateway.config import Settings
+from gateway.pool import ReplicaState
+from gateway.schemas import Endpoint
+from gateway.upstream import GpuBill
+from metering.pricing import TokenPrices, price_request
+from metering.report import RequestReport
+from metering.usage import TokenUsage
+from router.table import Decision
+
+log = logging.getLogger("tollway.meter")
+
+
+@dataclass(eq=False, slots=True)
+class RequestContext:
+    request_id: str
+    tenant: str
+    endpoint: Endpoint
+    decision: Decision
+    started: float = field(default_factory=time.monotonic)
+    bill: GpuBill = field(default_factory=GpuBill)
+    first_token_at: float | None = None
+
+
+ReportSink = Callable[[RequestReport, RequestContext], None]
+
+
+class Meter:
+    def __init__(self, settings: Settings, sinks: Sequence[ReportSink] = ()):
+        self.overhead = Decimal(str(settings.metering.overhead_factor))
+        self.token_prices = {
+            tier.name: TokenPrices(
+                Decimal(str(tier.prices.input_usd_per_mtok)),
+                Decimal(str(tier.prices.output_usd_per_mtok)),
+            )
+            for tier in settings.tiers
+            if tier.prices is not None
+        }
+        self.sinks = list(sinks)
+
+    def finish(
+        self,
+        ctx: RequestContext,
+        *,
+        replica: ReplicaState | None,
+        usage: TokenUsage | None,
+        status: int,
+        finish_reasons: Sequence[str] = (),
+        response_id: str | None = None,
+        error_type: str | None = None,
+    ) -> RequestReport:
+        """Price what ``ctx`` used and record it. Called once per request that reached a replica."""
+        usage = usage or TokenUsage()
+        tier = ctx.decision.tier
+        idle_per_busy = replica.meter.idle_per_busy(time.monotonic()) if replica else 0.0
+        hourly = replica.meter.gpu_hourly_usd if replica else Decimal(0)
+        cost = price_request(
+            gpu_seconds=ctx.bill.gpu_seconds,
+            gpu_hourly_usd=hourly,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            token_prices=self.token_prices.get(tier),
+            idle_per_busy=idle_per_busy,
+            overhead_factor=self.overhead,
+        )
+        report = RequestReport(
+            request_id=ctx.request_id,
+            tenant=ctx.tenant,
+            tier=tier,
+            model=ctx.decision.model,
+            operation=ctx.endpoint.operation,
+            usage=usage,
+            gpu_seconds=ctx.bill.gpu_seconds,
+            cost=cost,
+            replica=replica.url if replica else None,
+            attempts=ctx.bill.attempts,
+            status=status,
+            finish_reasons=tuple(finish_reasons),
+            response_id=response_id,
+            error_type=error_type,
+        )
+        for sink in self.sinks:
+            try:
+                sink(report, ctx)
+            except Exception:  # a metering sink must never fail a request
+                log.exception("metering sink %r failed", sink)
+        return report

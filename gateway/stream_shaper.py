@@ -1,0 +1,109 @@
+"""Metered streams: what the gateway asks vLLM for, and what the client gets back.
+
+The gateway always asks vLLM for ``include_usage`` and
+``continuous_usage_stats`` so that every chunk carries the cumulative usage: a
+stream the client aborts is still billed for what was generated. The client
+gets what it asked for, as OpenAI would send it:
+
+- per-chunk ``usage`` only if it asked for ``continuous_usage_stats``;
+- the final usage chunk (``choices: []``) only if it asked for ``include_usage``.
+
+The metered figures ride on the final data event before ``[DONE]``, as a
+``tollway`` object beside ``usage``: on the usage chunk when the client asked
+for it, otherwise on the last chunk that carries a ``finish_reason`` (held
+back until the stream ends, which is the same engine step in vLLM, so it adds
+no visible delay). Chunks that need no change are relayed as the upstream's
+own bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from metering.usage import StreamUsage
+
+_DATA = b"data: "
+
+
+def upstream_stream_options(client_options: Any) -> dict[str, Any]:
+    """The ``stream_options`` sent to vLLM: the client's, plus usage on every chunk."""
+    options = dict(client_options) if isinstance(client_options, dict) else {}
+    options["include_usage"] = True
+    options["continuous_usage_stats"] = True
+    return options
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return _DATA + orjson.dumps(chunk) + b"\n\n"
+
+
+class StreamShaper:
+    def __init__(self, client_options: Any):
+        options = client_options if isinstance(client_options, dict) else {}
+        self.include_usage = bool(options.get("include_usage"))
+        self.continuous_usage = bool(options.get("continuous_usage_stats"))
+        self.usage = StreamUsage()
+        self.finish_reasons: list[str] = []
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.first_token_seen = False
+        self._held: dict[str, Any] | None = None
+        self._usage_chunk: dict[str, Any] | None = None
+
+    def feed(self, event: bytes) -> list[bytes]:
+        """One upstream SSE event in; the events to send the client now out."""
+        if not event.startswith(b"data: {"):
+            return [event]
+        chunk = orjson.loads(event[len(_DATA) :])
+        if not isinstance(chunk, dict):
+            return [event]
+        self.usage.observe(chunk)
+        if self.response_id is None:
+            self.response_id = chunk.get("id")
+            self.response_model = chunk.get("model")
+        choices = chunk.get("choices")
+        if not choices:
+            if "usage" in chunk:  # the usage-only chunk: sent (or not) at the end
+                self._usage_chunk = chunk
+                return []
+            return [event]
+        self.first_token_seen = True
+        changed = False
+        if not self.continuous_usage and "usage" in chunk:
+            del chunk["usage"]
+            changed = True
+        finishing = False
+        for choice in choices:
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            if reason:
+                self.finish_reasons.append(str(reason))
+                finishing = True
+        out: list[bytes] = []
+        if finishing:
+            if self._held is not None:
+                out.append(_event(self._held))
+            self._held = chunk
+            return out
+        out.append(_event(chunk) if changed else event)
+        return out
+
+    def finish(self, tollway: dict[str, Any]) -> list[bytes]:
+        """The held events, with the ``tollway`` figures on the last one."""
+        out: list[bytes] = []
+        if self.include_usage:
+            if self._held is not None:
+                out.append(_event(self._held))
+            final = self._usage_chunk or {
+                "id": self.response_id,
+                "model": self.response_model,
+                "choices": [],
+                "usage": None,
+            }
+            final["tollway"] = tollway
+            out.append(_event(final))
+        elif self._held is not None:
+            self._held["tollway"] = tollway
+            out.append(_event(self._held))
+        return out

@@ -1,0 +1,460 @@
+"""The gateway's Prometheus metrics: what ``/metrics`` exposes, and the cheap calls that feed it.
+
+``GatewayMetrics`` owns its own ``CollectorRegistry`` (never the process-wide
+default), so several gateways, or tests, can live in one process. The
+gateway calls ``observe_request`` once per finished request with its
+``RequestReport``, ``observe_attempt`` once per upstream try, and the other
+methods from the scheduler, cache and ledger; ``render()`` is the body of
+``GET /metrics``. Dashboards, alert rules and the autoscaler query the names
+below, so they are an interface: rename nothing without migrating those.
+
+Metrics (every name is prefixed ``tollway_``; units are in the names)::
+
+  name                                type       labels
+  requests_total                      counter    tier, model, tenant, status, cache
+  tokens_total                        counter    tier, model, tenant, cache, kind
+  cached_prompt_tokens_total          counter    tier, model, tenant, cache
+  gpu_seconds_total                   counter    tier, model, tenant
+  cost_marginal_usd_total             counter    tier, model, tenant
+  cost_loaded_usd_total               counter    tier, model, tenant
+  cost_saved_usd_total                counter    tier, model, tenant, cache
+  request_duration_seconds            histogram  tier, model, cache
+  time_to_first_token_seconds         histogram  tier, model, cache
+  upstream_requests_total             counter    tier
+  upstream_attempts_total             counter    tier, replica, outcome
+  replica_gpu_seconds_total           counter    replica, tier, state
+  replica_in_flight                   gauge      replica, tier
+  replica_slots                       gauge      replica, tier
+  replica_healthy                     gauge      replica, tier
+  queue_depth                         gauge      tier
+  queue_wait_seconds                  histogram  tier
+  cache_requests_total                counter    tier, result
+  redis_failures_total                counter    operation
+  ledger_writes_lost_total            counter    (none)
+  telemetry_failures_total            counter    kind
+
+- ``requests_total``: finished requests, one per client request (hits,
+  replays and errors included). ``status`` is the HTTP status sent
+  ("200", "429"...); ``cache`` is miss|hit|bypass|coalesced|replay.
+- ``tokens_total``: ``kind`` is prompt|completion, the usage the response
+  carried (OpenAI's names; OTel's input|output). Tokens of a cache hit or
+  replay were not computed again: ``cache=~"miss|bypass"`` is what the GPUs
+  did, the sum over ``cache`` is what clients received.
+- ``cached_prompt_tokens_total``: the prompt tokens vLLM's prefix cache
+  served (a subset of ``kind="prompt"``, so a separate metric: a sum over
+  ``kind`` stays meaningful).
+- ``gpu_seconds_total``: GPU-seconds attributed to requests
+  (``metering.occupancy``), booked when each request finishes.
+- ``cost_marginal_usd_total`` / ``cost_loaded_usd_total``: dollars, the
+  ``x-tollway-cost-usd`` and ``x-tollway-cost-loaded-usd`` headers summed.
+  Loaded includes marginal, hence two metrics rather than a ``kind`` label.
+- ``cost_saved_usd_total``: what hits and replays would have cost
+  (``RequestReport.saved``); ``cache`` says which.
+- ``request_duration_seconds``: arrival to last byte. ``time_to_first_token_seconds``:
+  arrival to the first content byte, when there was one. Neither has a tenant
+  label: buckets multiply series, and latency is a property of tier and model.
+- ``upstream_requests_total``: requests that made at least one upstream
+  attempt (``RequestReport.attempts > 0``), counted once each.
+- ``upstream_attempts_total``: every try, ``outcome`` ok|connect_error|
+  timeout|status_5xx|... (the upstream client's words).
+- ``replica_gpu_seconds_total``: one replica's GPU time since the gateway
+  started, split by ``state``: busy (this gateway's requests, finished and
+  running), foreign (other gateways' requests, seen in vLLM's running count)
+  and idle. The three add up to wall time x GPUs. Read from a callback at
+  scrape time (``register_replica_source``), not pushed: the occupancy ledger
+  already keeps the running totals, so the hot path pays nothing and the
+  values are as fresh as the scrape. When one vLLM process serves several
+  tiers, its ``tier`` label is the tier names joined with "+", so it is
+  exported once and never double-counted.
+- ``replica_in_flight``, ``replica_slots`` (``max_num_seqs``), ``replica_healthy``
+  (1 or 0): from the same callback.
+- ``queue_depth`` and ``queue_wait_seconds``: the admission scheduler's queue,
+  per tier (scale on ``queue_depth``).
+- ``cache_requests_total``: response-cache lookups, ``result`` hit|miss|bypass|
+  coalesced|error. ``redis_failures_total``, ``ledger_writes_lost_total`` and
+  ``telemetry_failures_total``: the fail-open paths, counted.
+
+PromQL::
+
+  # retry inflation: upstream attempts per unique upstream-bound request (1.0 = no retries)
+  sum by (tier) (rate(tollway_upstream_attempts_total[5m]))
+    / sum by (tier) (rate(tollway_upstream_requests_total[5m]))
+
+  # replica GPU utilisation: busy / (busy + idle), foreign counted as busy
+  1 - sum by (replica) (rate(tollway_replica_gpu_seconds_total{state="idle"}[5m]))
+    / sum by (replica) (rate(tollway_replica_gpu_seconds_total[5m]))
+
+  # dollars per hour by tenant
+  3600 * sum by (tenant) (rate(tollway_cost_marginal_usd_total[5m]))
+
+Each gateway reports the replicas from its own view: across N gateways, sum
+``state="busy"`` but not ``idle`` (every gateway sees the same idle time).
+
+Cardinality: no request ids, keys or free text. Tier, replica, status, cache,
+outcome, operation and kind come from configuration or code. Tenants and
+models are capped (``max_tenants``, ``max_models``): past the cap a new value
+is labelled ``other``. An empty value (a request refused before auth or
+routing) is labelled ``none``. The ``_created`` series prometheus_client adds
+to every counter and histogram are dropped from the exposition: they would
+double the series count of every counter.
+
+OpenTelemetry GenAI conventions (``gen_ai.*``, development status) map as:
+``gen_ai.client.token.usage`` (histogram by ``gen_ai.token.type``
+input|output) -> ``tollway_tokens_total{kind="prompt|completion"}``, a
+counter because rates and sums by tenant are what is queried;
+``gen_ai.usage.cache_read.input_tokens`` -> ``tollway_cached_prompt_tokens_total``;
+``gen_ai.client.operation.duration`` / ``gen_ai.server.request.duration`` ->
+``tollway_request_duration_seconds``; ``gen_ai.server.time_to_first_token``
+(``gen_ai.client.operation.time_to_first_chunk``) ->
+``tollway_time_to_first_token_seconds``; ``gen_ai.request.model`` -> ``model``;
+``error.type`` -> ``status``. The names stay Prometheus-style and prefixed so
+they never collide with an OTel SDK exporting ``gen_ai_*`` from the same process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics import Counter, Gauge, Histogram, MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from metering.occupancy import OccupancySnapshot
+from metering.report import RequestReport
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"
+NONE = "none"
+
+# Seconds. LLM requests run from a cache hit (milliseconds) to a long generation (minutes).
+DURATION = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TTFT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 120)
+QUEUE_WAIT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+LATENCY = ("tier", "model", "cache")
+ATTEMPT = ("tier", "replica", "outcome")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaGpu:
+    """One replica's cumulative GPU time as one gateway sees it, read at scrape time."""
+
+    replica: str
+    tier: str
+    busy_gpu_s: float  # this gateway's requests, finished and running
+    idle_gpu_s: float
+    foreign_gpu_s: float
+    in_flight: int
+    healthy: bool
+    slots: int = 0  # max_num_seqs; 0 = unknown, not exported
+
+    @classmethod
+    def from_occupancy(
+        cls, replica: str, tier: str, snap: OccupancySnapshot, *, healthy: bool, slots: int = 0
+    ) -> ReplicaGpu:
+        return cls(
+            replica=replica,
+            tier=tier,
+            busy_gpu_s=snap.attributed_gpu_s + snap.accrued_gpu_s,
+            idle_gpu_s=snap.idle_gpu_s,
+            foreign_gpu_s=snap.foreign_gpu_s,
+            in_flight=snap.in_flight,
+            healthy=healthy,
+            slots=slots,
+        )
+
+
+ReplicaSource = Callable[[], Iterable[ReplicaGpu]]
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class _Children(Generic[M]):
+    """A metric's labelled children by label tuple: ``.labels()`` is slow, a dict is not."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M):
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class _Capped:
+    """Label values admitted first-come up to ``limit``; later ones become ``other``."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if not value:
+            return NONE
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class _RequestSeries:
+    """Every child one (tier, model, tenant, status, cache) request touches, found in one lookup."""
+
+    __slots__ = (
+        "cached",
+        "completion",
+        "duration",
+        "gpu",
+        "loaded",
+        "marginal",
+        "prompt",
+        "requests",
+        "saved",
+        "ttft",
+        "upstream",
+    )
+
+    def __init__(
+        self, m: GatewayMetrics, tier: str, model: str, tenant: str, status: str, cache: str
+    ):
+        self.requests = m._requests(tier, model, tenant, status, cache)
+        self.prompt = m._tokens(tier, model, tenant, cache, "prompt")
+        self.completion = m._tokens(tier, model, tenant, cache, "completion")
+        self.cached = m._cached_tokens(tier, model, tenant, cache)
+        self.gpu = m._gpu(tier, model, tenant)
+        self.marginal = m._marginal(tier, model, tenant)
+        self.loaded = m._loaded(tier, model, tenant)
+        self.saved: Counter | None = None  # only hits and replays save: no zero series for misses
+        self.duration = m._duration(tier, model, cache)
+        self.ttft = m._ttft(tier, model, cache)
+        self.upstream = m._upstream(tier)
+
+
+class _ReplicaCollector:
+    """Per-replica GPU time, slots and health, read from the gateway's callback at scrape time."""
+
+    def __init__(self, on_error: Callable[[], None]):
+        self.source: ReplicaSource | None = None
+        self._on_error = on_error
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        gpu, in_flight, slots, healthy = families = self._families()
+        if self.source is None:
+            return families
+        try:
+            replicas = list(self.source())
+        except Exception:  # a broken callback must not break the scrape of everything else
+            log.exception("replica metrics source failed")
+            self._on_error()
+            return families
+        for r in replicas:
+            labels = (r.replica, r.tier)
+            gpu.add_metric((*labels, "busy"), r.busy_gpu_s)
+            gpu.add_metric((*labels, "foreign"), r.foreign_gpu_s)
+            gpu.add_metric((*labels, "idle"), r.idle_gpu_s)
+            in_flight.add_metric(labels, r.in_flight)
+            healthy.add_metric(labels, 1.0 if r.healthy else 0.0)
+            if r.slots > 0:
+                slots.add_metric(labels, r.slots)
+        return families
+
+    @staticmethod
+    def _families() -> tuple[
+        CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
+        labels = ("replica", "tier")
+        return (
+            CounterMetricFamily(
+                "tollway_replica_gpu_seconds",
+                "Replica GPU-seconds: busy (this gateway), foreign (other gateways), idle.",
+                labels=(*labels, "state"),
+            ),
+            GaugeMetricFamily(
+                "tollway_replica_in_flight", "Requests this gateway has in flight.", labels=labels
+            ),
+            GaugeMetricFamily(
+                "tollway_replica_slots", "Batch slots (vLLM max_num_seqs).", labels=labels
+            ),
+            GaugeMetricFamily(
+                "tollway_replica_healthy", "1 if the replica is healthy, else 0.", labels=labels
+            ),
+        )
+
+
+class _WithoutCreated:
+    """The registry's metrics minus the ``_created`` samples (one extra series per counter)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            kept = copy.copy(metric)
+            kept.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield kept
+
+
+class GatewayMetrics:
+    def __init__(self, *, max_tenants: int = 1000, max_models: int = 100):
+        self.registry = reg = CollectorRegistry()
+        self._exposition = _WithoutCreated(self.registry)
+        self._tenant = _Capped(max_tenants)
+        self._model = _Capped(max_models)
+        self._series: dict[tuple[str, str, str, int, str], _RequestSeries] = {}
+
+        def counter(name: str, labels: tuple[str, ...], doc: str) -> _Children[Counter]:
+            return _Children(Counter(name, doc, labels, registry=reg))
+
+        def histogram(
+            name: str, labels: tuple[str, ...], buckets: Sequence[float], doc: str
+        ) -> _Children[Histogram]:
+            return _Children(Histogram(name, doc, labels, buckets=buckets, registry=reg))
+
+        req, tok, lat = ("tier", "model", "tenant"), ("tier", "model", "tenant", "cache"), LATENCY
+        self._requests = counter(
+            "tollway_requests_total",
+            (*req, "status", "cache"),
+            "Finished client requests, cache hits, replays and errors included.",
+        )
+        self._tokens = counter(
+            "tollway_tokens_total",
+            (*tok, "kind"),
+            "Tokens in responses' usage (prompt|completion).",
+        )
+        self._cached_tokens = counter(
+            "tollway_cached_prompt_tokens_total", tok, "Prompt tokens from vLLM's prefix cache."
+        )
+        self._gpu = counter("tollway_gpu_seconds_total", req, "GPU-seconds attributed to requests.")
+        self._marginal = counter(
+            "tollway_cost_marginal_usd_total", req, "Marginal cost: GPU-seconds or tokens, priced."
+        )
+        self._loaded = counter(
+            "tollway_cost_loaded_usd_total", req, "Fully loaded cost: (marginal + idle) x overhead."
+        )
+        self._saved = counter(
+            "tollway_cost_saved_usd_total", tok, "What cache hits and replays would have cost."
+        )
+        self._duration = histogram(
+            "tollway_request_duration_seconds", lat, DURATION, "Arrival to last byte."
+        )
+        self._ttft = histogram(
+            "tollway_time_to_first_token_seconds", lat, TTFT, "Arrival to first content byte."
+        )
+        self._upstream = counter(
+            "tollway_upstream_requests_total", ("tier",), "Requests with an upstream attempt."
+        )
+        self._attempts = counter(
+            "tollway_upstream_attempts_total", ATTEMPT, "Upstream attempts, retries included."
+        )
+        self._queue_depth = _Children(
+            Gauge("tollway_queue_depth", "Requests awaiting admission.", ("tier",), registry=reg)
+        )
+        self._queue_wait = histogram(
+            "tollway_queue_wait_seconds", ("tier",), QUEUE_WAIT, "Queueing to dispatch."
+        )
+        self._cache = counter(
+            "tollway_cache_requests_total", ("tier", "result"), "Response-cache lookups."
+        )
+        self._redis = counter(
+            "tollway_redis_failures_total", ("operation",), "Redis failures (failed open)."
+        )
+        self._ledger_lost = Counter(
+            "tollway_ledger_writes_lost_total", "Usage-ledger rows dropped.", registry=reg
+        )
+        self._telemetry = counter(
+            "tollway_telemetry_failures_total", ("kind",), "Telemetry failures (failed open)."
+        )
+        self._replicas = _ReplicaCollector(lambda: self.telemetry_failure("replica_source"))
+        self.registry.register(self._replicas)
+
+    # Hot path: one dict lookup, then plain increments.
+    def observe_request(
+        self, report: RequestReport, *, duration_s: float, ttft_s: float | None
+    ) -> None:
+        key = (report.tier, report.model, report.tenant, report.status, report.cache)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        series.requests.inc()
+        usage = report.usage
+        if usage.prompt_tokens > 0:
+            series.prompt.inc(usage.prompt_tokens)
+        if usage.completion_tokens > 0:
+            series.completion.inc(usage.completion_tokens)
+        if usage.cached_prompt_tokens > 0:
+            series.cached.inc(usage.cached_prompt_tokens)
+        if report.gpu_seconds > 0:
+            series.gpu.inc(report.gpu_seconds)
+        cost = report.cost
+        if cost.marginal > 0:
+            # Decimal until here: float sums drift, but the ledger, not Prometheus, is the bill.
+            series.marginal.inc(float(cost.marginal))
+        if cost.loaded > 0:
+            series.loaded.inc(float(cost.loaded))
+        if report.saved is not None and report.saved > 0:
+            if series.saved is None:
+                labels = self._labels(key)
+                series.saved = self._saved(labels[0], labels[1], labels[2], labels[4])
+            series.saved.inc(float(report.saved))
+        if report.attempts > 0:
+            series.upstream.inc()
+        series.duration.observe(duration_s)
+        if ttft_s is not None:
+            series.ttft.observe(ttft_s)
+
+    def _labels(self, key: tuple[str, str, str, int, str]) -> tuple[str, str, str, str, str]:
+        tier, model, tenant, status, cache = key
+        return (tier or NONE, self._model(model), self._tenant(tenant), str(status), cache or NONE)
+
+    def _new_series(self, key: tuple[str, str, str, int, str]) -> _RequestSeries:
+        labels = self._labels(key)
+        series = _RequestSeries(self, *labels)
+        capped = (labels[1] == OTHER != key[1]) or (labels[2] == OTHER != key[2])
+        if not capped:  # forgotten otherwise, so the dict stays as bounded as the labels
+            self._series[key] = series
+        return series
+
+    def observe_attempt(self, tier: str, replica: str, outcome: str) -> None:
+        self._attempts(tier, replica, outcome).inc()
+
+    def register_replica_source(self, source: ReplicaSource) -> None:
+        """``source()`` is called at every scrape; it replaces any earlier source."""
+        self._replicas.source = source
+
+    def observe_queue(self, tier: str, depth: int) -> None:
+        self._queue_depth(tier).set(depth)
+
+    def observe_queue_wait(self, tier: str, seconds: float) -> None:
+        self._queue_wait(tier).observe(seconds)
+
+    def cache_event(self, tier: str, result: str) -> None:
+        self._cache(tier, result).inc()
+
+    def redis_failure(self, operation: str) -> None:
+        self._redis(operation).inc()
+
+    def ledger_write_lost(self, n: int = 1) -> None:
+        self._ledger_lost.inc(n)
+
+    def telemetry_failure(self, kind: str) -> None:
+        self._telemetry(kind).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type, for ``GET /metrics``."""
+        return generate_latest(self._exposition), CONTENT_TYPE_LATEST

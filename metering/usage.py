@@ -1,0 +1,48 @@
+"""Token counts from vLLM's ``usage`` object, for whole responses and for streams.
+
+Streams: the gateway asks vLLM for ``include_usage`` and
+``continuous_usage_stats``, so every chunk carries the cumulative usage so far
+and a stream the client aborts is still billed for what was generated.
+``StreamUsage`` keeps the latest figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> TokenUsage | None:
+        """Parse an OpenAI/vLLM ``usage`` object; None when absent or malformed."""
+        if not isinstance(usage, dict):
+            return None
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if not isinstance(prompt, int) or not isinstance(completion, int):
+            return None
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return cls(prompt, completion, cached if isinstance(cached, int) else 0)
+
+
+class StreamUsage:
+    """The latest cumulative usage seen on a stream's chunks."""
+
+    def __init__(self) -> None:
+        self.latest: TokenUsage | None = None
+
+    def observe(self, chunk: dict[str, Any]) -> None:
+        usage = TokenUsage.from_openai(chunk.get("usage"))
+        if usage is not None:
+            self.latest = usage

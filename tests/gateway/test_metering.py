@@ -1,0 +1,153 @@
+"""Per-request metering through the gateway: headers, the stream's tollway object, conservation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx2 as httpx
+
+from tests.conftest import KEY, Stack, http_json, sim_stats
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Summarise the plot of Hamlet."}]
+COST_HEADERS = {
+    "x-tollway-request-id", "x-tollway-tier", "x-tollway-model", "x-tollway-prompt-tokens",
+    "x-tollway-completion-tokens", "x-tollway-gpu-seconds", "x-tollway-cost-usd",
+    "x-tollway-cost-loaded-usd",
+}  # fmt: skip
+SMALL_USD_PER_GPU_HOUR = Decimal("1.0")  # tests/conftest.py gateway_config
+
+
+def replica_occupancy(stack: Stack, tier: str, index: int = 0) -> dict[str, float]:
+    ready = http_json("GET", stack.gateway.url + "/ready")
+    occupancy: dict[str, float] = ready["tiers"][tier]["replicas"][index]["occupancy"]
+    return occupancy
+
+
+def test_non_streaming_headers_are_consistent(stack: Stack) -> None:
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="sim-small", messages=MESSAGES, max_tokens=16
+    )
+    completion = raw.parse()
+    headers = raw.headers
+    assert set(headers) >= COST_HEADERS
+    assert headers["x-tollway-request-id"] == headers["x-request-id"]
+    assert completion.usage is not None
+    assert int(headers["x-tollway-prompt-tokens"]) == completion.usage.prompt_tokens
+    assert int(headers["x-tollway-completion-tokens"]) == completion.usage.completion_tokens
+    gpu_seconds = Decimal(headers["x-tollway-gpu-seconds"])
+    assert gpu_seconds > 0
+    marginal = Decimal(headers["x-tollway-cost-usd"])
+    expected = gpu_seconds * SMALL_USD_PER_GPU_HOUR / 3600
+    assert abs(marginal - expected) <= Decimal("1e-9")  # header gpu-seconds are rounded to 1e-6
+    loaded = Decimal(headers["x-tollway-cost-loaded-usd"])
+    assert loaded >= marginal * Decimal("1.25") - Decimal("1e-9")
+
+
+def _stream_events(stack: Stack, **body: Any) -> list[dict[str, Any]]:
+    payload = {"model": "sim-small", "messages": MESSAGES, "max_tokens": 12, "stream": True, **body}
+    events = []
+    with httpx.stream(
+        "POST", stack.gateway.url + "/v1/chat/completions", json=payload,
+        headers={"authorization": f"Bearer {KEY}"}, timeout=30,
+    ) as response:  # fmt: skip
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_stream_without_usage_request_gets_tollway_on_the_finish_chunk(stack: Stack) -> None:
+    chunks = _stream_events(stack)
+    assert all("usage" not in c for c in chunks)  # OpenAI semantics: not asked, not sent
+    assert all(c["choices"] for c in chunks)  # no usage-only chunk either
+    assert [("tollway" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    tollway = last["tollway"]
+    assert tollway["tier"] == "small"
+    assert tollway["completion_tokens"] == sim_stats(stack.small)["completion_tokens"]
+    assert Decimal(tollway["cost_usd"]) > 0
+
+
+def test_stream_with_usage_gets_tollway_beside_usage(stack: Stack) -> None:
+    chunks = _stream_events(stack, stream_options={"include_usage": True})
+    final = chunks[-1]
+    assert final["choices"] == []
+    assert final["usage"]["completion_tokens"] == final["tollway"]["completion_tokens"]
+    assert final["usage"]["prompt_tokens"] == final["tollway"]["prompt_tokens"]
+    assert all("usage" not in c for c in chunks[:-1])
+    assert sum(1 for c in chunks if "tollway" in c) == 1
+
+
+def test_stream_with_continuous_usage_keeps_per_chunk_usage(stack: Stack) -> None:
+    chunks = _stream_events(
+        stack, stream_options={"include_usage": True, "continuous_usage_stats": True}
+    )
+    per_chunk = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+    assert per_chunk == sorted(per_chunk)
+    assert per_chunk[-1] == chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_sdk_stream_exposes_tollway_object(stack: Stack) -> None:
+    stream = stack.client().chat.completions.create(
+        model="sim-small", messages=MESSAGES, max_tokens=8, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    extra = chunks[-1].model_extra or {}
+    assert chunks[-1].usage is not None
+    assert extra["tollway"]["completion_tokens"] == chunks[-1].usage.completion_tokens
+
+
+def test_aborted_stream_is_billed_for_what_was_generated(stack: Stack) -> None:
+    before = replica_occupancy(stack, "small")
+    payload = {"model": "sim-small", "messages": MESSAGES, "max_tokens": 24, "stream": True}
+    with httpx.stream(
+        "POST", stack.gateway.url + "/v1/chat/completions", json=payload,
+        headers={"authorization": f"Bearer {KEY}"}, timeout=30,
+    ) as response:  # fmt: skip
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    deadline = time.monotonic() + 5
+    while replica_occupancy(stack, "small")["attributed_gpu_s"] == before["attributed_gpu_s"]:
+        assert time.monotonic() < deadline, "the aborted stream was never metered"
+        time.sleep(0.05)
+
+
+async def test_gpu_seconds_are_conserved_end_to_end(stack: Stack) -> None:
+    """16 concurrent requests on one replica: the headers add up to its busy GPU time."""
+    before = replica_occupancy(stack, "small")
+    started = time.monotonic()
+    async with stack.async_client() as client:
+        raws = await asyncio.gather(
+            *(
+                client.chat.completions.with_raw_response.create(
+                    model="sim-small",
+                    messages=[{"role": "user", "content": f"request {i}"}],
+                    max_tokens=20,
+                )
+                for i in range(16)
+            )
+        )
+    elapsed = time.monotonic() - started
+    after = replica_occupancy(stack, "small")
+    header_sum = sum(float(r.headers["x-tollway-gpu-seconds"]) for r in raws)
+    attributed = after["attributed_gpu_s"] - before["attributed_gpu_s"]
+    assert abs(header_sum - attributed) <= 16 * 5e-7  # headers carry 6 decimals
+    assert after["accrued_gpu_s"] == 0  # nothing in flight any more
+    assert sim_stats(stack.small)["max_running_seen"] >= 2  # they really shared the batch
+    wall = after["wall_s"] - before["wall_s"]
+    gpu_time = sum(
+        after[k] - before[k] for k in ("attributed_gpu_s", "foreign_gpu_s", "idle_gpu_s")
+    )
+    assert abs(gpu_time - wall * after["gpus"]) <= 1e-9 * max(1.0, wall)
+    assert elapsed <= wall <= elapsed + 1.0  # the ledger clock is the real clock
+    # Shared time is split, not double-counted: the sum can't exceed the replica's busy time.
+    assert header_sum <= wall * after["gpus"] + 1e-6
