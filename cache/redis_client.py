@@ -166,11 +166,14 @@ class RedisClient:
         if self._last_log is not None and now - self._last_log < self.log_interval_s:
             self._unlogged += 1
             return
-        reason = "skipped while redis is down" if exc is None else f"{type(exc).__name__}: {exc}"
+        if exc is None:
+            reason = "skipped: redis failed moments ago"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         log.warning(
             "redis %s failed, going on without it (%s); %d more failures since the last log",
             operation,
-            reason or "timeout",
+            reason,
             self._unlogged,
         )
         self._last_log = now

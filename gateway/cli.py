@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # client addresses are not used; skip the per-request middleware
         log_level=args.log_level,
         timeout_graceful_shutdown=args.drain_timeout,
         backlog=4096,

@@ -1,17 +1,20 @@
 """Stop upstream work the moment the client goes away.
 
 A client that times out or is killed while vLLM is still generating would
-otherwise leave the GPU working for nobody. ``cancel_on_disconnect`` runs
-the forwarding step beside a listener on the ASGI ``receive`` channel; when
-``http.disconnect`` arrives first, the step is cancelled, which closes the
-upstream connection, and vLLM aborts the request and frees its batch slot.
-(Streams keep the same watch while they are relayed: ``gateway.streaming``.)
+otherwise leave the GPU working for nobody. ``cancel_on_disconnect`` awaits
+the forwarding step in the request's own task while one small listener task
+waits on the ASGI ``receive`` channel; if ``http.disconnect`` arrives first,
+the listener cancels the request's task, which closes the upstream connection,
+and vLLM aborts the request and frees its batch slot. (Streams keep the same
+watch while they are relayed: ``gateway.streaming``.)
+
+One task per request rather than two plus ``asyncio.wait``: it is on the hot
+path (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -29,18 +32,26 @@ async def wait_for_disconnect(receive: Receive) -> None:
             return
 
 
+async def _cancel_when_gone(receive: Receive, task: asyncio.Task[object], gone: list[bool]) -> None:
+    await wait_for_disconnect(receive)
+    gone.append(True)
+    task.cancel()
+
+
 async def cancel_on_disconnect(work: Awaitable[T], receive: Receive) -> T:
     """``await work``, unless the client disconnects first: then cancel it and raise."""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(wait_for_disconnect(receive))
+    task = asyncio.current_task()
+    assert task is not None
+    gone: list[bool] = []
+    listener = asyncio.get_running_loop().create_task(_cancel_when_gone(receive, task, gone))
     try:
-        await asyncio.wait((task, listener), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from outside (shutdown): not ours to swallow
+        task.uncancel()
+        raise ClientDisconnected(
+            "The client closed the connection before the answer was ready."
+        ) from None
     finally:
         listener.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise ClientDisconnected("The client closed the connection before the answer was ready.")
-    return task.result()

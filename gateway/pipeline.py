@@ -71,7 +71,7 @@ class Pipeline:
         )
         shaper: StreamShaper | None = None
         if parsed.stream:
-            shaper = StreamShaper(body.get("stream_options"))
+            shaper = StreamShaper(body.get("stream_options"), decision.model)
             body["stream_options"] = upstream_stream_options(body.get("stream_options"))
         if decision.model != parsed.model or shaper is not None:
             body["model"] = decision.model
@@ -119,6 +119,10 @@ class Pipeline:
             response.headers.update(report.headers())
             return response
         completion = _json_object(data)
+        if completion.get("model") != ctx.decision.model:
+            # vLLM names its first --served-model-name whatever alias was asked for.
+            completion["model"] = ctx.decision.model
+            data = orjson.dumps(completion)
         report = self.meter.finish(
             ctx,
             replica=reply.replica,

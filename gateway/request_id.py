@@ -7,8 +7,9 @@ and added to every response's headers, errors included.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +25,10 @@ def request_id_of(scope: Scope) -> str | None:
 class RequestIdMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
+        # Unique across processes without a uuid4 per request (measurably cheaper):
+        # a random per-process prefix and a counter.
+        self._prefix = b"req_" + os.urandom(6).hex().encode()
+        self._counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,7 +36,7 @@ class RequestIdMiddleware:
             return
         raw = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
         if raw is None or not _SANE.match(raw):
-            raw = b"req_" + uuid.uuid4().hex.encode()
+            raw = self._prefix + b"%010x" % next(self._counter)
         scope[SCOPE_KEY] = raw.decode()
         header = (b"x-request-id", raw)
 

@@ -12,8 +12,9 @@ The metered figures ride on the final data event before ``[DONE]``, as a
 ``tollway`` object beside ``usage``: on the usage chunk when the client asked
 for it, otherwise on the last chunk that carries a ``finish_reason`` (held
 back until the stream ends, which is the same engine step in vLLM, so it adds
-no visible delay). Chunks that need no change are relayed as the upstream's
-own bytes.
+no visible delay). ``model`` is set to the name the request resolved to (vLLM
+reports its first served alias). Chunks that need no change are relayed as the
+upstream's own bytes.
 """
 
 from __future__ import annotations
@@ -40,15 +41,14 @@ def _event(chunk: dict[str, Any]) -> bytes:
 
 
 class StreamShaper:
-    def __init__(self, client_options: Any):
+    def __init__(self, client_options: Any, model: str):
+        self.model = model
         options = client_options if isinstance(client_options, dict) else {}
         self.include_usage = bool(options.get("include_usage"))
         self.continuous_usage = bool(options.get("continuous_usage_stats"))
         self.usage = StreamUsage()
         self.finish_reasons: list[str] = []
         self.response_id: str | None = None
-        self.response_model: str | None = None
-        self.first_token_seen = False
         self._held: dict[str, Any] | None = None
         self._usage_chunk: dict[str, Any] | None = None
 
@@ -62,15 +62,16 @@ class StreamShaper:
         self.usage.observe(chunk)
         if self.response_id is None:
             self.response_id = chunk.get("id")
-            self.response_model = chunk.get("model")
+        changed = False
+        if chunk.get("model") != self.model:  # vLLM reports its first alias
+            chunk["model"] = self.model
+            changed = True
         choices = chunk.get("choices")
         if not choices:
             if "usage" in chunk:  # the usage-only chunk: sent (or not) at the end
                 self._usage_chunk = chunk
                 return []
-            return [event]
-        self.first_token_seen = True
-        changed = False
+            return [_event(chunk) if changed else event]
         if not self.continuous_usage and "usage" in chunk:
             del chunk["usage"]
             changed = True
@@ -97,7 +98,7 @@ class StreamShaper:
                 out.append(_event(self._held))
             final = self._usage_chunk or {
                 "id": self.response_id,
-                "model": self.response_model,
+                "model": self.model,
                 "choices": [],
                 "usage": None,
             }

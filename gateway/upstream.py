@@ -92,6 +92,18 @@ class UpstreamClient:
         self.config = config
         self.health = health
         self._session: aiohttp.ClientSession | None = None
+        # First attempts (nearly all requests) share prebuilt timeouts.
+        self._first_timeouts = {
+            stream: self._timeout(stream, time.monotonic() + config.total_timeout_s)
+            for stream in (False, True)
+        }
+
+    def _timeout(self, stream: bool, deadline: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=max(0.001, deadline - time.monotonic()),
+            sock_connect=self.config.connect_timeout_s,
+            sock_read=self.config.first_byte_timeout_s if stream else None,
+        )
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -150,10 +162,8 @@ class UpstreamClient:
             # aiohttp enforces ``total`` over the whole exchange, body included;
             # for streams ``sock_read`` bounds the wait for the first byte and
             # any later stall between events.
-            timeout = aiohttp.ClientTimeout(
-                total=max(0.001, deadline - time.monotonic()),
-                sock_connect=config.connect_timeout_s,
-                sock_read=config.first_byte_timeout_s if stream else None,
+            timeout = (
+                self._first_timeouts[stream] if attempt == 1 else self._timeout(stream, deadline)
             )
             bill.attempts += 1
             occupancy = replica.occupy()

@@ -32,4 +32,4 @@ def from_nanos(nanos: int) -> Decimal:
 
 def fmt(amount: Decimal) -> str:
     """Fixed-point, nine decimals: what headers and the usage API print."""
-    return f"{usd(amount):.9f}"
+    return f"{amount:.9f}"

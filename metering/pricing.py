@@ -45,6 +45,10 @@ def gpu_cost(gpu_seconds: float, gpu_hourly_usd: Decimal) -> Decimal:
     return usd(Decimal(repr(gpu_seconds)) * gpu_hourly_usd / SECONDS_PER_HOUR)
 
 
+def _unrounded_gpu_cost(gpu_seconds: float, gpu_hourly_usd: Decimal) -> Decimal:
+    return Decimal(repr(gpu_seconds)) * gpu_hourly_usd / SECONDS_PER_HOUR
+
+
 def token_cost(prompt_tokens: int, completion_tokens: int, prices: TokenPrices) -> Decimal:
     return usd(
         (prompt_tokens * prices.input_usd_per_mtok + completion_tokens * prices.output_usd_per_mtok)
@@ -66,6 +70,6 @@ def price_request(
     if token_prices is not None:
         marginal = token_cost(prompt_tokens, completion_tokens, token_prices)
         return Cost(marginal, usd(marginal * overhead_factor))
-    marginal = gpu_cost(gpu_seconds, gpu_hourly_usd)
-    idle = gpu_cost(gpu_seconds * max(0.0, idle_per_busy), gpu_hourly_usd)
-    return Cost(marginal, usd((marginal + idle) * overhead_factor))
+    exact = _unrounded_gpu_cost(gpu_seconds, gpu_hourly_usd)
+    loaded = exact * (1 + Decimal(repr(max(0.0, idle_per_busy)))) * overhead_factor
+    return Cost(usd(exact), usd(loaded))

@@ -711,6 +711,7 @@ def per_run_lines(runs: list[Run]) -> str:
             + f", gateway core {100 * run.gateway_core_busy:.0f}% busy"
             + (f" (gateway {100 * run.gateway_busy:.0f}%)" if run.gateway_busy is not None else "")
             + f", load core {100 * run.load_core_busy:.0f}% busy"
+            + f", simulator {run.upstream_cpu_s * 1e6 / run.requests:.0f} µs CPU/req"
         )
     return "\n".join(lines)
 

@@ -36,8 +36,8 @@ def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         config = gateway_config([vllm_url], [vllm_url])
         config["tiers"][0]["models"] = ["smollm2-small"]
         config["tiers"][1]["models"] = ["smollm2-large"]
-        for tier in config["tiers"]:
-            tier["replicas"][0]["max_num_seqs"] = 8
+        for tier in config["tiers"]:  # one process serves both tiers: one set of settings
+            tier["replicas"][0].update(max_num_seqs=8, gpu_hourly_usd=1.0)
         config["upstream"] = {"first_byte_timeout_s": 120, "total_timeout_s": 300}
         gateway = start_gateway(log_dir, config)
         try:
@@ -70,6 +70,7 @@ def test_completions_on_the_large_alias(client: openai.OpenAI) -> None:
     completion = client.completions.create(
         model="smollm2-large", prompt="The three primary colours are", max_tokens=12
     )
+    # vLLM answers with its first alias (smollm2-small); the gateway restores the name asked for.
     assert completion.model == "smollm2-large"
     assert completion.choices[0].text
     assert completion.choices[0].finish_reason in ("stop", "length")

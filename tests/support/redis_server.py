@@ -201,10 +201,7 @@ def run_redis(port: int | None = None, *, cluster: bool = False) -> Iterator[Red
     nodes take ``port``, ``port + 1`` and ``port + 2`` when a port is given.
     """
     count = CLUSTER_NODES if cluster else 1
-    if port is None:
-        ports = free_ports(count)
-    else:
-        ports = [port + i for i in range(count)]
+    ports = free_ports(count) if port is None else [port + i for i in range(count)]
     with tempfile.TemporaryDirectory(prefix="tollway-redis-") as tmp:
         nodes = [_Node(p, Path(tmp) / str(p), cluster=cluster) for p in ports]
         server = RedisServer(nodes)

@@ -1,0 +1,358 @@
+"""The usage ledger against a real Redis: exact sums, scoping, and no harm when Redis fails."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import redis
+from redis.cluster import key_slot
+
+from cache.ledger import LedgerUnavailable, UsageLedger, UsageRow, _Entry, totals
+from cache.redis_client import RedisClient
+from metering.money import from_nanos, to_nanos, usd
+from metering.pricing import Cost
+from metering.report import RequestReport
+from metering.usage import TokenUsage
+from tests.support.redis_server import run_redis
+
+
+
+def _tenth_of_last_month() -> datetime:
+    """17:30 on the 10th of last month: in the past, within retention, days 10-13 in one month."""
+    first = datetime.now(UTC).replace(day=1, hour=17, minute=30, second=0, microsecond=0)
+    return (first - timedelta(days=1)).replace(day=10)
+
+
+T0 = _tenth_of_last_month()
+DAY0 = f"{T0:%Y-%m-%d}"
+DAY1 = f"{T0 + timedelta(days=1):%Y-%m-%d}"
+HOUR0 = f"{T0:%Y%m%d%H}"
+MakeLedger = Callable[..., Awaitable[UsageLedger]]
+
+
+def report(
+    tenant: str = "acme",
+    tier: str = "small",
+    model: str = "m-small",
+    *,
+    cache: str = "miss",
+    prompt: int = 10,
+    completion: int = 20,
+    cached: int = 0,
+    gpu_seconds: float = 0.5,
+    cost: str = "0.000125",
+    loaded: str = "0.0002",
+    saved: str | None = None,
+) -> RequestReport:
+    return RequestReport(
+        request_id=f"req-{random.random()}",
+        tenant=tenant,
+        tier=tier,
+        model=model,
+        operation="chat",
+        usage=TokenUsage(prompt, completion, cached),
+        gpu_seconds=gpu_seconds,
+        cost=Cost(usd(cost), usd(loaded)),
+        cache=cache,
+        saved=None if saved is None else usd(saved),
+        replica="http://replica-1",
+    )
+
+
+def ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+@pytest.fixture
+async def make_ledger() -> AsyncIterator[MakeLedger]:
+    owned: list[tuple[UsageLedger, RedisClient]] = []
+
+    async def make(url: str, *, start: bool = True, **kwargs: object) -> UsageLedger:
+        client = RedisClient(
+            url,
+            call_budget_s=float(str(kwargs.pop("call_budget_s", 0.5))),
+            backoff_s=float(str(kwargs.pop("backoff_s", 1.0))),
+        )
+        await client.start()
+        ledger = UsageLedger(client, **kwargs)  # type: ignore[arg-type]
+        if start:
+            await ledger.start()
+        owned.append((ledger, client))
+        return ledger
+
+    yield make
+    for ledger, client in owned:
+        await ledger.stop(grace_s=1.0)
+        await client.close()
+
+
+async def query(
+    ledger: UsageLedger,
+    group_by: str,
+    tenant: str | None = None,
+    start: datetime = T0 - timedelta(days=2),
+    end: datetime = T0 + timedelta(days=2),
+) -> dict[str, UsageRow]:
+    rows = await ledger.query(group_by=group_by, start=start, end=end, tenant=tenant)  # type: ignore[arg-type]
+    return {row.key: row for row in rows}
+
+
+@pytest.fixture
+async def populated(make_ledger: MakeLedger, redis_url: str) -> UsageLedger:
+    ledger = await make_ledger(redis_url)
+    ledger.record(report("acme", "small", "m-small", cost="0.1", loaded="0.2"), ts(T0))
+    ledger.record(report("acme", "large", "m-large", cost="1", loaded="2"), ts(T0))
+    ledger.record(
+        report("acme", "small", "m-small", cache="hit", cost="0", loaded="0", saved="0.1"),
+        ts(T0 + timedelta(hours=1)),
+    )
+    ledger.record(report("globex", "large", "m-large", cost="3", loaded="4"), ts(T0))
+    ledger.record(
+        report("globex", "small", "m-small", cost="0.5", loaded="0.75"),
+        ts(T0 + timedelta(days=1)),
+    )
+    assert await ledger.flush()
+    assert ledger.lost == 0
+    assert ledger.written == 5
+    return ledger
+
+
+async def test_query_groups_by_tenant(populated: UsageLedger) -> None:
+    rows = await query(populated, "tenant")
+    assert sorted(rows) == ["acme", "globex"]
+    assert rows["acme"].requests == 3
+    assert rows["acme"].cost_usd == Decimal("1.1")
+    assert rows["acme"].cost_loaded_usd == Decimal("2.2")
+    assert rows["acme"].saved_usd == Decimal("0.1")
+    assert rows["acme"].prompt_tokens == 30
+    assert rows["acme"].completion_tokens == 60
+    assert rows["acme"].gpu_seconds == pytest.approx(1.5)
+    assert rows["globex"].cost_usd == Decimal("3.5")
+
+
+async def test_query_groups_by_tier_model_cache_and_day(populated: UsageLedger) -> None:
+    tiers = await query(populated, "tier")
+    assert {k: r.cost_usd for k, r in tiers.items()} == {"large": 4, "small": Decimal("0.6")}
+    models = await query(populated, "model")
+    assert {k: r.requests for k, r in models.items()} == {"m-large": 2, "m-small": 3}
+    caches = await query(populated, "cache")
+    assert {k: r.requests for k, r in caches.items()} == {"hit": 1, "miss": 4}
+    days = await query(populated, "day")
+    assert {k: r.cost_usd for k, r in days.items()} == {
+        DAY0: Decimal("4.1"),
+        DAY1: Decimal("0.5"),
+    }
+
+
+async def test_a_tenant_sees_only_its_own_usage(populated: UsageLedger) -> None:
+    acme = await query(populated, "tier", tenant="acme")
+    assert {k: r.cost_usd for k, r in acme.items()} == {"large": 1, "small": Decimal("0.1")}
+    assert await query(populated, "tenant", tenant="globex") == {
+        "globex": (await query(populated, "tenant"))["globex"]
+    }
+    assert await query(populated, "tenant", tenant="nobody") == {}
+
+
+async def test_query_counts_every_hour_overlapping_the_range(populated: UsageLedger) -> None:
+    six = T0.replace(hour=18, minute=0)
+    # [17:59, 18:00) overlaps hour 17 only; [18:00, 18:01) hour 18 only.
+    hour17 = await query(populated, "tenant", "acme", six - timedelta(minutes=1), six)
+    assert hour17["acme"].requests == 2
+    hour18 = await query(populated, "tenant", "acme", six, six + timedelta(minutes=1))
+    assert hour18["acme"].requests == 1
+    assert await query(populated, "tenant", None, T0, T0) == {}
+    # Naive datetimes are UTC.
+    midnight = T0.replace(hour=0, minute=0, tzinfo=None)
+    naive = await query(populated, "tenant", "acme", midnight, midnight + timedelta(days=1))
+    assert naive["acme"].requests == 3
+
+
+async def test_spend_for_budgets(populated: UsageLedger) -> None:
+    spend = await populated.spend("globex", T0 + timedelta(days=1))
+    assert spend is not None
+    assert spend.day == Cost(Decimal("0.5"), Decimal("0.75"))
+    assert spend.month == Cost(Decimal("3.5"), Decimal("4.75"))
+    nothing = await populated.spend("globex", T0 + timedelta(days=40))
+    assert nothing is not None
+    assert nothing.day == nothing.month == Cost.free()
+
+
+async def test_each_request_is_in_the_stream(populated: UsageLedger, redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        entries = client.xrange(populated.stream_key())
+    assert len(entries) == 5
+    fields = entries[0][1]
+    assert fields["tenant"] == "acme"
+    assert fields["cost_nanos"] == str(to_nanos(Decimal("0.1")))
+    assert fields["saved_nanos"] == ""
+    assert float(fields["at"]) == pytest.approx(ts(T0))
+    assert fields["request_id"].startswith("req-")
+
+
+async def test_keys_expire_with_the_retention(populated: UsageLedger, redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        ttl = client.ttl(populated.tenant_hash(HOUR0, "acme"))
+        stream_ttl = client.ttl(populated.stream_key())
+    assert 399 * 86_400 < ttl <= 400 * 86_400
+    assert stream_ttl == -1  # bounded by MAXLEN instead
+
+
+async def test_totals_equal_the_exact_sum_of_1000_random_requests(
+    make_ledger: MakeLedger, redis_url: str
+) -> None:
+    rng = random.Random(20261122)
+    ledger = await make_ledger(redis_url, batch_size=97)
+    cost_nanos = loaded_nanos = saved_nanos = gpu_us = tokens = 0
+    for _ in range(1000):
+        rep = report(
+            rng.choice(["acme", "globex", "initech"]),
+            rng.choice(["small", "large"]),
+            rng.choice(["m-a", "m-b", "org/m-c:v1"]),
+            cache=rng.choice(["miss", "hit", "bypass"]),
+            prompt=rng.randrange(10_000),
+            completion=rng.randrange(4_000),
+            gpu_seconds=rng.uniform(0, 30),
+            cost=str(from_nanos(rng.randrange(50_000_000))),
+            loaded=str(from_nanos(rng.randrange(90_000_000))),
+            saved=str(from_nanos(rng.randrange(1000))) if rng.random() < 0.3 else None,
+        )
+        headers = rep.headers()
+        # The sums the client could add up from the headers it received.
+        cost_nanos += to_nanos(Decimal(headers["x-tollway-cost-usd"]))
+        loaded_nanos += to_nanos(Decimal(headers["x-tollway-cost-loaded-usd"]))
+        saved_nanos += to_nanos(Decimal(headers.get("x-tollway-cost-saved-usd", "0")))
+        gpu_us += int(Decimal(headers["x-tollway-gpu-seconds"]) * 1_000_000)
+        tokens += rep.usage.total_tokens
+        ledger.record(rep, ts(T0) + rng.uniform(0, 3 * 86_400))
+    assert await ledger.flush(within_s=10)
+    assert ledger.lost == 0
+    for group_by in ("tenant", "tier", "model", "day", "cache"):
+        rows = await ledger.query(
+            group_by=group_by,  # type: ignore[arg-type]
+            start=T0 - timedelta(hours=1),
+            end=T0 + timedelta(days=4),
+            tenant=None,
+        )
+        total = totals(rows)
+        assert total.requests == 1000
+        assert to_nanos(total.cost_usd) == cost_nanos
+        assert to_nanos(total.cost_loaded_usd) == loaded_nanos
+        assert to_nanos(total.saved_usd) == saved_nanos
+        assert total.gpu_us == gpu_us
+        assert total.total_tokens == tokens
+
+
+async def test_a_retried_batch_counts_once(make_ledger: MakeLedger, redis_url: str) -> None:
+    ledger = await make_ledger(redis_url, start=False)
+    writes = ledger._build([_entry(report(cost="1"))])
+    # The reply to the first attempt was lost; the retry carries the same batch number.
+    assert await ledger._apply(writes, seq=7)
+    assert await ledger._apply(writes, seq=7)
+    assert (await query(ledger, "tenant"))["acme"].cost_usd == 1
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.xlen(ledger.stream_key()) == 1
+    assert await ledger._apply(ledger._build([_entry(report(cost="1"))]), seq=8)
+    assert (await query(ledger, "tenant"))["acme"].cost_usd == 2
+
+
+def _entry(rep: RequestReport) -> _Entry:
+    return _Entry.of(rep, ts(T0))
+
+
+async def test_keys_written_together_share_a_cluster_slot(
+    make_ledger: MakeLedger, redis_url: str
+) -> None:
+    ledger = await make_ledger(redis_url, start=False)
+    batch = [_entry(report(tenant, tier)) for tenant in ("a", "b") for tier in ("x", "y")]
+    batch.append(_Entry.of(report(), ts(T0 + timedelta(hours=5))))
+    writes = ledger._build(batch)
+    assert len(writes) == 5  # the stream, two hours, two tenants' spend
+    for write in writes:
+        assert len({key_slot(key.encode()) for key in write.keys}) == 1, write.keys
+
+
+async def test_record_never_blocks_and_drops_when_the_queue_is_full(
+    make_ledger: MakeLedger, redis_url: str
+) -> None:
+    lost: list[int] = []
+    ledger = await make_ledger(redis_url, start=False, max_queue=1000, on_lost=lost.append)
+    rep = report()
+    began = time.perf_counter()
+    for _ in range(1500):
+        ledger.record(rep, ts(T0))
+    elapsed = time.perf_counter() - began
+    assert elapsed < 1.0, f"1500 record() calls took {elapsed:.3f} s"
+    assert ledger.queued == 1000
+    assert ledger.lost == 500
+    assert sum(lost) == 500
+    await ledger.start()
+    assert await ledger.flush()
+    assert ledger.written == 1000
+
+
+async def test_stop_writes_what_is_queued(make_ledger: MakeLedger, redis_url: str) -> None:
+    ledger = await make_ledger(redis_url)
+    for _ in range(50):
+        ledger.record(report(), ts(T0))
+    await ledger.stop()
+    assert ledger.written == 50
+    ledger.record(report(), ts(T0))  # after stop: counted lost, not raised
+    assert ledger.lost == 1
+
+
+async def test_redis_down_counts_writes_lost_and_they_resume_when_it_returns(
+    make_ledger: MakeLedger,
+) -> None:
+    lost: list[int] = []
+    with run_redis() as server:
+        ledger = await make_ledger(
+            server.url,
+            backoff_s=0.1,
+            retry_delay_s=0.15,
+            call_budget_s=0.05,
+            on_lost=lost.append,
+        )
+        server.stop()
+        began = time.perf_counter()
+        for _ in range(20):
+            ledger.record(report(), ts(T0))
+            await asyncio.sleep(0)
+        assert time.perf_counter() - began < 0.5
+        assert await ledger.flush(within_s=5)
+        assert ledger.lost == 20
+        assert sum(lost) == 20
+        assert ledger.redis.failures >= 2
+        with pytest.raises(LedgerUnavailable):
+            await query(ledger, "tenant")
+        assert await ledger.spend("acme", T0) is None
+
+        server.start()  # same port, empty
+        await asyncio.sleep(0.15)  # past the client's backoff
+        for _ in range(3):
+            ledger.record(report(), ts(T0))
+        assert await ledger.flush(within_s=5)
+        assert (await query(ledger, "tenant"))["acme"].requests == 3
+        assert ledger.lost == 20
+
+
+async def test_a_batch_is_retried_once_before_it_is_lost(make_ledger: MakeLedger) -> None:
+    with run_redis() as server:
+        ledger = await make_ledger(
+            server.url, backoff_s=0.1, retry_delay_s=1.0, call_budget_s=0.05
+        )
+        server.stop()
+        ledger.record(report(), ts(T0))
+        deadline = time.monotonic() + 5
+        while ledger.redis.failures == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        server.start()  # well within the retry delay
+        assert await ledger.flush(within_s=5)
+        assert ledger.lost == 0
+        assert (await query(ledger, "tenant"))["acme"].requests == 1
