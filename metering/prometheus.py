@@ -87,8 +87,10 @@ PromQL::
   # dollars per hour by tenant
   3600 * sum by (tenant) (rate(tollway_cost_marginal_usd_total[5m]))
 
-Each gateway reports the replicas from its own view: across N gateways, sum
-``state="busy"`` but not ``idle`` (every gateway sees the same idle time).
+Several gateways each report every replica from their own view (one's
+foreign time is the others' busy time), so the utilisation above is already
+the whole replica's, averaged over gateways; sum ``state="busy"`` over
+gateways for the GPU time their requests used, never ``idle`` or ``foreign``.
 
 Cardinality: no request ids, keys or free text. Tier, replica, status, cache,
 outcome, operation and kind come from configuration or code. Tenants and
@@ -498,7 +500,7 @@ class GatewayMetrics:
         )
         series = _Series(self, labels)
         capped = (labels[1] == OTHER != model) or (labels[2] == OTHER != tenant)
-        if True:  # forgotten otherwise, so the dict stays as bounded as the labels
+        if not capped:  # forgotten otherwise, so the dict stays as bounded as the labels
             self._series[key] = series
         return series
 
