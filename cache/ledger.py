@@ -43,7 +43,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -172,25 +172,14 @@ class _Entry:
         )
 
     def stream_fields(self) -> list[str | int]:
-        fields: dict[str, str | int] = {
-            "at": f"{self.at:.6f}",
-            "request_id": self.request_id,
-            "tenant": self.tenant,
-            "tier": self.tier,
-            "model": self.model,
-            "operation": self.operation,
-            "cache": self.cache,
-            "status": self.status,
-            "replica": self.replica,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-            "gpu_us": self.gpu_us,
-            "cost_nanos": self.cost_nanos,
-            "cost_loaded_nanos": self.cost_loaded_nanos,
-            "saved_nanos": "" if self.saved_nanos is None else self.saved_nanos,
-        }
-        return [item for pair in fields.items() for item in pair]
+        """Every field, flattened name, value, name, value... for XADD."""
+        out: list[str | int] = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "at":
+                value = f"{value:.6f}"
+            out += [item.name, "" if value is None else value]
+        return out
 
 
 class _TagWrite:
@@ -253,18 +242,17 @@ class UsageRow:
 
     @classmethod
     def from_sums(cls, key: str, sums: Sequence[int]) -> UsageRow:
+        """From the integer sums in ``METRICS`` order (dollars in nano-dollars)."""
         requests, prompt, completion, cached, gpu_us, cost, loaded, saved = sums
+        usd = from_nanos
         return cls(
-            key,
-            requests,
-            prompt,
-            completion,
-            cached,
-            gpu_us,
-            from_nanos(cost),
-            from_nanos(loaded),
-            from_nanos(saved),
+            key, requests, prompt, completion, cached, gpu_us, usd(cost), usd(loaded), usd(saved)
         )
+
+    def sums(self) -> tuple[int, ...]:
+        money = (self.cost_usd, self.cost_loaded_usd, self.saved_usd)
+        counts = (self.requests, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return (*counts, self.gpu_us, *(to_nanos(amount) for amount in money))
 
 
 class LedgerUnavailable(Exception):
@@ -465,10 +453,10 @@ class UsageLedger:
                 field = f"{dims}{SEP}{metric}"
                 sums[field] = sums.get(field, 0) + amount
             for window in (f"day:{hour[:8]}", f"month:{hour[:6]}"):
-                totals = spend.setdefault((entry.tenant, window), [0, 0, 0])
-                totals[0] += 1
-                totals[1] += entry.cost_nanos
-                totals[2] += entry.cost_loaded_nanos
+                counts = spend.setdefault((entry.tenant, window), [0, 0, 0])
+                counts[0] += 1
+                counts[1] += entry.cost_nanos
+                counts[2] += entry.cost_loaded_nanos
             stream.xadd(self.stream_key(), self.stream_maxlen, entry.stream_fields())
         for (hour, tenant), sums in usage.items():
             write = tag_write(self.hour_tag(hour))
@@ -476,10 +464,10 @@ class UsageLedger:
             key = self.tenant_hash(hour, tenant)
             for field, amount in sums.items():
                 write.hincrby(key, ttl, field, amount)
-        for (tenant, window), totals in spend.items():
+        for (tenant, window), counts in spend.items():
             tag = self.spend_tag(tenant)
             write = tag_write(tag)
-            for metric, amount in zip(SPEND_METRICS, totals, strict=True):
+            for metric, amount in zip(SPEND_METRICS, counts, strict=True):
                 write.hincrby(f"{tag}:{window}", ttl, metric, amount)
         return list(by_tag.values())
 
@@ -536,8 +524,8 @@ class UsageLedger:
             lambda pipe: [pipe.hgetall(self.tenant_hash(h, t)) for h, t in pairs],
         )
         groups: dict[str, list[int]] = {}
-        for (hour, name), fields in zip(pairs, hashes, strict=True):
-            for raw, value in fields.items():
+        for (hour, name), found in zip(pairs, hashes, strict=True):
+            for raw, value in found.items():
                 tier, model, cache, metric = raw.decode().split(SEP)
                 key = _group_key(group_by, hour, name, tier, model, cache)
                 sums = groups.setdefault(key, [0] * len(METRICS))
@@ -565,32 +553,14 @@ class UsageLedger:
 
 
 def _group_key(group_by: GroupBy, hour: str, tenant: str, tier: str, model: str, cache: str) -> str:
-    if group_by == "tenant":
-        return tenant
-    if group_by == "tier":
-        return tier
-    if group_by == "model":
-        return model
-    if group_by == "cache":
-        return cache
-    return f"{hour[:4]}-{hour[4:6]}-{hour[6:8]}"
+    if group_by == "day":
+        return f"{hour[:4]}-{hour[4:6]}-{hour[6:8]}"
+    return {"tenant": tenant, "tier": tier, "model": model, "cache": cache}[group_by]
 
 
 def totals(rows: Iterable[UsageRow], key: str = "total") -> UsageRow:
-    """The sum of rows: the usage API's ``total`` and the CLI table's last line."""
+    """The exact sum of rows: the usage API's ``total`` and the CLI table's last line."""
     sums = [0] * len(METRICS)
     for row in rows:
-        for index, amount in enumerate(
-            (
-                row.requests,
-                row.prompt_tokens,
-                row.completion_tokens,
-                row.cached_tokens,
-                row.gpu_us,
-                to_nanos(row.cost_usd),
-                to_nanos(row.cost_loaded_usd),
-                to_nanos(row.saved_usd),
-            )
-        ):
-            sums[index] += amount
+        sums = [a + b for a, b in zip(sums, row.sums(), strict=True)]
     return UsageRow.from_sums(key, sums)

@@ -26,7 +26,7 @@ from gateway.services import Services
 def create_app(settings: Settings) -> ASGIApp:
     """The gateway as an ASGI app: request ids, the completion hot path, then FastAPI."""
     api = create_api(Services.build(settings))
-    return RequestIdMiddleware(HotPath(api, api.state.services.pipeline))
+    return RequestIdMiddleware(HotPath(api, api.state.services))
 
 
 def create_api(services: Services) -> FastAPI:

@@ -1,8 +1,10 @@
-"""Active health checks: poll every replica's ``/health`` and keep its state current.
+"""Active health checks: poll every replica's ``/health`` and ``/metrics``; keep its state current.
 
 A replica becomes unhealthy after ``unhealthy_after`` failed checks in a row
 (or at once when the upstream client cannot connect to it) and healthy again
 on its first passing check. ``/ready`` and replica choice read that state.
+Each round also reads vLLM's running/waiting counts and KV-cache use from
+``/metrics`` (``gateway.scrape``); a replica without vLLM metrics is fine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import aiohttp
 
 from gateway.config import HealthConfig
 from gateway.pool import Pools, ReplicaState
+from gateway.scrape import parse_vllm_load
 from gateway.upstream import describe_error
 
 log = logging.getLogger("tollway.health")
@@ -41,9 +44,24 @@ class HealthChecker:
         else:
             threshold = unhealthy_after or self.config.unhealthy_after
             replica.record_failure(reason, unhealthy_after=threshold)
+        if ok:
+            await self.scrape(replica)
         if replica.healthy != was_healthy:
             state = "healthy again" if replica.healthy else f"unhealthy ({reason})"
             log.warning("replica %s is %s", replica.url, state)
+
+    async def scrape(self, replica: ReplicaState) -> None:
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                async with self.session.get(replica.url + "/metrics") as response:
+                    if response.status != 200:
+                        return
+                    text = await response.text()
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
+            return  # load figures are a refinement; their absence is not a failure
+        load = parse_vllm_load(text)
+        if load is not None:
+            replica.observe_vllm(load)
 
     async def check_all(self, *, unhealthy_after: int | None = None) -> None:
         """One round; at start-up ``unhealthy_after=1`` so a dead replica is out at once."""

@@ -11,14 +11,15 @@ Errors still go through ``gateway.errors.error_response``, the one mapping.
 from __future__ import annotations
 
 import logging
+import time
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import ClientDisconnected, error_response
-from gateway.pipeline import Pipeline
+from gateway.errors import ClientDisconnected, NoHealthyUpstream, UpstreamError, error_response
 from gateway.request_id import request_id_of
 from gateway.schemas import Endpoint
+from gateway.services import Services
 
 log = logging.getLogger("tollway.hotpath")
 
@@ -29,15 +30,17 @@ HOT_ROUTES = {
 
 
 class HotPath:
-    def __init__(self, fallback: ASGIApp, pipeline: Pipeline):
+    def __init__(self, fallback: ASGIApp, services: Services):
         self.fallback = fallback
-        self.pipeline = pipeline
+        self.services = services
+        self.pipeline = services.pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is None or scope["method"] != "POST":
             await self.fallback(scope, receive, send)
             return
+        started = time.monotonic()
         try:
             response = await self.pipeline.handle(Request(scope, receive), endpoint)
         except ClientDisconnected:
@@ -45,4 +48,8 @@ class HotPath:
             return
         except Exception as exc:  # noqa: BLE001 - the one place errors become responses
             response = error_response(exc, request_id_of(scope))
+            if not isinstance(exc, UpstreamError | NoHealthyUpstream):  # those are metered
+                request_id = request_id_of(scope) or ""
+                duration = time.monotonic() - started
+                self.services.count_refused(response.status_code, request_id, duration)
         await response(scope, receive, send)

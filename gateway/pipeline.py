@@ -138,6 +138,7 @@ class Pipeline:
         self, ctx: RequestContext, reply: UpstreamReply, shaper: StreamShaper
     ) -> StreamEnd:
         def on_end(failure: str | None) -> dict[str, Any]:
+            ctx.first_token_at = shaper.first_token_at
             report = self.meter.finish(
                 ctx,
                 replica=reply.replica,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from gateway.config import Replica, Settings, Tier
+from gateway.scrape import VllmLoad
 from metering.replica import ReplicaMeter
 
 _attempt_ids = itertools.count()
@@ -32,6 +33,11 @@ class ReplicaState:
     healthy: bool = True
     consecutive_failures: int = 0
     last_error: str | None = None
+    vllm: VllmLoad | None = None  # the replica's own view, scraped from /metrics
+
+    def observe_vllm(self, load: VllmLoad) -> None:
+        self.vllm = load
+        self.meter.ledger.observe_running(load.running, time.monotonic())
 
     def occupy(self) -> int:
         """A request (attempt) starts here: count it and start its GPU-time share."""

@@ -76,6 +76,13 @@ def _occupancy(snap: OccupancySnapshot) -> dict[str, float]:
     }
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition. Async on purpose: it reads the occupancy ledgers on the loop."""
+    body, content_type = _services(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
 @router.get("/health")
 async def health() -> Response:
     """Liveness: the process answers. Says nothing about upstreams (see /ready)."""
@@ -97,6 +104,13 @@ async def ready(request: Request) -> Response:
                     "in_flight": r.in_flight,
                     "error": r.last_error,
                     "occupancy": _occupancy(r.meter.snapshot(now)),
+                    "vllm": None
+                    if r.vllm is None
+                    else {
+                        "running": r.vllm.running,
+                        "waiting": r.vllm.waiting,
+                        "kv_cache_usage": r.vllm.kv_cache_usage,
+                    },
                 }
                 for r in pool.replicas
             ],

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.health import HealthChecker
-from gateway.meter import Meter
+from gateway.meter import Meter, ReportSink, RequestContext
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
 from gateway.upstream import UpstreamClient
+from metering.prometheus import GatewayMetrics, ReplicaGpu
+from metering.report import RequestReport
 from router.table import RouteTable
 
 
@@ -23,6 +25,7 @@ class Services:
     pools: Pools
     upstream: UpstreamClient
     pipeline: Pipeline
+    metrics: GatewayMetrics
     health: HealthChecker | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -35,8 +38,10 @@ class Services:
             settings.routing.default_tier,
         )
         pools = Pools(settings)
-        upstream = UpstreamClient(settings.upstream, settings.health)
-        meter = Meter(settings)
+        metrics = GatewayMetrics()
+        metrics.register_replica_source(lambda: replica_gpu(pools))
+        upstream = UpstreamClient(settings.upstream, settings.health, metrics.observe_attempt)
+        meter = Meter(settings, [prometheus_sink(metrics)])
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
@@ -45,7 +50,12 @@ class Services:
             meter=meter,
             max_body_bytes=settings.limits.max_body_bytes,
         )
-        return cls(settings, auth, routes, pools, upstream, pipeline)
+        return cls(settings, auth, routes, pools, upstream, pipeline, metrics)
+
+    def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
+        """A request answered with an error before it reached any replica (401, 400, 404...)."""
+        report = RequestReport(request_id, "none", "none", "none", "none", status=status)
+        self.metrics.observe_request(report, duration_s=duration_s, ttft_s=None)
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -57,3 +67,31 @@ class Services:
         if self.health is not None:
             await self.health.stop()
         await self.upstream.close()
+
+
+def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
+    def sink(report: RequestReport, ctx: RequestContext) -> None:
+        now = time.monotonic()
+        ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
+        metrics.observe_request(report, duration_s=now - ctx.started, ttft_s=ttft)
+
+    return sink
+
+
+def replica_gpu(pools: Pools) -> list[ReplicaGpu]:
+    """Each replica's GPU time for /metrics; a process serving several tiers is one replica."""
+    now = time.monotonic()
+    tiers: dict[str, list[str]] = {}
+    for pool in pools:
+        for replica in pool.replicas:
+            tiers.setdefault(replica.url, []).append(pool.name)
+    return [
+        ReplicaGpu.from_occupancy(
+            url,
+            "+".join(tiers[url]),
+            replica.meter.snapshot(now),
+            healthy=replica.healthy,
+            slots=replica.config.max_num_seqs,
+        )
+        for url, replica in pools.by_url.items()
+    ]

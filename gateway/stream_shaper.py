@@ -19,6 +19,7 @@ upstream's own bytes.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -49,6 +50,7 @@ class StreamShaper:
         self.usage = StreamUsage()
         self.finish_reasons: list[str] = []
         self.response_id: str | None = None
+        self.first_token_at: float | None = None
         self._held: dict[str, Any] | None = None
         self._usage_chunk: dict[str, Any] | None = None
 
@@ -72,6 +74,8 @@ class StreamShaper:
                 self._usage_chunk = chunk
                 return []
             return [_event(chunk) if changed else event]
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if not self.continuous_usage and "usage" in chunk:
             del chunk["usage"]
             changed = True

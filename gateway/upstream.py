@@ -24,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -88,9 +88,15 @@ class UpstreamReply:
 
 
 class UpstreamClient:
-    def __init__(self, config: UpstreamConfig, health: HealthConfig):
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        health: HealthConfig,
+        on_attempt: Callable[[str, str, str], None] = lambda tier, replica, outcome: None,
+    ):
         self.config = config
         self.health = health
+        self.on_attempt = on_attempt  # (tier, replica url, outcome): for metrics
         self._session: aiohttp.ClientSession | None = None
         # First attempts (nearly all requests) share prebuilt timeouts.
         self._first_timeouts = {
@@ -177,6 +183,8 @@ class UpstreamClient:
                 if not isinstance(exc, Exception):
                     raise  # cancelled: the client left
                 error = exc
+            if error is not None:
+                self.on_attempt(pool.name, replica.url, _outcome(error))
             if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
                 failure = f"cannot connect to {replica.url}: {describe_error(error)}"
                 replica.record_failure(failure, unhealthy_after=1)
@@ -197,6 +205,11 @@ class UpstreamClient:
             if error is not None:
                 raise error
             reply = UpstreamReply(replica, response, bill, occupancy)
+            self.on_attempt(
+                pool.name,
+                replica.url,
+                "ok" if response.status < 500 else f"status_{response.status}",
+            )
             if response.status in RETRYABLE_STATUS and attempt < config.max_attempts:
                 failure = f"{replica.url} answered {response.status}"
                 reply.release()
@@ -209,6 +222,16 @@ class UpstreamClient:
         raise UpstreamError(
             f"The upstream for tier '{pool.name}' failed after {len(tried)} attempt(s): {failure}."
         )
+
+
+def _outcome(error: Exception) -> str:
+    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect_error"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, aiohttp.ClientError):
+        return "dropped"
+    return "error"
 
 
 def describe_error(exc: BaseException) -> str:

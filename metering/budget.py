@@ -126,8 +126,7 @@ class Budget:
         if exceeded:
             # Both spent: the request can resume only when the later window resets.
             return max(exceeded, key=lambda s: s.resets_at)
-        tightest = min(candidates, key=lambda s: s.remaining_usd)
-        return tightest
+        return min(candidates, key=lambda s: s.remaining_usd)
 
 
 def _status(name: BudgetName, limit: Decimal, spent: Decimal, resets_at: datetime) -> BudgetStatus:

@@ -17,13 +17,21 @@ finish minus the clock at its start. Every event is O(1), whatever the batch.
 
 Several gateways on one replica. Each gateway sees only its own requests. If
 vLLM's ``vllm:num_requests_running`` (scraped, see ``observe_running``) is
-larger than the local in-flight count, the divisor is vLLM's count and the
-surplus shares are booked as ``foreign`` (GPU time used by other gateways'
-requests). This keeps each gateway from charging its requests for the whole
-GPU when they shared it. It is only as fresh as the last scrape (about a
-second), vLLM's count includes requests that other gateways have not yet
-seen finish, and the gateways do not coordinate, so across gateways the sums
-are approximate; within one gateway the identity above holds exactly.
+larger than the local in-flight count, the excess is taken to be other
+gateways' requests: from that scrape on, the divisor is the live local count
+plus that excess (at the moment of the scrape, exactly vLLM's count), and the
+excess shares are booked as ``foreign``. Holding the excess rather than the
+raw count means a stale reading cannot turn this gateway's own finished
+requests into phantom foreign load. What this guarantees: no gateway charges
+its requests for GPU time that vLLM says others were using. What it does not:
+the excess is only as fresh as the last scrape (about a second), vLLM's count
+is sampled, not integrated, and gateways do not coordinate, so the per-request
+figures of several gateways add up to the replica's busy time only
+approximately; within one gateway the identity above holds exactly.
+
+Until admission control keeps a replica's in-flight count within its
+``max_num_seqs``, requests waiting inside vLLM's queue are counted as in
+flight and share the GPU time with the running ones.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ class OccupancyLedger:
         self._last = now
         self._share = 0.0
         self._active: dict[Hashable, float] = {}
-        self._remote_running = 0
+        self._foreign_running = 0
         self.attributed_gpu_s = 0.0
         self.foreign_gpu_s = 0.0
         self.idle_gpu_s = 0.0
@@ -84,7 +92,7 @@ class OccupancyLedger:
             return
         self._last = now
         local = len(self._active)
-        divisor = max(local, self._remote_running)
+        divisor = local + self._foreign_running
         if divisor == 0:
             self.idle_gpu_s += dt * self.gpus
             return
@@ -114,7 +122,7 @@ class OccupancyLedger:
     def observe_running(self, running: int, now: float) -> None:
         """vLLM's own count of running requests, from its /metrics (other gateways' too)."""
         self._advance(now)
-        self._remote_running = max(0, running)
+        self._foreign_running = max(0, running - len(self._active))
 
     def snapshot(self, now: float) -> OccupancySnapshot:
         self._advance(now)

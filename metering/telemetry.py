@@ -214,6 +214,7 @@ class RequestSpan:
         "_done",
         "_first_chunk",
         "_operation",
+        "_recording",
         "_span",
         "_started",
         "_t",
@@ -223,6 +224,7 @@ class RequestSpan:
     def __init__(self, telemetry: Telemetry, span: Span | None, operation: str):
         self._t = telemetry
         self._span = span
+        self._recording = span is not None and span.is_recording()
         self._operation = operation
         self._started = telemetry._clock() if span is not None else 0.0
         self._context = trace.set_span_in_context(span) if span is not None else None
@@ -243,6 +245,11 @@ class RequestSpan:
         """The HTTP call to vLLM, one per attempt (0 = first try); ``url`` has no credentials."""
         if self._span is None:
             return _INERT_STEP
+        if (
+            not self._recording
+        ):  # sampled out: no span, but vLLM still learns the trace is unsampled
+            self._up = Step(trace.NonRecordingSpan(self._span.get_span_context()), self._t._failed)
+            return self._up
         try:
             parts = urlsplit(url)
             attributes: dict[str, Any] = {
@@ -261,7 +268,7 @@ class RequestSpan:
 
     def _open(self, name: str, kind: SpanKind, attributes: dict[str, Any] | None) -> Step:
         tracer = self._t._tracer
-        if self._span is None or tracer is None:
+        if not self._recording or tracer is None:
             return _INERT_STEP
         try:
             return Step(tracer.start_span(name, self._context, kind, attributes), self._t._failed)
@@ -463,10 +470,10 @@ class Telemetry:
                 "gen_ai.provider.name": PROVIDER,
                 "gen_ai.request.model": request_model,
             }
-            if request_params:
-                attributes.update(request_attributes(request_params))
             name = f"{operation} {request_model}"
             span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attributes)
+            if request_params and span.is_recording():  # the sampler needs only the above
+                span.set_attributes(request_attributes(request_params))
             return RequestSpan(self, span, operation)
         except Exception as exc:  # noqa: BLE001 - telemetry never fails a request
             self._failed("start", exc)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -31,13 +32,12 @@ async def make_client() -> AsyncIterator[MakeClient]:
         await client.close()
 
 
-async def _set_get(redis: Redis) -> bytes | None:
+async def _set_get(redis: Redis) -> Any:
     await redis.set("k", "v")
-    value: bytes | None = await redis.get("k")
-    return value
+    return await redis.get("k")
 
 
-async def _block(redis: Redis) -> object:
+async def _block(redis: Redis) -> Any:
     # Blocks this connection only, for a second: a slow Redis.
     return await redis.blpop(["never-pushed"], timeout=1)
 
@@ -61,7 +61,7 @@ async def test_command_error_gives_default_but_keeps_the_circuit_closed(
     failed: list[str] = []
     client = await make_client(redis_url, on_failure=failed.append)
 
-    async def wrong_type(redis: Redis) -> object:
+    async def wrong_type(redis: Redis) -> Any:
         await redis.set("s", "string")
         return await redis.hincrby("s", "f", 1)
 

@@ -216,6 +216,9 @@ def test_health_and_ready(stack: Stack) -> None:
     body = ready(stack.gateway).json()
     assert body["status"] == "ready"
     assert {t: v["healthy_replicas"] for t, v in body["tiers"].items()} == {"small": 1, "large": 2}
+    # vLLM's own load, scraped from each replica's /metrics
+    small = body["tiers"]["small"]["replicas"][0]
+    assert small["vllm"] == {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
 
 
 def test_unhealthy_flag_on_replica_takes_it_out(stack: Stack) -> None:

@@ -85,6 +85,17 @@ def test_vllm_running_count_from_other_gateways_is_booked_as_foreign() -> None:
     assert snap.idle_gpu_s == 0
 
 
+def test_a_stale_count_does_not_outlive_this_gateways_requests() -> None:
+    ledger = OccupancyLedger(gpus=1, now=0.0)
+    for key in "ab":
+        ledger.start(key, 0.0)
+    ledger.observe_running(2, 0.0)  # vLLM sees exactly our two: no foreign load
+    ledger.finish("a", 1.0)
+    ledger.finish("b", 1.0)
+    snap = ledger.snapshot(3.0)  # the scrape still says 2, but nothing of ours or theirs runs
+    assert (snap.foreign_gpu_s, snap.idle_gpu_s) == (0.0, pytest.approx(2.0))
+
+
 def test_vllm_count_lower_than_local_does_not_shrink_the_divisor() -> None:
     ledger = OccupancyLedger(gpus=1, now=0.0)
     for key in "abc":

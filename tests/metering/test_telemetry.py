@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -61,7 +62,7 @@ def make_spans(record_content: bool = False, failures: list[str] | None = None) 
     exporter = InMemorySpanExporter()
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    clock = iter([100.0, 100.25]).__next__  # request start, first chunk
+    clock = itertools.count(100.0, 0.25).__next__  # request start, first chunk...
     hook = failures.append if failures is not None else None
     return Spans(
         Telemetry(provider, record_content=record_content, on_failure=hook, clock=clock), exporter
@@ -232,6 +233,15 @@ def test_incoming_traceparent_becomes_the_parent(spans: Spans) -> None:
     assert (root.parent.trace_id, root.parent.span_id) == (CLIENT_TRACE, CLIENT_SPAN)
     assert {span.context.trace_id for span in by_name.values()} == {CLIENT_TRACE}
     assert sent["traceparent"].startswith(f"00-{CLIENT_TRACE:032x}-")
+
+
+def test_an_unsampled_client_trace_records_nothing_but_propagates(spans: Spans) -> None:
+    incoming = {"traceparent": f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-00"}
+    sent = run_lifecycle(spans.telemetry, make_report(), headers=incoming)
+
+    assert spans.exporter.get_finished_spans() == ()
+    version, trace_id, _, flags = sent["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", f"{CLIENT_TRACE:032x}", "00")
 
 
 def test_headers_without_a_valid_traceparent_start_a_new_trace(spans: Spans) -> None:
@@ -486,7 +496,7 @@ def test_telemetry_failures_are_counted_never_raised() -> None:
     assert (second.attributes or {})["gen_ai.usage.input_tokens"] == 120
 
 
-def test_a_failing_hook_is_contained(spans: Spans) -> None:
+def test_a_failing_hook_is_contained() -> None:
     def hook(where: str) -> None:
         raise RuntimeError(where)
 

@@ -1,0 +1,73 @@
+"""The gateway's /metrics after real traffic: requests, cost, attempts and replica GPU time."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx2 as httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Stack, set_faults
+
+
+def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(stack.gateway.url + "/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return sum(
+        v for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+    )  # fmt: skip
+
+
+def test_metrics_follow_requests(stack: Stack) -> None:
+    before = scrape(stack)
+    client = stack.client()
+    costs = Decimal(0)
+    for i in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model="sim-small", messages=[{"role": "user", "content": f"m{i}"}], max_tokens=6
+        )
+        costs += Decimal(raw.headers["x-tollway-cost-usd"])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    after = scrape(stack)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ok = {"tier": "small", "tenant": "acme", "status": "200", "cache": "miss"}
+    assert delta("tollway_requests_total", **ok) == 3
+    assert delta("tollway_requests_total", tier="none", status="404") == 1
+    assert delta("tollway_cost_marginal_usd_total", tier="small", tenant="acme") == pytest.approx(
+        float(costs), abs=1e-9
+    )
+    assert delta("tollway_upstream_attempts_total", tier="small", outcome="ok") == 3
+    assert delta("tollway_tokens_total", tier="small", kind="completion") > 0
+    busy = value(after, "tollway_replica_gpu_seconds_total", replica=stack.small.url, state="busy")
+    assert busy > 0
+
+
+def test_retries_show_as_attempts(stack: Stack) -> None:
+    set_faults(stack.large[0], error_rate=1.0, error_status=503)
+    before = scrape(stack)
+    stack.client().completions.create(model="sim-large", prompt="x", max_tokens=2)
+    after = scrape(stack)
+    attempts = value(after, "tollway_upstream_attempts_total", tier="large") - value(
+        before, "tollway_upstream_attempts_total", tier="large"
+    )
+    requests = value(after, "tollway_upstream_requests_total", tier="large") - value(
+        before, "tollway_upstream_requests_total", tier="large"
+    )
+    assert (attempts, requests) == (2, 1)  # retry inflation 2.0 for this one request
+    assert value(after, "tollway_upstream_attempts_total", outcome="status_503") >= 1
