@@ -75,8 +75,9 @@ MARKER_TTL_S = 86_400
 
 # Applies one batch's writes for one hash tag, unless this writer's batch
 # number ARGV[2] was already applied there. Ops follow ARGV[3] (the marker TTL):
-# h key field n | s key member | e key ttl | x key maxlen count field value...
-# where key is an index into KEYS.
+# h key field n | s key member | e key ttl | x key maxlen "field\tvalue\t..."
+# where key is an index into KEYS. A stream entry travels as one tab-terminated
+# string: one argument instead of thirty-two is most of the writer's CPU.
 _APPLY = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end
@@ -95,9 +96,10 @@ while i <= n do
     redis.call('EXPIRE', key, ARGV[i + 2])
     i = i + 3
   elseif op == 'x' then
-    local count = tonumber(ARGV[i + 3])
-    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(ARGV, i + 4, i + 3 + count))
-    i = i + 4 + count
+    local fields = {}
+    for item in string.gmatch(ARGV[i + 3], '([^\t]*)\t') do fields[#fields + 1] = item end
+    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(fields))
+    i = i + 4
   else
     return redis.error_reply('tollway ledger: unknown op ' .. tostring(op))
   end
@@ -171,15 +173,17 @@ class _Entry:
             self.saved_nanos or 0,
         )
 
-    def stream_fields(self) -> list[str | int]:
-        """Every field, flattened name, value, name, value... for XADD."""
-        out: list[str | int] = []
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if item.name == "at":
-                value = f"{value:.6f}"
-            out += [item.name, "" if value is None else value]
-        return out
+    def stream_line(self) -> str:
+        """Every field as ``name\tvalue\t``, for the Lua call to split into an XADD."""
+        values = [getattr(self, name) for name in _ENTRY_FIELDS]
+        values[0] = f"{self.at:.6f}"
+        return "".join(
+            f"{name}\t{'' if value is None else str(value).replace(SEP, ' ')}\t"
+            for name, value in zip(_ENTRY_FIELDS, values, strict=True)
+        )
+
+
+_ENTRY_FIELDS = tuple(item.name for item in fields(_Entry))
 
 
 class _TagWrite:
@@ -208,8 +212,8 @@ class _TagWrite:
     def sadd(self, key: str, ttl: int, member: str) -> None:
         self.ops += ["s", self.key(key, ttl), member]
 
-    def xadd(self, key: str, maxlen: int, fields: Sequence[str | int]) -> None:
-        self.ops += ["x", self.key(key, None), maxlen, len(fields), *fields]
+    def xadd(self, key: str, maxlen: int, line: str) -> None:
+        self.ops += ["x", self.key(key, None), maxlen, line]
 
     def args(self, writer: str, seq: int) -> list[str | int]:
         expiries: list[str | int] = []
@@ -281,6 +285,13 @@ def _int(value: Any) -> int:
 
 
 class UsageLedger:
+    """Records reports (``record``) and answers usage and spend queries.
+
+    Owned by the app's lifespan: ``start()`` after the ``RedisClient`` starts,
+    ``stop()`` (which writes what is queued) before it closes. ``lost`` and
+    ``written`` count requests; ``on_lost(n)`` feeds the lost-writes metric.
+    """
+
     def __init__(
         self,
         redis: RedisClient,
@@ -310,7 +321,7 @@ class UsageLedger:
         self.writer_id = uuid.uuid4().hex[:16]
         self.lost = 0
         self.written = 0
-        self._queue: deque[_Entry] = deque()
+        self._queue: deque[tuple[RequestReport, float]] = deque()
         self._wake = asyncio.Event()
         self._seq = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -339,17 +350,14 @@ class UsageLedger:
         return len(self._queue)
 
     def record(self, report: RequestReport, at: float) -> None:
-        """Queue one request's figures (``at``: Unix time). Never blocks, never raises."""
+        """Queue one finished request (``at``: Unix time). Never blocks, never raises.
+
+        The report is read later, by the writer: it must not change after this.
+        """
         if self._closed or len(self._queue) >= self.max_queue:
             self._lose(1)
             return
-        try:
-            entry = _Entry.of(report, at)
-        except (ArithmeticError, ValueError, TypeError):
-            log.exception("cannot record request %s in the ledger", report.request_id)
-            self._lose(1)
-            return
-        self._queue.append(entry)
+        self._queue.append((report, at))
         self._wake.set()
 
     def _lose(self, count: int) -> None:
@@ -394,7 +402,8 @@ class UsageLedger:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+            taken = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+            batch = self._entries(taken)
             self._busy = True
             try:
                 await self._write_batch(batch)
@@ -408,7 +417,20 @@ class UsageLedger:
             finally:
                 self._busy = False
 
+    def _entries(self, taken: list[tuple[RequestReport, float]]) -> list[_Entry]:
+        entries = []
+        for report, at in taken:
+            try:
+                entries.append(_Entry.of(report, at))
+            except (ArithmeticError, ValueError, TypeError):
+                log.exception("cannot record request %s in the ledger", report.request_id)
+                self._lose(1)
+        return entries
+
     async def _write_batch(self, batch: list[_Entry]) -> None:
+        """Write, retry once after the client's backoff, else count the batch lost."""
+        if not batch:
+            return
         writes = self._build(batch)
         seq = next(self._seq)
         for attempt in range(2):
@@ -457,7 +479,7 @@ class UsageLedger:
                 counts[0] += 1
                 counts[1] += entry.cost_nanos
                 counts[2] += entry.cost_loaded_nanos
-            stream.xadd(self.stream_key(), self.stream_maxlen, entry.stream_fields())
+            stream.xadd(self.stream_key(), self.stream_maxlen, entry.stream_line())
         for (hour, tenant), sums in usage.items():
             write = tag_write(self.hour_tag(hour))
             write.sadd(f"{self.hour_tag(hour)}:tenants", ttl, tenant)

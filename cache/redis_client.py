@@ -16,7 +16,8 @@ must never make it fail. Every use goes through ``RedisClient.call``:
   reconnects on the next call.
 
 A command error (``ResponseError``, e.g. a wrong type) is counted and logged
-like any failure but does not open the circuit: the server is up.
+like any failure but does not open the circuit: the server is up. Any other
+exception raised by ``fn`` is a bug and propagates.
 
 Keys: callers build them so that Redis Cluster can work later; keys that one
 call touches together share a ``{hash tag}``.

@@ -93,6 +93,12 @@ class MeteringConfig(Strict):
     idle_window_s: PositiveFloat = 300.0
 
 
+class TelemetryConfig(Strict):
+    """Spans go wherever the standard OTEL_* variables say (OTLP); off when they say nothing."""
+
+    record_content: bool = False  # prompt and completion text on spans: opt-in only
+
+
 class Settings(Strict):
     listen: ListenConfig = ListenConfig()
     redis: RedisConfig = RedisConfig()
@@ -103,6 +109,7 @@ class Settings(Strict):
     health: HealthConfig = HealthConfig()
     limits: LimitsConfig = LimitsConfig()
     metering: MeteringConfig = MeteringConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -21,6 +21,7 @@ from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
 from metering.pricing import TokenPrices, price_request
 from metering.report import RequestReport
+from metering.telemetry import Content, RequestSpan
 from metering.usage import TokenUsage
 from router.table import Decision
 
@@ -36,6 +37,8 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     bill: GpuBill = field(default_factory=GpuBill)
     first_token_at: float | None = None
+    span: RequestSpan | None = None
+    content: Content | None = None  # only when spans record content (opt-in)
 
 
 ReportSink = Callable[[RequestReport, RequestContext], None]

@@ -34,6 +34,7 @@ from gateway.schemas import Endpoint, validate
 from gateway.stream_shaper import StreamShaper, upstream_stream_options
 from gateway.streaming import EventStreamResponse, StreamEnd, relay_events
 from gateway.upstream import UpstreamClient, UpstreamReply
+from metering.telemetry import Content, Telemetry
 from metering.usage import TokenUsage
 from router.table import Decision, RouteTable, UnknownModel
 
@@ -51,8 +52,10 @@ class Pipeline:
         pools: Pools,
         upstream: UpstreamClient,
         meter: Meter,
+        telemetry: Telemetry,
         max_body_bytes: int,
     ):
+        self.telemetry = telemetry
         self.auth = auth
         self.routes = routes
         self.pools = pools
@@ -65,13 +68,27 @@ class Pipeline:
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(endpoint, body)
-        decision = self._route(parsed.model)
-        ctx = RequestContext(
-            request_id_of(request.scope) or "", principal.tenant, endpoint, decision
+        span = self.telemetry.start_request(
+            operation=endpoint.operation,
+            request_model=parsed.model,
+            request_params=body,
+            parent_headers=request.headers,
         )
+        try:
+            with span.child("tollway.route"):
+                decision = self._route(parsed.model)
+        except GatewayError as exc:
+            span.fail(exc.code or type(exc).__name__)
+            raise
+        span.set_route(decision.tier, None, decision.reason)
+        request_id = request_id_of(request.scope) or ""
+        ctx = RequestContext(request_id, principal.tenant, endpoint, decision, span=span)
+        if span.wants_content:
+            ctx.content = Content(input=body.get("messages", body.get("prompt")))
         shaper: StreamShaper | None = None
         if parsed.stream:
-            shaper = StreamShaper(body.get("stream_options"), decision.model)
+            options = body.get("stream_options")
+            shaper = StreamShaper(options, decision.model, span.mark_first_chunk)
             body["stream_options"] = upstream_stream_options(body.get("stream_options"))
         if decision.model != parsed.model or shaper is not None:
             body["model"] = decision.model
@@ -92,6 +109,7 @@ class Pipeline:
                 {"content-type": JSON, "x-request-id": ctx.request_id},
                 stream=shaper is not None,
                 bill=ctx.bill,
+                trace=ctx.span,
             )
             if shaper is not None and reply.status == 200:
                 return EventStreamResponse(
@@ -119,6 +137,8 @@ class Pipeline:
             response.headers.update(report.headers())
             return response
         completion = _json_object(data)
+        if ctx.content is not None:
+            ctx.content = Content(ctx.content.input, completion.get("choices") or ())
         if completion.get("model") != ctx.decision.model:
             # vLLM names its first --served-model-name whatever alias was asked for.
             completion["model"] = ctx.decision.model

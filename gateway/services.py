@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from gateway.auth import Authenticator
 from gateway.config import Settings
@@ -14,6 +15,7 @@ from gateway.pool import Pools
 from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
+from metering.telemetry import Telemetry
 from router.table import RouteTable
 
 
@@ -26,6 +28,7 @@ class Services:
     upstream: UpstreamClient
     pipeline: Pipeline
     metrics: GatewayMetrics
+    telemetry: Telemetry
     health: HealthChecker | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -41,16 +44,21 @@ class Services:
         metrics = GatewayMetrics()
         metrics.register_replica_source(lambda: replica_gpu(pools))
         upstream = UpstreamClient(settings.upstream, settings.health, metrics.observe_attempt)
-        meter = Meter(settings, [prometheus_sink(metrics)])
+        telemetry = Telemetry.from_env(
+            record_content=settings.telemetry.record_content,
+            on_failure=metrics.telemetry_failure,
+        )
+        meter = Meter(settings, [prometheus_sink(metrics), telemetry_sink])
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
             pools=pools,
             upstream=upstream,
             meter=meter,
+            telemetry=telemetry,
             max_body_bytes=settings.limits.max_body_bytes,
         )
-        return cls(settings, auth, routes, pools, upstream, pipeline, metrics)
+        return cls(settings, auth, routes, pools, upstream, pipeline, metrics, telemetry)
 
     def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
         """A request answered with an error before it reached any replica (401, 400, 404...)."""
@@ -67,6 +75,7 @@ class Services:
         if self.health is not None:
             await self.health.stop()
         await self.upstream.close()
+        self.telemetry.shutdown()
 
 
 def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
@@ -76,6 +85,22 @@ def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
         metrics.observe_request(report, duration_s=now - ctx.started, ttft_s=ttft)
 
     return sink
+
+
+def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
+    if ctx.span is None:
+        return
+    address = port = None
+    if report.replica is not None:
+        parts = urlsplit(report.replica)
+        address, port = parts.hostname, parts.port
+    ctx.span.finish(
+        report,
+        server_address=address,
+        server_port=port,
+        response_model=report.model,
+        content=ctx.content,
+    )
 
 
 def replica_gpu(pools: Pools) -> list[ReplicaGpu]:

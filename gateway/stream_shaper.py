@@ -20,6 +20,7 @@ upstream's own bytes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -42,8 +43,11 @@ def _event(chunk: dict[str, Any]) -> bytes:
 
 
 class StreamShaper:
-    def __init__(self, client_options: Any, model: str):
+    def __init__(
+        self, client_options: Any, model: str, on_first_token: Callable[[], None] = lambda: None
+    ):
         self.model = model
+        self.on_first_token = on_first_token
         options = client_options if isinstance(client_options, dict) else {}
         self.include_usage = bool(options.get("include_usage"))
         self.continuous_usage = bool(options.get("continuous_usage_stats"))
@@ -76,6 +80,7 @@ class StreamShaper:
             return [_event(chunk) if changed else event]
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+            self.on_first_token()
         if not self.continuous_usage and "usage" in chunk:
             del chunk["usage"]
             changed = True

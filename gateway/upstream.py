@@ -32,6 +32,7 @@ import aiohttp
 from gateway.config import HealthConfig, UpstreamConfig
 from gateway.errors import NoHealthyUpstream, UpstreamError, UpstreamTimeout
 from gateway.pool import ReplicaState, TierPool
+from metering.telemetry import INERT, RequestSpan, Step
 
 log = logging.getLogger("tollway.upstream")
 
@@ -54,6 +55,7 @@ class UpstreamReply:
     response: aiohttp.ClientResponse
     bill: GpuBill
     occupancy: int
+    step: Step
     _released: bool = False
 
     @property
@@ -81,6 +83,7 @@ class UpstreamReply:
             return
         self._released = True
         self.bill.gpu_seconds += self.replica.vacate(self.occupancy)
+        self.step.end("aborted" if abort else None)
         if abort:
             self.response.close()
         else:
@@ -146,6 +149,7 @@ class UpstreamClient:
         *,
         stream: bool,
         bill: GpuBill,
+        trace: RequestSpan | None = None,
     ) -> UpstreamReply:
         """POST ``body`` to a replica of ``pool``, retrying failures before the status line.
 
@@ -172,14 +176,18 @@ class UpstreamClient:
                 self._first_timeouts[stream] if attempt == 1 else self._timeout(stream, deadline)
             )
             bill.attempts += 1
+            step = trace.upstream(replica.url + path, attempt=attempt - 1) if trace else INERT
+            sent_headers = dict(headers)
+            step.inject_headers(sent_headers)  # W3C traceparent naming this attempt's span
             occupancy = replica.occupy()
             error: Exception | None = None
             try:
                 response = await self.session.post(
-                    replica.url + path, data=body, headers=headers, timeout=timeout
+                    replica.url + path, data=body, headers=sent_headers, timeout=timeout
                 )
             except BaseException as exc:
                 bill.gpu_seconds += replica.vacate(occupancy)
+                step.end("cancelled" if not isinstance(exc, Exception) else _outcome(exc))
                 if not isinstance(exc, Exception):
                     raise  # cancelled: the client left
                 error = exc
@@ -204,7 +212,8 @@ class UpstreamClient:
                 continue
             if error is not None:
                 raise error
-            reply = UpstreamReply(replica, response, bill, occupancy)
+            step.set_status_code(response.status)
+            reply = UpstreamReply(replica, response, bill, occupancy, step)
             self.on_attempt(
                 pool.name,
                 replica.url,

@@ -114,7 +114,12 @@ class _Failures:
                 self._quiet += 1
                 return
             quiet, self._quiet, self._last_log = self._quiet, 0, now
-        log.warning("telemetry %s failed (%d more since last logged)", where, quiet, exc_info=exc)
+        log.warning(
+            "telemetry %s failed (%d more failures not logged since the last)",
+            where,
+            quiet,
+            exc_info=exc,
+        )
 
 
 class _CountingExporter(SpanExporter):
@@ -172,6 +177,17 @@ class Step:
         except Exception as failure:  # noqa: BLE001 - telemetry never fails a request
             self._failed("child", failure)
 
+    def end(self, error_type: str | None = None) -> None:
+        """End a step that outlives a ``with`` block (the upstream call of a stream)."""
+        if self._span is None:
+            return
+        if error_type is not None:
+            self.set_error(error_type)
+        try:
+            self._span.end()
+        except Exception as failure:  # noqa: BLE001 - telemetry never fails a request
+            self._failed("child", failure)
+
     def set_attribute(self, key: str, value: str | bool | int | float) -> None:
         if self._span is not None:
             try:
@@ -204,6 +220,7 @@ class Step:
 
 
 _INERT_STEP = Step()  # holds nothing, so one serves every request when tracing is off
+INERT = _INERT_STEP
 
 
 class RequestSpan:
@@ -235,7 +252,7 @@ class RequestSpan:
     @property
     def wants_content(self) -> bool:
         """Whether ``finish`` would record a ``Content``: build one only then."""
-        return self._span is not None and self._t.record_content and not self._done
+        return self._recording and self._t.record_content and not self._done
 
     def child(self, name: str) -> Step:
         """A step of the request: ``with span.child("tollway.route"): ...``."""
@@ -245,9 +262,8 @@ class RequestSpan:
         """The HTTP call to vLLM, one per attempt (0 = first try); ``url`` has no credentials."""
         if self._span is None:
             return _INERT_STEP
-        if (
-            not self._recording
-        ):  # sampled out: no span, but vLLM still learns the trace is unsampled
+        if not self._recording:
+            # Sampled out: no span, yet vLLM still learns that the trace is unsampled.
             self._up = Step(trace.NonRecordingSpan(self._span.get_span_context()), self._t._failed)
             return self._up
         try:
@@ -318,7 +334,7 @@ class RequestSpan:
             return
         self._done = True
         try:
-            if span.is_recording():
+            if self._recording:
                 attributes = report_attributes(report, response_model)
                 if server_address:
                     attributes["server.address"] = server_address
@@ -370,9 +386,12 @@ class RequestSpan:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Leaving a ``with`` block by an exception before ``finish`` fails the span."""
+        """Leaving a ``with`` block before ``finish`` ends the span, failed if by an exception."""
         if exc_type is not None:
             self.fail(exc_type.__qualname__)
+        elif self._span is not None and not self._done:
+            self._done = True
+            self._end(self._span)
 
 
 class Telemetry:

@@ -353,3 +353,14 @@ async def test_a_batch_is_retried_once_before_it_is_lost(make_ledger: MakeLedger
         assert await ledger.flush(within_s=5)
         assert ledger.lost == 0
         assert (await query(ledger, "tenant"))["acme"].requests == 1
+
+
+async def test_a_report_that_cannot_be_recorded_is_lost_not_raised(
+    make_ledger: MakeLedger, redis_url: str
+) -> None:
+    ledger = await make_ledger(redis_url)
+    ledger.record(report(gpu_seconds=float("nan")), ts(T0))
+    ledger.record(report(), ts(T0))
+    assert await ledger.flush()
+    assert (ledger.lost, ledger.written) == (1, 1)
+    assert (await query(ledger, "tenant"))["acme"].requests == 1
