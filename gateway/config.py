@@ -32,6 +32,24 @@ class ListenConfig(Strict):
 
 class RedisConfig(Strict):
     url: str = "redis://127.0.0.1:6379/0"
+    call_budget_ms: PositiveFloat = 50.0  # past this a call is abandoned and the request goes on
+
+
+class LedgerConfig(Strict):
+    retention_days: int = Field(default=400, ge=1)
+
+
+class BudgetConfig(Strict):
+    """A tenant's spend limits in USD (fully loaded cost), per UTC day and calendar month."""
+
+    daily_usd: NonNegativeFloat | None = None
+    monthly_usd: NonNegativeFloat | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.daily_usd is None and self.monthly_usd is None:
+            raise ValueError("give daily_usd, monthly_usd or both")
+        return self
 
 
 class ApiKey(Strict):
@@ -110,6 +128,8 @@ class Settings(Strict):
     limits: LimitsConfig = LimitsConfig()
     metering: MeteringConfig = MeteringConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    budgets: dict[str, BudgetConfig] = Field(default_factory=dict)  # by tenant
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -123,6 +143,10 @@ class Settings(Strict):
         default = self.routing.default_tier
         if default is not None and default not in tier_names:
             raise ValueError(f"routing.default_tier {default!r} is not a tier ({tier_names})")
+        tenants = {key.tenant for key in self.auth.keys}
+        for tenant in self.budgets:
+            if tenant not in tenants:
+                raise ValueError(f"budgets: {tenant!r} is not the tenant of any API key")
         shared: dict[str, Replica] = {}
         for tier in self.tiers:
             for replica in tier.replicas:

@@ -3,12 +3,15 @@
     GatewayError                       -> status, OpenAI ``type`` and ``code``
     ├── InvalidRequest          400    malformed JSON, schema violations
     ├── AuthenticationFailed    401    missing or unknown API key
+    ├── PermissionDenied        403    a valid key asking for what it may not see
     ├── ModelNotFound           404    model not served by any tier
     ├── RouteNotFound           404    unknown path
     ├── MethodNotAllowed        405
     ├── PayloadTooLarge         413    body over ``limits.max_body_bytes``
+    ├── BudgetExceeded          429    the tenant's daily or monthly budget is spent
     ├── ClientDisconnected      499    client left first; nothing is sent
     ├── NoHealthyUpstream       503    every replica of a tier is down
+    ├── ServiceUnavailable      503    a part the answer needs is down (the ledger)
     └── UpstreamError           502    upstream failed after retries
         └── UpstreamTimeout     504
 
@@ -58,6 +61,12 @@ class AuthenticationFailed(GatewayError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -82,6 +91,20 @@ class PayloadTooLarge(GatewayError):
     code = "payload_too_large"
 
 
+class BudgetExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int, remaining: dict[str, str]):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.remaining = remaining
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s), **self.remaining}
+
+
 class ClientDisconnected(GatewayError):
     """The client went away before its answer was ready (nginx's 499); used in logs only."""
 
@@ -97,6 +120,15 @@ class NoHealthyUpstream(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": "1"}
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "5"}
 
 
 class UpstreamError(GatewayError):

@@ -39,6 +39,7 @@ class RequestContext:
     first_token_at: float | None = None
     span: RequestSpan | None = None
     content: Content | None = None  # only when spans record content (opt-in)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (budget)
 
 
 ReportSink = Callable[[RequestReport, RequestContext], None]

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
+from gateway.budgets import BudgetGuard
 from gateway.disconnect import cancel_on_disconnect
 from gateway.errors import (
     GatewayError,
@@ -53,9 +54,11 @@ class Pipeline:
         upstream: UpstreamClient,
         meter: Meter,
         telemetry: Telemetry,
+        budgets: BudgetGuard,
         max_body_bytes: int,
     ):
         self.telemetry = telemetry
+        self.budgets = budgets
         self.auth = auth
         self.routes = routes
         self.pools = pools
@@ -65,6 +68,7 @@ class Pipeline:
 
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         principal = self.auth.authenticate(request.headers.get("authorization"))
+        budget = self.budgets.check(principal.tenant)  # 429 when spent
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(endpoint, body)
@@ -93,13 +97,15 @@ class Pipeline:
         if decision.model != parsed.model or shaper is not None:
             body["model"] = decision.model
             raw = orjson.dumps(body)
+        if budget is not None:
+            ctx.headers.update(budget.headers())
         forward = self._forward(ctx, raw, shaper)
         return await cancel_on_disconnect(forward, request.receive)
 
     async def _forward(
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None
     ) -> Response:
-        headers = _report_headers(ctx.decision)
+        headers = {**_report_headers(ctx.decision), **ctx.headers}
         reply: UpstreamReply | None = None
         try:
             reply = await self.upstream.send(
@@ -120,13 +126,14 @@ class Pipeline:
             # The request occupied replicas (failed attempts, or a client that
             # left): meter what it used, then let the error take its course.
             status = exc.status if isinstance(exc, GatewayError) else 499
-            self.meter.finish(
+            report = self.meter.finish(
                 ctx,
                 replica=reply.replica if reply else None,
                 usage=None,
                 status=status,
                 error_type=type(exc).__name__,
             )
+            self.budgets.spend(report)
             raise
         if reply.status != 200:
             response = _upstream_failure(reply, data, headers)
@@ -135,6 +142,7 @@ class Pipeline:
                 error_type=f"upstream_{reply.status}",
             )  # fmt: skip
             response.headers.update(report.headers())
+            response.headers.update(self.budgets.spend(report))
             return response
         completion = _json_object(data)
         if ctx.content is not None:
@@ -152,6 +160,7 @@ class Pipeline:
             response_id=completion.get("id"),
         )
         headers.update(report.headers())
+        headers.update(self.budgets.spend(report))
         return Response(data, headers=headers, media_type=JSON)
 
     def _stream_end(
@@ -168,7 +177,11 @@ class Pipeline:
                 response_id=shaper.response_id,
                 error_type=failure and failure.split(" (")[0],
             )
-            return report.stream_object()
+            remaining = self.budgets.spend(report)
+            figures = report.stream_object()
+            if remaining:
+                figures["budget_remaining_usd"] = next(iter(remaining.values()))
+            return figures
 
         return on_end
 

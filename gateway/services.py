@@ -6,7 +6,10 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from cache.ledger import UsageLedger
+from cache.redis_client import RedisClient
 from gateway.auth import Authenticator
+from gateway.budgets import BudgetGuard
 from gateway.config import Settings
 from gateway.health import HealthChecker
 from gateway.meter import Meter, ReportSink, RequestContext
@@ -29,6 +32,9 @@ class Services:
     pipeline: Pipeline
     metrics: GatewayMetrics
     telemetry: Telemetry
+    redis: RedisClient
+    ledger: UsageLedger
+    budgets: BudgetGuard
     health: HealthChecker | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -48,7 +54,16 @@ class Services:
             record_content=settings.telemetry.record_content,
             on_failure=metrics.telemetry_failure,
         )
-        meter = Meter(settings, [prometheus_sink(metrics), telemetry_sink])
+        redis = RedisClient(
+            settings.redis.url,
+            call_budget_s=settings.redis.call_budget_ms / 1000,
+            on_failure=metrics.redis_failure,
+        )
+        ledger = UsageLedger(
+            redis, retention_days=settings.ledger.retention_days, on_lost=metrics.ledger_write_lost
+        )
+        budgets = BudgetGuard(settings.budgets, ledger)
+        meter = Meter(settings, [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)])
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
@@ -56,9 +71,13 @@ class Services:
             upstream=upstream,
             meter=meter,
             telemetry=telemetry,
+            budgets=budgets,
             max_body_bytes=settings.limits.max_body_bytes,
         )
-        return cls(settings, auth, routes, pools, upstream, pipeline, metrics, telemetry)
+        return cls(
+            settings, auth, routes, pools, upstream, pipeline, metrics, telemetry, redis, ledger,
+            budgets,
+        )  # fmt: skip
 
     def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
         """A request answered with an error before it reached any replica (401, 400, 404...)."""
@@ -66,6 +85,8 @@ class Services:
         self.metrics.observe_request(report, duration_s=duration_s, ttft_s=None)
 
     async def start(self) -> None:
+        await self.redis.start()
+        await self.ledger.start()
         await self.upstream.start()
         self.health = HealthChecker(self.pools, self.settings.health, self.upstream.session)
         await self.health.check_all(unhealthy_after=1)
@@ -75,6 +96,9 @@ class Services:
         if self.health is not None:
             await self.health.stop()
         await self.upstream.close()
+        await self.budgets.stop()
+        await self.ledger.stop()  # writes what is queued, within its grace period
+        await self.redis.close()
         self.telemetry.shutdown()
 
 
@@ -83,6 +107,13 @@ def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
         now = time.monotonic()
         ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
         metrics.observe_request(report, duration_s=now - ctx.started, ttft_s=ttft)
+
+    return sink
+
+
+def ledger_sink(ledger: UsageLedger) -> ReportSink:
+    def sink(report: RequestReport, ctx: RequestContext) -> None:
+        ledger.record(report, time.time())
 
     return sink
 

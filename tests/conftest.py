@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.support.procs import Proc, start_gateway, start_sim
+from tests.support.redis_server import RedisServer, run_redis
 
 KEY = "sk-test-acme-0001"
 OTHER_KEY = "sk-test-globex-0002"
@@ -53,9 +54,13 @@ def reset_sim(sim: Proc) -> None:
     http_json("POST", sim.url + "/sim/reset")
 
 
-def gateway_config(small: list[str], large: list[str], **overrides: Any) -> dict[str, Any]:
+def gateway_config(
+    small: list[str], large: list[str], redis_url: str = "redis://127.0.0.1:1/0", **overrides: Any
+) -> dict[str, Any]:
+    """A two-tier config; without a real ``redis_url`` the ledger fails open (port 1 is closed)."""
     config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 8080},
+        "redis": {"url": redis_url},
         "auth": {
             "keys": [
                 {"key": KEY, "tenant": "acme"},
@@ -89,6 +94,7 @@ class Stack:
     small: Proc
     large: list[Proc]
     log_dir: Path
+    redis: RedisServer
 
     @property
     def sims(self) -> list[Proc]:
@@ -111,17 +117,24 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _session_stack(log_dir: Path) -> Iterator[Stack]:
+def stack_redis() -> Iterator[RedisServer]:
+    """The stack's own Redis (the cache tests FLUSHALL theirs)."""
+    with run_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def _session_stack(log_dir: Path, stack_redis: RedisServer) -> Iterator[Stack]:
     procs: list[Proc] = []
     try:
         small = start_sim(log_dir, ["sim-small"], "--max-num-seqs", "4", *FAST_SIM)
         procs.append(small)
         large = [start_sim(log_dir, ["sim-large"], *FAST_SIM) for _ in range(2)]
         procs += large
-        config = gateway_config([small.url], [s.url for s in large])
+        config = gateway_config([small.url], [s.url for s in large], stack_redis.url)
         gateway = start_gateway(log_dir, config)
         procs.append(gateway)
-        yield Stack(gateway, small, large, log_dir)
+        yield Stack(gateway, small, large, log_dir, stack_redis)
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -28,7 +28,8 @@ def main() -> None:
     print(f"model  : {completion.model} (finish_reason={completion.choices[0].finish_reason})")
     if completion.usage is not None:
         usage = completion.usage
-        print(f"usage  : {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens")
+        tokens = f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion"
+        print(f"usage  : {tokens} tokens")
     print("headers:")
     for name, value in sorted(raw.headers.items()):
         if name.startswith("x-tollway-") or name == "x-request-id":

@@ -1,0 +1,197 @@
+"""The usage ledger through the gateway: /v1/usage sums, tenant scoping, budgets, Redis outages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.conftest import FAST_SIM, KEY, OTHER_KEY, Stack, gateway_config
+from tests.support.procs import Proc, start_gateway, start_sim
+from tests.support.redis_server import run_redis
+
+TOLLWAY = str(Path(sys.executable).parent / "tollway")
+
+
+def usage(gateway: Proc, key: str, **params: str) -> httpx.Response:
+    return httpx.get(
+        gateway.url + "/v1/usage", params=params, headers={"authorization": f"Bearer {key}"},
+        timeout=10,
+    )  # fmt: skip
+
+
+def total(gateway: Proc, key: str = KEY, **params: str) -> dict[str, Any]:
+    response = usage(gateway, key, **params)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()["total"]
+    return result
+
+
+def wait_for_requests(gateway: Proc, key: str, want: int, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = total(gateway, key)
+        if got["requests"] >= want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_usage_totals_equal_the_sum_of_the_headers(stack: Stack) -> None:
+    before = total(stack.gateway)
+    client = stack.client()
+    cost = loaded = Decimal(0)
+    tokens = 0
+    for i in range(4):
+        raw = client.chat.completions.with_raw_response.create(
+            model="sim-small" if i % 2 else "sim-large",
+            messages=[{"role": "user", "content": f"usage {i}"}],
+            max_tokens=8,
+        )
+        cost += Decimal(raw.headers["x-tollway-cost-usd"])
+        loaded += Decimal(raw.headers["x-tollway-cost-loaded-usd"])
+        tokens += int(raw.headers["x-tollway-completion-tokens"])
+    stream = client.chat.completions.create(
+        model="sim-small", messages=[{"role": "user", "content": "a stream"}], max_tokens=8,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    figures = (list(stream)[-1].model_extra or {})["tollway"]
+    cost += Decimal(figures["cost_usd"])
+    loaded += Decimal(figures["cost_loaded_usd"])
+    tokens += figures["completion_tokens"]
+
+    after = wait_for_requests(stack.gateway, KEY, before["requests"] + 5)
+    assert after["requests"] - before["requests"] == 5
+    assert Decimal(after["cost_usd"]) - Decimal(before["cost_usd"]) == cost  # exact, to the nano
+    assert Decimal(after["cost_loaded_usd"]) - Decimal(before["cost_loaded_usd"]) == loaded
+    assert after["completion_tokens"] - before["completion_tokens"] == tokens
+
+
+def test_group_by_tier_and_scoping(stack: Stack) -> None:
+    stack.client().completions.create(model="sim-large", prompt="scoping", max_tokens=2)
+    stack.client(OTHER_KEY).completions.create(model="sim-small", prompt="admin", max_tokens=2)
+    wait_for_requests(stack.gateway, OTHER_KEY, 1)
+
+    own = usage(stack.gateway, KEY, group_by="tenant").json()
+    assert own["tenant"] == "acme"
+    assert [row["key"] for row in own["data"]] == ["acme"]
+
+    everyone = usage(stack.gateway, OTHER_KEY, group_by="tenant").json()  # an admin key
+    assert {row["key"] for row in everyone["data"]} >= {"acme", "globex"}
+    assert everyone["tenant"] is None
+
+    by_tier = usage(stack.gateway, KEY, group_by="tier").json()
+    assert {row["key"] for row in by_tier["data"]} <= {"small", "large"}
+    assert sum(row["requests"] for row in by_tier["data"]) == by_tier["total"]["requests"]
+
+    denied = usage(stack.gateway, KEY, tenant="globex")
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "permission_denied"
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [({"group_by": "colour"}, "group_by"), ({"start": "yesterday"}, "start"),
+     ({"start": "2026-11-02", "end": "2026-11-01"}, "end")],
+)  # fmt: skip
+def test_bad_usage_queries_are_400(stack: Stack, params: dict[str, str], param: str) -> None:
+    response = usage(stack.gateway, KEY, **params)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_usage_cli_prints_a_table(stack: Stack) -> None:
+    stack.client().completions.create(model="sim-small", prompt="cli", max_tokens=2)
+    wait_for_requests(stack.gateway, KEY, 1)
+    result = subprocess.run(
+        [TOLLWAY, "usage", "--url", stack.gateway.url, "--api-key", KEY, "--group-by", "tier"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:3] == ["tier", "requests", "prompt_tokens"]
+    api = total(stack.gateway, group_by="tier")
+    assert lines[-1].split()[:2] == ["TOTAL", str(api["requests"])]
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+def test_budget_exceeded_is_429_with_reset(procs: list[Proc], log_dir: Path) -> None:
+    with run_redis() as redis_server:
+        sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+        procs += sims
+        config = gateway_config([sims[0].url], [sims[1].url], redis_server.url)
+        config["budgets"] = {"acme": {"daily_usd": 0.00000001, "monthly_usd": 100}}
+        gateway = start_gateway(log_dir, config)
+        procs.append(gateway)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        first = client.chat.completions.with_raw_response.create(
+            model="sim-small", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert first.headers["x-tollway-budget-remaining-usd"] == "0.000000000"
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(
+                model="sim-small", messages=[{"role": "user", "content": "again"}]
+            )
+        assert err.value.code == "budget_exceeded"
+        assert "daily budget" in err.value.message
+        assert "resets at" in err.value.message
+        retry_after = int(err.value.response.headers["retry-after"])
+        assert 0 < retry_after <= 86400
+        # Another tenant is not affected, and has no budget header.
+        other = openai.OpenAI(base_url=gateway.url + "/v1", api_key=OTHER_KEY, max_retries=0)
+        ok = other.chat.completions.with_raw_response.create(
+            model="sim-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert "x-tollway-budget-remaining-usd" not in ok.headers
+
+
+def test_redis_outage_fails_open_and_recovers(procs: list[Proc], log_dir: Path) -> None:
+    with run_redis() as redis_server:
+        sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+        procs += sims
+        gateway = start_gateway(
+            log_dir, gateway_config([sims[0].url], [sims[1].url], redis_server.url)
+        )
+        procs.append(gateway)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+
+        def ask(i: int) -> None:
+            client.chat.completions.create(
+                model="sim-small", messages=[{"role": "user", "content": f"r{i}"}], max_tokens=4
+            )
+
+        ask(0)
+        assert wait_for_requests(gateway, KEY, 1)["requests"] == 1
+
+        redis_server.stop()
+        for i in range(10):
+            ask(i)  # every request still succeeds
+        assert usage(gateway, KEY).status_code == 503
+        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        assert "tollway_redis_failures_total" in metrics
+
+        redis_server.start()  # same port, empty: the client reconnects by itself
+        deadline = time.monotonic() + 15
+        while True:
+            ask(100)
+            response = usage(gateway, KEY)
+            if response.status_code == 200 and response.json()["total"]["requests"] >= 1:
+                break
+            assert time.monotonic() < deadline, "the ledger did not resume after Redis returned"
+            time.sleep(0.3)
+        assert json.loads(response.text)["total"]["requests"] >= 1
