@@ -8,15 +8,19 @@ finish_reason and usage, never on exact text.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
 
 from tests.conftest import KEY, gateway_config
 from tests.support.procs import Proc, free_port, start_gateway
+from tests.support.redis_server import run_redis
 from tests.support.vllm import run_vllm
 
 pytestmark = pytest.mark.vllm
@@ -27,13 +31,16 @@ MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of Franc
 @pytest.fixture(scope="module")
 def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     log_dir = tmp_path_factory.mktemp("vllm")
-    with run_vllm(
-        free_port(),
-        aliases=["smollm2-small", "smollm2-large"],
-        max_num_seqs=8,
-        log_path=log_dir / "vllm.log",
-    ) as vllm_url:
-        config = gateway_config([vllm_url], [vllm_url])
+    with (
+        run_redis() as redis_server,
+        run_vllm(
+            free_port(),
+            aliases=["smollm2-small", "smollm2-large"],
+            max_num_seqs=8,
+            log_path=log_dir / "vllm.log",
+        ) as vllm_url,
+    ):
+        config = gateway_config([vllm_url], [vllm_url], redis_server.url)
         config["tiers"][0]["models"] = ["smollm2-small"]
         config["tiers"][1]["models"] = ["smollm2-large"]
         for tier in config["tiers"]:  # one process serves both tiers: one set of settings
@@ -133,6 +140,67 @@ async def test_eight_concurrent_requests(vllm_gateway: Proc) -> None:
         assert result.choices[0].finish_reason in ("stop", "length")
         assert result.usage is not None
         assert result.usage.completion_tokens > 0
+
+
+def _occupancy(gateway: Proc) -> dict[str, float]:
+    ready = httpx.get(gateway.url + "/ready", timeout=10).json()
+    occupancy: dict[str, float] = ready["tiers"]["small"]["replicas"][0]["occupancy"]
+    return occupancy
+
+
+def _usage_total(gateway: Proc) -> dict[str, Any]:
+    response = httpx.get(
+        gateway.url + "/v1/usage", headers={"authorization": f"Bearer {KEY}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()["total"]
+    return result
+
+
+async def test_metering_eight_concurrent_on_real_vllm(vllm_gateway: Proc) -> None:
+    """Headers present and consistent, GPU-seconds conserved, usage API = sum of headers."""
+    usage_before = _usage_total(vllm_gateway)
+    before = _occupancy(vllm_gateway)
+    client = openai.AsyncOpenAI(base_url=vllm_gateway.url + "/v1", api_key=KEY, max_retries=0)
+    async with client:
+        raws = await asyncio.gather(
+            *(
+                client.chat.completions.with_raw_response.create(
+                    model="smollm2-small",
+                    messages=[{"role": "user", "content": f"Name a colour, take {i}."}],
+                    max_tokens=16,
+                )
+                for i in range(8)
+            )
+        )
+    after = _occupancy(vllm_gateway)
+    cost = Decimal(0)
+    for raw in raws:
+        completion = raw.parse()
+        assert completion.usage is not None
+        headers = raw.headers
+        assert int(headers["x-tollway-prompt-tokens"]) == completion.usage.prompt_tokens
+        assert int(headers["x-tollway-completion-tokens"]) == completion.usage.completion_tokens
+        gpu_seconds = Decimal(headers["x-tollway-gpu-seconds"])
+        assert gpu_seconds > 0
+        marginal = Decimal(headers["x-tollway-cost-usd"])
+        assert abs(marginal - gpu_seconds / 3600) <= Decimal("1e-9")  # $1/GPU-hour here
+        assert Decimal(headers["x-tollway-cost-loaded-usd"]) >= marginal
+        cost += marginal
+    header_gpu = sum(float(r.headers["x-tollway-gpu-seconds"]) for r in raws)
+    attributed = after["attributed_gpu_s"] - before["attributed_gpu_s"]
+    assert abs(header_gpu - attributed) <= 8 * 5e-7
+    wall = after["wall_s"] - before["wall_s"]
+    spent = sum(after[k] - before[k] for k in ("attributed_gpu_s", "foreign_gpu_s", "idle_gpu_s"))
+    assert abs(spent - wall * after["gpus"]) <= 1e-9 * max(wall, 1.0)
+    assert attributed <= wall * after["gpus"] + 1e-6  # shared, not double-counted
+
+    deadline = time.monotonic() + 10
+    while (usage := _usage_total(vllm_gateway))["requests"] < usage_before["requests"] + 8:
+        assert time.monotonic() < deadline, "the ledger did not record the requests"
+        await asyncio.sleep(0.1)
+    assert usage["requests"] - usage_before["requests"] == 8
+    assert Decimal(usage["cost_usd"]) - Decimal(usage_before["cost_usd"]) == cost
 
 
 def test_gateway_log_has_no_errors(vllm_gateway: Proc) -> None:
