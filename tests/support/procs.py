@@ -77,12 +77,23 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes] | None, timeout: float)
 
 
 def spawn(
-    name: str, argv: Sequence[str], ready_url: str, log: Path, *, timeout: float = 30.0
+    name: str,
+    argv: Sequence[str],
+    ready_url: str,
+    log: Path,
+    *,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = log.open("wb")
     popen = subprocess.Popen(
-        list(argv), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        list(argv),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
     handle.close()
     proc = Proc(name, ready_url.rsplit("/", 1)[0], popen, log)
@@ -105,14 +116,24 @@ def start_sim(log_dir: Path, models: Sequence[str], *extra: str, port: int | Non
     )
 
 
-def start_gateway(log_dir: Path, config: dict[str, Any], *, port: int | None = None) -> Proc:
+def start_gateway(
+    log_dir: Path,
+    config: dict[str, Any],
+    *,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+) -> Proc:
     port = port or free_port()
     path = log_dir / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     argv = [str(BIN / "tollway"), "serve", "--config", str(path), "--port", str(port)]
     argv += ["--log-level", "warning"]
     return spawn(
-        f"gateway:{port}", argv, f"http://127.0.0.1:{port}/health", log_dir / f"gateway-{port}.log"
+        f"gateway:{port}",
+        argv,
+        f"http://127.0.0.1:{port}/health",
+        log_dir / f"gateway-{port}.log",
+        env=env,
     )
 
 

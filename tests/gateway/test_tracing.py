@@ -1,0 +1,146 @@
+"""Spans leave a real gateway over OTLP/HTTP and join the client's and vLLM's trace.
+
+A small OTLP/HTTP collector on 127.0.0.1 receives what the gateway's exporter
+sends (configured only by the standard OTEL_* variables); the test decodes the
+protobuf and checks the span tree, the GenAI attributes and the traceparent
+that reached the simulator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.conftest import FAST_SIM, KEY, gateway_config, http_json
+from tests.support.procs import Proc, start_gateway, start_sim
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        self._lock = threading.Lock()
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                with collector._lock:
+                    for resource in request.resource_spans:
+                        for scope in resource.scope_spans:
+                            collector.spans.extend(scope.spans)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def wait_for(self, name: str, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = [s for s in self.spans if s.name == name]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no span {name!r}; got {[s.name for s in self.spans]}")
+
+
+def attributes(span: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in span.attributes:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        if kind == "array_value":
+            out[kv.key] = [v.string_value for v in value.array_value.values]
+        else:
+            out[kv.key] = getattr(value, kind)
+    return out
+
+
+@pytest.fixture
+def traced(log_dir: Path) -> Iterator[tuple[Proc, Proc, Collector]]:
+    collector = Collector()
+    thread = threading.Thread(target=collector.server.serve_forever, daemon=True)
+    thread.start()
+    sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    gateway = start_gateway(log_dir, gateway_config([sims[0].url], [sims[1].url]), env=env)
+    try:
+        yield gateway, sims[0], collector
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
+        collector.server.shutdown()
+        collector.server.server_close()
+
+
+def test_request_span_tree_and_attributes(traced: tuple[Proc, Proc, Collector]) -> None:
+    gateway, small, collector = traced
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "a secret prompt"}],
+        max_tokens=8,
+        temperature=0,
+        extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+    )
+    completion = raw.parse()
+    span = collector.wait_for("chat auto")
+    assert span.trace_id.hex() == CLIENT_TRACE  # joined the client's trace
+    assert span.parent_span_id.hex() == CLIENT_SPAN
+
+    attrs = attributes(span)
+    headers = raw.headers
+    assert completion.usage is not None
+    assert attrs == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "vllm",
+        "gen_ai.request.model": "auto",
+        "gen_ai.request.max_tokens": 8,
+        "gen_ai.request.temperature": 0.0,
+        "gen_ai.response.model": "sim-small",
+        "gen_ai.response.id": completion.id,
+        "gen_ai.response.finish_reasons": [completion.choices[0].finish_reason],
+        "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
+        "gen_ai.usage.cost.amount": float(headers["x-tollway-cost-usd"]),
+        "gen_ai.usage.cost.currency": "USD",
+        "gen_ai.usage.cost.source": "local",
+        "server.address": "127.0.0.1",
+        "server.port": int(small.url.rsplit(":", 1)[1]),
+        "tollway.request_id": headers["x-request-id"],
+        "tollway.tenant": "acme",
+        "tollway.tier": "small",
+        "tollway.cache": "miss",
+        "tollway.route.reason": "default tier for routed alias",
+        "tollway.gpu_seconds": pytest.approx(float(headers["x-tollway-gpu-seconds"]), abs=1e-6),
+        "tollway.cost.loaded_usd": float(headers["x-tollway-cost-loaded-usd"]),
+        "tollway.attempts": 1,
+        "tollway.replica": small.url,
+    }
+    assert "a secret prompt" not in str(collector.spans)  # content is opt-in
+
+    by_parent = {s.name: s for s in collector.spans if s.parent_span_id == span.span_id}
+    assert set(by_parent) == {"tollway.route", "POST"}
+    upstream = by_parent["POST"]
+    assert attributes(upstream)["http.response.status_code"] == 200
+    sent = http_json("GET", small.url + "/sim/requests")[-1]["headers"]
+    assert sent["traceparent"] == f"00-{CLIENT_TRACE}-{upstream.span_id.hex()}-01"
