@@ -19,8 +19,26 @@ A command error (``ResponseError``, e.g. a wrong type) is counted and logged
 like any failure but does not open the circuit: the server is up. Any other
 exception raised by ``fn`` is a bug and propagates.
 
-Keys: callers build them so that Redis Cluster can work later; keys that one
-call touches together share a ``{hash tag}``.
+Redis Cluster: ``RedisClient(url, cluster=True)`` talks to a cluster through
+``redis.asyncio.cluster.RedisCluster``, discovered from the one node ``url``
+names, with the same budgets, circuit and fail-open rule. ``fn`` then gets the
+``RedisCluster`` (typed as ``Redis``: the commands the cache uses are the same).
+Rules for callers, which keep single-node Redis and Cluster interchangeable:
+
+- every multi-key operation (a Lua script's ``KEYS``, a transaction, a
+  ``MULTI``/``WATCH``, a multi-key command) uses keys with one ``{hash tag}``,
+  so they live in one slot; a non-transactional pipeline may span tags (the
+  cluster client splits it per node) but is then not atomic;
+- Lua scripts touch only the keys passed in ``KEYS``;
+- in cluster mode a ``RedisClusterException`` (no reachable node, slots not
+  covered) counts as an outage like a connection error. redis-py raises the
+  same class for a command whose keys span slots: that bug then shows as a
+  failure in the log and the counter, not as an exception, so the cluster
+  tests are where it must be caught.
+
+The cluster client's node pools raise instead of waiting when full, so in
+cluster mode a semaphore of ``max_connections`` bounds the calls in flight
+(waiting for it counts against the budget, as the pool wait does on one node).
 """
 
 from __future__ import annotations
@@ -29,12 +47,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 log = logging.getLogger("tollway.redis")
 
@@ -62,8 +86,10 @@ class RedisClient:
         connect_timeout_s: float = 0.5,
         socket_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        cluster: bool = False,
     ) -> None:
         self.url = url
+        self.cluster = cluster
         self.call_budget_s = call_budget_s
         self.on_failure = on_failure
         self.backoff_s = backoff_s
@@ -72,7 +98,9 @@ class RedisClient:
         self.connect_timeout_s = connect_timeout_s
         self.socket_timeout_s = socket_timeout_s
         self._clock = clock
-        self._redis: Redis | None = None
+        self._redis: Redis | None = None  # a RedisCluster in cluster mode
+        self._cluster: RedisCluster | None = None
+        self._slots: asyncio.Semaphore | None = None  # cluster mode: calls in flight
         self._open_until: float | None = None  # circuit open (skip Redis) until this time
         self._probing = False
         self._last_log: float | None = None
@@ -82,6 +110,9 @@ class RedisClient:
     async def start(self) -> None:
         """Build the pool; does not connect (the first call does), so a down Redis is no error."""
         if self._redis is not None:
+            return
+        if self.cluster:
+            self._start_cluster()
             return
         pool = BlockingConnectionPool.from_url(
             self.url,
@@ -98,9 +129,30 @@ class RedisClient:
         )
         self._redis = Redis.from_pool(pool)
 
+    def _start_cluster(self) -> None:
+        # Discovery (CLUSTER SLOTS) happens on the first call, inside its budget.
+        self._cluster = RedisCluster.from_url(
+            self.url,
+            max_connections=self.max_connections,  # per node
+            socket_connect_timeout=self.connect_timeout_s,
+            socket_timeout=self.socket_timeout_s,
+            # No retry-after-reinitialise: the circuit decides when to try again.
+            # MOVED/ASK redirections are still followed.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            driver_info=None,
+        )
+        self._slots = asyncio.Semaphore(self.max_connections)
+        # The cluster client offers the commands the callers use under the same names.
+        self._redis = cast(Redis, self._cluster)
+
     async def close(self) -> None:
         redis, self._redis = self._redis, None
-        if redis is not None:
+        cluster, self._cluster = self._cluster, None
+        self._slots = None
+        if cluster is not None:
+            await cluster.aclose()
+        elif redis is not None:
             await redis.aclose()
 
     @property
@@ -124,6 +176,9 @@ class RedisClient:
     ) -> T:
         """``await fn(redis)`` within the budget; ``default`` on any Redis error, timeout or skip.
 
+        In cluster mode ``redis`` is the ``RedisCluster`` client; keys that
+        one command, script or transaction touches must share a hash tag.
+
         ``operation`` names the use (``cache.get``, ``ledger.write``...) for the
         failure metric and the log. ``budget_s`` overrides the per-call budget
         for work off the request path (the ledger's batch writes, usage queries).
@@ -139,13 +194,22 @@ class RedisClient:
             self._probing = probe = True
         try:
             async with asyncio.timeout(self.call_budget_s if budget_s is None else budget_s):
-                result = await fn(redis)
+                slots = self._slots
+                if slots is None:
+                    result = await fn(redis)
+                else:
+                    async with slots:
+                        result = await fn(redis)
+        except ClusterDownError as exc:  # a ResponseError, but the slots are unusable
+            self._open_until = self._clock() + self.backoff_s
+            self._failed(operation, exc)
+            return default
         except ResponseError as exc:
             self._failed(operation, exc)
             if probe:
                 self._close_circuit()
             return default
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._open_until = self._clock() + self.backoff_s
             self._failed(operation, exc)
             return default

@@ -107,6 +107,9 @@ class LimitsConfig(Strict):
 
 
 class MeteringConfig(Strict):
+    # false: no token parsing, pricing, cost headers, metrics, spans or ledger rows
+    # (replica occupancy is still tracked). For measuring metering's own cost.
+    enabled: bool = True
     overhead_factor: Annotated[float, Field(ge=1)] = 1.25
     idle_window_s: PositiveFloat = 300.0
 

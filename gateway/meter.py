@@ -47,6 +47,7 @@ ReportSink = Callable[[RequestReport, RequestContext], None]
 
 class Meter:
     def __init__(self, settings: Settings, sinks: Sequence[ReportSink] = ()):
+        self.enabled = settings.metering.enabled
         self.overhead = Decimal(str(settings.metering.overhead_factor))
         self.token_prices = {
             tier.name: TokenPrices(
@@ -56,7 +57,7 @@ class Meter:
             for tier in settings.tiers
             if tier.prices is not None
         }
-        self.sinks = list(sinks)
+        self.sinks = list(sinks) if self.enabled else []
 
     def finish(
         self,

@@ -135,6 +135,8 @@ class Pipeline:
             )
             self.budgets.spend(report)
             raise
+        if not self.meter.enabled and reply.status == 200:
+            return Response(data, headers=headers, media_type=JSON)
         if reply.status != 200:
             response = _upstream_failure(reply, data, headers)
             report = self.meter.finish(

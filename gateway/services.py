@@ -50,9 +50,13 @@ class Services:
         metrics = GatewayMetrics()
         metrics.register_replica_source(lambda: replica_gpu(pools))
         upstream = UpstreamClient(settings.upstream, settings.health, metrics.observe_attempt)
-        telemetry = Telemetry.from_env(
-            record_content=settings.telemetry.record_content,
-            on_failure=metrics.telemetry_failure,
+        telemetry = (
+            Telemetry(None)
+            if not settings.metering.enabled
+            else Telemetry.from_env(
+                record_content=settings.telemetry.record_content,
+                on_failure=metrics.telemetry_failure,
+            )
         )
         redis = RedisClient(
             settings.redis.url,

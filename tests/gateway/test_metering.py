@@ -6,11 +6,14 @@ import asyncio
 import json
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import openai
 
-from tests.conftest import KEY, Stack, http_json, sim_stats
+from tests.conftest import FAST_SIM, KEY, Stack, gateway_config, http_json, sim_stats
+from tests.support.procs import start_gateway, start_sim
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Summarise the plot of Hamlet."}]
 COST_HEADERS = {
@@ -151,3 +154,24 @@ async def test_gpu_seconds_are_conserved_end_to_end(stack: Stack) -> None:
     assert elapsed <= wall <= elapsed + 1.0  # the ledger clock is the real clock
     # Shared time is split, not double-counted: the sum can't exceed the replica's busy time.
     assert header_sum <= wall * after["gpus"] + 1e-6
+
+
+def test_metering_can_be_switched_off(log_dir: Path) -> None:
+    sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+    config = gateway_config([sims[0].url], [sims[1].url])
+    config["metering"] = {"enabled": False}
+    gateway = start_gateway(log_dir, config)
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="sim-small", messages=MESSAGES, max_tokens=4
+        )
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["x-tollway-tier"] == "small"
+        assert not COST_HEADERS - {"x-tollway-tier", "x-tollway-model"} & set(raw.headers)
+        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        assert "tollway_requests_total{" not in metrics
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
