@@ -68,8 +68,10 @@ simply miss).
 def cache_digest(tenant: str, model: str, endpoint: str, body: Mapping[str, Any]) -> str:
     """SHA-256 hex of the canonical request: tenant, resolved model, endpoint and output fields.
 
-    ``body`` is the client's parsed JSON; the gateway's own rewrites of
-    ``model`` and ``stream_options`` do not matter, both are left out.
+    ``body`` is the client's JSON as orjson parsed it (so every integer fits
+    in 64 bits; orjson cannot serialise a bigger one and raises TypeError).
+    The gateway's own rewrites of ``model`` and ``stream_options`` do not
+    matter, both are left out.
     """
     canonical = {
         "v": KEY_VERSION,

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,6 +33,20 @@ class ListenConfig(Strict):
 class RedisConfig(Strict):
     url: str = "redis://127.0.0.1:6379/0"
     call_budget_ms: PositiveFloat = 50.0  # past this a call is abandoned and the request goes on
+
+
+class CacheConfig(Strict):
+    default_ttl_s: int = Field(default=3600, ge=1)
+    max_ttl_s: int = Field(default=7 * 86400, ge=1)  # caps x-tollway-cache-ttl
+    max_entry_bytes: int = Field(default=1_000_000, ge=1024)  # compressed
+    coalesce: bool = True  # identical in-flight requests wait for one upstream call
+    coalesce_wait_s: PositiveFloat = 60.0  # then a follower goes upstream itself
+
+
+class IdempotencyConfig(Strict):
+    ttl_s: int = Field(default=86400, ge=1)  # how long a finished response is replayed
+    lease_s: PositiveFloat = 30.0  # a dead gateway holds a key this long at most
+    wait_s: PositiveFloat = 30.0  # a retry waits this long for the first, then 409
 
 
 class LedgerConfig(Strict):
@@ -81,6 +95,8 @@ class Tier(Strict):
     models: list[str] = Field(min_length=1)
     replicas: list[Replica] = Field(min_length=1)
     prices: TokenPrices | None = None
+    # always: every complete answer; deterministic: temperature 0 or a seed; never
+    cache: Literal["always", "deterministic", "never"] = "deterministic"
 
 
 class RoutingConfig(Strict):
@@ -132,6 +148,8 @@ class Settings(Strict):
     metering: MeteringConfig = MeteringConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     ledger: LedgerConfig = LedgerConfig()
+    cache: CacheConfig = CacheConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
     budgets: dict[str, BudgetConfig] = Field(default_factory=dict)  # by tenant
 
     @model_validator(mode="after")

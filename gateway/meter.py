@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.pool import ReplicaState
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.pricing import TokenPrices, price_request
+from metering.pricing import Cost, TokenPrices, price_request
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan
 from metering.usage import TokenUsage
@@ -40,9 +40,13 @@ class RequestContext:
     span: RequestSpan | None = None
     content: Content | None = None  # only when spans record content (opt-in)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (budget)
+    cache: str = "miss"  # miss | bypass | hit | coalesced | replay
+    report: RequestReport | None = None  # a stream's, once it ended
 
 
 ReportSink = Callable[[RequestReport, RequestContext], None]
+
+FREE = frozenset({"hit", "coalesced", "replay"})  # served without running the model
 
 
 class Meter:
@@ -69,21 +73,30 @@ class Meter:
         finish_reasons: Sequence[str] = (),
         response_id: str | None = None,
         error_type: str | None = None,
+        saved: Decimal | None = None,
     ) -> RequestReport:
-        """Price what ``ctx`` used and record it. Called once per request that reached a replica."""
+        """Price what ``ctx`` used and record it. Called once per request that was served.
+
+        Answers from the cache, a coalesced flight or an idempotent replay cost
+        nothing (``saved`` says what they would have cost); retries and
+        attempts that failed are in ``ctx.bill``.
+        """
         usage = usage or TokenUsage()
         tier = ctx.decision.tier
-        idle_per_busy = replica.meter.idle_per_busy(time.monotonic()) if replica else 0.0
-        hourly = replica.meter.gpu_hourly_usd if replica else Decimal(0)
-        cost = price_request(
-            gpu_seconds=ctx.bill.gpu_seconds,
-            gpu_hourly_usd=hourly,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            token_prices=self.token_prices.get(tier),
-            idle_per_busy=idle_per_busy,
-            overhead_factor=self.overhead,
-        )
+        if ctx.cache in FREE:
+            cost = Cost.free()
+        else:
+            idle_per_busy = replica.meter.idle_per_busy(time.monotonic()) if replica else 0.0
+            hourly = replica.meter.gpu_hourly_usd if replica else Decimal(0)
+            cost = price_request(
+                gpu_seconds=ctx.bill.gpu_seconds,
+                gpu_hourly_usd=hourly,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                token_prices=self.token_prices.get(tier),
+                idle_per_busy=idle_per_busy,
+                overhead_factor=self.overhead,
+            )
         report = RequestReport(
             request_id=ctx.request_id,
             tenant=ctx.tenant,
@@ -99,6 +112,8 @@ class Meter:
             finish_reasons=tuple(finish_reasons),
             response_id=response_id,
             error_type=error_type,
+            cache=ctx.cache,
+            saved=saved,
         )
         for sink in self.sinks:
             try:

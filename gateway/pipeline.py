@@ -11,14 +11,20 @@ alias was routed), so unknown fields reach vLLM untouched.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cache.response_cache import CachedResponse
+from cache.sse import CompletionBuilder, chunks_from_completion
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
+from gateway.caching import CacheLayer, CachePlan
 from gateway.disconnect import cancel_on_disconnect
 from gateway.errors import (
     GatewayError,
@@ -33,7 +39,7 @@ from gateway.pool import Pools
 from gateway.request_id import request_id_of
 from gateway.schemas import Endpoint, validate
 from gateway.stream_shaper import StreamShaper, upstream_stream_options
-from gateway.streaming import EventStreamResponse, StreamEnd, relay_events
+from gateway.streaming import DONE, EventStreamResponse, StreamEnd, relay_events
 from gateway.upstream import UpstreamClient, UpstreamReply
 from metering.telemetry import Content, Telemetry
 from metering.usage import TokenUsage
@@ -55,8 +61,10 @@ class Pipeline:
         meter: Meter,
         telemetry: Telemetry,
         budgets: BudgetGuard,
+        caching: CacheLayer,
         max_body_bytes: int,
     ):
+        self.caching = caching
         self.telemetry = telemetry
         self.budgets = budgets
         self.auth = auth
@@ -85,27 +93,77 @@ class Pipeline:
             span.fail(exc.code or type(exc).__name__)
             raise
         span.set_route(decision.tier, None, decision.reason)
+        plan = self.caching.plan(
+            request.headers,
+            tenant=principal.tenant,
+            tier=decision.tier,
+            model=decision.model,
+            endpoint=endpoint.value,
+            body=body,
+        )
         request_id = request_id_of(request.scope) or ""
         ctx = RequestContext(request_id, principal.tenant, endpoint, decision, span=span)
+        ctx.cache = plan.status
         if span.wants_content:
             ctx.content = Content(input=body.get("messages", body.get("prompt")))
         shaper: StreamShaper | None = None
         if parsed.stream:
             options = body.get("stream_options")
             shaper = StreamShaper(options, decision.model, span.mark_first_chunk)
+            if plan.decision.store:
+                shaper.builder = CompletionBuilder()
             body["stream_options"] = upstream_stream_options(body.get("stream_options"))
         if decision.model != parsed.model or shaper is not None:
             body["model"] = decision.model
             raw = orjson.dumps(body)
         if budget is not None:
             ctx.headers.update(budget.headers())
-        forward = self._forward(ctx, raw, shaper)
-        return await cancel_on_disconnect(forward, request.receive)
+        work = self._serve(ctx, raw, shaper, plan)
+        return await cancel_on_disconnect(work, request.receive)
+
+    async def _serve(
+        self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
+    ) -> Response:
+        """The cache, then (on a miss or a bypass) the upstream."""
+        hit = await self.caching.lookup(plan)
+        if hit is not None:
+            return self._replay(ctx, hit, shaper, "hit")
+        return await self._forward(ctx, raw, shaper, plan)
+
+    def _replay(
+        self, ctx: RequestContext, hit: CachedResponse, shaper: StreamShaper | None, status: str
+    ) -> Response:
+        """Answer from a stored completion, as JSON or as a stream, at zero cost."""
+        now = time.time()
+        ctx.cache = status
+        completion = {**hit.completion, "model": ctx.decision.model}
+        report = self.meter.finish(
+            ctx,
+            replica=None,
+            usage=TokenUsage(hit.prompt_tokens, hit.completion_tokens),
+            status=200,
+            finish_reasons=_finish_reasons(completion),
+            response_id=completion.get("id"),
+            saved=hit.cost_usd,
+        )
+        headers = {**_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": status}
+        headers.update(report.headers())
+        headers.update(self.budgets.spend(report))
+        if status == "hit":
+            headers["age"] = str(hit.age_s(now))
+        if shaper is None:
+            return Response(orjson.dumps(completion), headers=headers, media_type=JSON)
+        events: list[bytes] = []
+        for event in chunks_from_completion(completion, include_usage=True)[:-1]:
+            events += shaper.feed(event)
+        events += shaper.finish(report.stream_object())
+        events.append(DONE)
+        return EventStreamResponse(_replay_events(events), headers)
 
     async def _forward(
-        self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None
+        self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
     ) -> Response:
-        headers = {**_report_headers(ctx.decision), **ctx.headers}
+        headers = {**_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache}
         reply: UpstreamReply | None = None
         try:
             reply = await self.upstream.send(
@@ -118,9 +176,8 @@ class Pipeline:
                 trace=ctx.span,
             )
             if shaper is not None and reply.status == 200:
-                return EventStreamResponse(
-                    relay_events(reply, shaper, self._stream_end(ctx, reply, shaper)), headers
-                )
+                events = relay_events(reply, shaper, self._stream_end(ctx, reply, shaper))
+                return EventStreamResponse(self._store_after(events, ctx, shaper, plan), headers)
             data = await reply.read()
         except BaseException as exc:
             # The request occupied replicas (failed attempts, or a client that
@@ -163,14 +220,38 @@ class Pipeline:
         )
         headers.update(report.headers())
         headers.update(self.budgets.spend(report))
-        return Response(data, headers=headers, media_type=JSON)
+        response = Response(data, headers=headers, media_type=JSON)
+        if plan.decision.store:  # after the answer is sent, off the client's clock
+            response.background = BackgroundTask(self.caching.store, plan, completion, report)
+        return response
+
+    async def _store_after(
+        self,
+        events: AsyncGenerator[bytes, None],
+        ctx: RequestContext,
+        shaper: StreamShaper,
+        plan: CachePlan,
+    ) -> AsyncGenerator[bytes, None]:
+        """Relay ``events``; once the stream is complete, store its answer in the cache."""
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+        report = ctx.report
+        if shaper.builder is None or report is None or report.status != 200:
+            return
+        completion = shaper.builder.build()
+        if completion is not None:
+            completion["model"] = ctx.decision.model
+            await self.caching.store(plan, completion, report)
 
     def _stream_end(
         self, ctx: RequestContext, reply: UpstreamReply, shaper: StreamShaper
     ) -> StreamEnd:
         def on_end(failure: str | None) -> dict[str, Any]:
             ctx.first_token_at = shaper.first_token_at
-            report = self.meter.finish(
+            report = ctx.report = self.meter.finish(
                 ctx,
                 replica=reply.replica,
                 usage=shaper.usage.latest,
@@ -212,6 +293,11 @@ class Pipeline:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _replay_events(events: list[bytes]) -> AsyncGenerator[bytes, None]:
+    for event in events:
+        yield event
 
 
 def _json_object(data: bytes) -> dict[str, Any]:

@@ -8,8 +8,10 @@ from urllib.parse import urlsplit
 
 from cache.ledger import UsageLedger
 from cache.redis_client import RedisClient
+from cache.response_cache import ResponseCache
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
+from gateway.caching import CacheLayer
 from gateway.config import Settings
 from gateway.health import HealthChecker
 from gateway.meter import Meter, ReportSink, RequestContext
@@ -67,6 +69,13 @@ class Services:
             redis, retention_days=settings.ledger.retention_days, on_lost=metrics.ledger_write_lost
         )
         budgets = BudgetGuard(settings.budgets, ledger)
+        cache = ResponseCache(
+            redis,
+            default_ttl_s=settings.cache.default_ttl_s,
+            max_entry_bytes=settings.cache.max_entry_bytes,
+            put_budget_s=max(0.5, settings.redis.call_budget_ms / 1000),
+        )
+        caching = CacheLayer(cache, settings.cache, {t.name: t.cache for t in settings.tiers})
         meter = Meter(settings, [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)])
         pipeline = Pipeline(
             auth=auth,
@@ -76,6 +85,7 @@ class Services:
             meter=meter,
             telemetry=telemetry,
             budgets=budgets,
+            caching=caching,
             max_body_bytes=settings.limits.max_body_bytes,
         )
         return cls(

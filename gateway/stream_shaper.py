@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from cache.sse import CompletionBuilder
 from metering.usage import StreamUsage
 
 _DATA = b"data: "
@@ -48,6 +49,7 @@ class StreamShaper:
     ):
         self.model = model
         self.on_first_token = on_first_token
+        self.builder: CompletionBuilder | None = None  # set to keep the answer for the cache
         options = client_options if isinstance(client_options, dict) else {}
         self.include_usage = bool(options.get("include_usage"))
         self.continuous_usage = bool(options.get("continuous_usage_stats"))
@@ -66,6 +68,8 @@ class StreamShaper:
         if not isinstance(chunk, dict):
             return [event]
         self.usage.observe(chunk)
+        if self.builder is not None:
+            self.builder.add(chunk)  # before the client-facing edits below
         if self.response_id is None:
             self.response_id = chunk.get("id")
         changed = False

@@ -46,7 +46,7 @@ def test_metrics_follow_requests(stack: Stack) -> None:
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    ok = {"tier": "small", "tenant": "acme", "status": "200", "cache": "miss"}
+    ok = {"tier": "small", "tenant": "acme", "status": "200", "cache": "bypass"}  # sampled
     assert delta("tollway_requests_total", **ok) == 3
     assert delta("tollway_requests_total", tier="none", status="404") == 1
     assert delta("tollway_cost_marginal_usd_total", tier="small", tenant="acme") == pytest.approx(

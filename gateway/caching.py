@@ -1,0 +1,104 @@
+"""The response cache as the pipeline uses it: plan, look up, store.
+
+``plan`` reads the request's ``Cache-Control`` and ``x-tollway-cache-ttl``,
+applies the tier's policy (``always | deterministic | never``) and, when the
+answer may be looked up or stored, computes the key from the tenant, the
+resolved model and the fields that change the output (``cache.cache_key``).
+It runs before the gateway touches the body. ``lookup`` and ``store`` go
+through the fail-open Redis client: an outage is a miss and no store.
+
+Only complete answers are stored (every choice finished with stop, length or
+a tool call); errors and aborted streams never are. Streams are stored once
+they end, assembled into the same completion object a non-streaming request
+gets, so either kind of request can hit the other's entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cache.cache_control import (
+    CacheControl,
+    CacheDecision,
+    InvalidCacheHeader,
+    Policy,
+    decide,
+    parse_cache_control,
+)
+from cache.cache_key import cache_digest
+from cache.response_cache import CachedResponse, ResponseCache, storable
+from gateway.config import CacheConfig
+from gateway.errors import InvalidRequest
+from metering.report import RequestReport
+
+log = logging.getLogger("tollway.caching")
+
+
+@dataclass(eq=False, slots=True)
+class CachePlan:
+    control: CacheControl
+    decision: CacheDecision
+    digest: str | None  # None when the request bypasses the cache
+
+    @property
+    def status(self) -> str:
+        """``x-tollway-cache`` for a request that goes upstream."""
+        return "miss" if self.decision.lookup else "bypass"
+
+
+class CacheLayer:
+    def __init__(self, cache: ResponseCache, config: CacheConfig, policies: dict[str, Policy]):
+        self.cache = cache
+        self.config = config
+        self.policies = policies  # by tier
+
+    def plan(
+        self,
+        headers: Mapping[str, str],
+        *,
+        tenant: str,
+        tier: str,
+        model: str,
+        endpoint: str,
+        body: Mapping[str, Any],
+    ) -> CachePlan:
+        try:
+            control = parse_cache_control(
+                headers.get("cache-control"),
+                headers.get("x-tollway-cache-ttl"),
+                max_ttl_s=self.config.max_ttl_s,
+            )
+        except InvalidCacheHeader as exc:
+            raise InvalidRequest(str(exc), param=exc.header, code="invalid_header") from None
+        decision = decide(self.policies[tier], body, control)
+        digest = None
+        if decision.lookup or decision.store:
+            digest = cache_digest(tenant, model, endpoint, body)
+        return CachePlan(control, decision, digest)
+
+    async def lookup(self, plan: CachePlan) -> CachedResponse | None:
+        if not plan.decision.lookup or plan.digest is None:
+            return None
+        return await self.cache.get(plan.digest, max_age_s=plan.control.max_age, now=time.time())
+
+    async def store(
+        self, plan: CachePlan, completion: dict[str, Any], report: RequestReport
+    ) -> bool:
+        """Store a complete answer if the plan allows it; False when it was not stored."""
+        if not plan.decision.store or plan.digest is None or not storable(completion):
+            return False
+        entry = CachedResponse(
+            completion=completion,
+            stored_at=time.time(),
+            endpoint=report.operation,
+            cost_usd=report.cost.marginal,
+            cost_loaded_usd=report.cost.loaded,
+            prompt_tokens=report.usage.prompt_tokens,
+            completion_tokens=report.usage.completion_tokens,
+        )
+        ttl = plan.control.ttl_s or self.config.default_ttl_s
+        return await self.cache.put(plan.digest, entry, ttl_s=ttl)
