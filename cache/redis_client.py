@@ -23,6 +23,9 @@ Redis Cluster: ``RedisClient(url, cluster=True)`` talks to a cluster through
 ``redis.asyncio.cluster.RedisCluster``, discovered from the one node ``url``
 names, with the same budgets, circuit and fail-open rule. ``fn`` then gets the
 ``RedisCluster`` (typed as ``Redis``: the commands the cache uses are the same).
+Discovering the nodes and slots, on the first call and the first after an
+outage, is bounded by ``discover_timeout_s`` (default 1 s) instead of the
+call budget; the calls made meanwhile wait for it.
 Rules for callers, which keep single-node Redis and Cluster interchangeable:
 
 - every multi-key operation (a Lua script's ``KEYS``, a transaction, a
@@ -30,11 +33,12 @@ Rules for callers, which keep single-node Redis and Cluster interchangeable:
   so they live in one slot; a non-transactional pipeline may span tags (the
   cluster client splits it per node) but is then not atomic;
 - Lua scripts touch only the keys passed in ``KEYS``;
-- in cluster mode a ``RedisClusterException`` (no reachable node, slots not
-  covered) counts as an outage like a connection error. redis-py raises the
-  same class for a command whose keys span slots: that bug then shows as a
-  failure in the log and the counter, not as an exception, so the cluster
-  tests are where it must be caught.
+- in cluster mode a cluster that cannot be discovered (no node reachable,
+  slots not covered) or answers ``CLUSTERDOWN`` counts as an outage and
+  opens the circuit; any other ``RedisClusterException`` from ``fn`` (keys
+  of one command in different slots, a slot briefly unserved) is counted
+  and logged like a command error. A cross-slot bug therefore fails open
+  rather than raising: the cluster tests are where it must be caught.
 
 The cluster client's node pools raise instead of waiting when full, so in
 cluster mode a semaphore of ``max_connections`` bounds the calls in flight
@@ -71,6 +75,22 @@ def _ignore(operation: str) -> None:
     pass
 
 
+async def _discover(cluster: RedisCluster) -> None:
+    """Discover the cluster's nodes and slots if not yet done (a no-op once done).
+
+    Before discovery redis-py sends a command to a random node, and a burst
+    of the MOVED replies that follow makes it reset every connection, the
+    burst's own included: so every call discovers first. Discovery
+    (``CLUSTER SLOTS``, then ``COMMAND``: ~25 ms on loopback) gets its own
+    bound, ``discover_timeout_s``, not the call budget, which it could
+    exceed on every attempt and so never finish.
+    """
+    try:
+        await cluster.initialize()
+    except RedisClusterException as exc:  # no node reachable, slots not covered
+        raise RedisError(f"redis cluster unavailable: {exc}") from exc
+
+
 class RedisClient:
     """One ``redis.asyncio`` client with a bounded pool, a per-call budget and a short circuit."""
 
@@ -87,9 +107,11 @@ class RedisClient:
         socket_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         cluster: bool = False,
+        discover_timeout_s: float = 1.0,
     ) -> None:
         self.url = url
         self.cluster = cluster
+        self.discover_timeout_s = discover_timeout_s
         self.call_budget_s = call_budget_s
         self.on_failure = on_failure
         self.backoff_s = backoff_s
@@ -130,7 +152,7 @@ class RedisClient:
         self._redis = Redis.from_pool(pool)
 
     def _start_cluster(self) -> None:
-        # Discovery (CLUSTER SLOTS) happens on the first call, inside its budget.
+        # Discovery happens on the first call (and the first after an outage).
         self._cluster = RedisCluster.from_url(
             self.url,
             max_connections=self.max_connections,  # per node
@@ -192,9 +214,13 @@ class RedisClient:
                 self._failed(operation, None)
                 return default
             self._probing = probe = True
+        budget = self.call_budget_s if budget_s is None else budget_s
+        cluster, slots = self._cluster, self._slots
         try:
-            async with asyncio.timeout(self.call_budget_s if budget_s is None else budget_s):
-                slots = self._slots
+            if cluster is not None:
+                async with asyncio.timeout(max(budget, self.discover_timeout_s)):
+                    await _discover(cluster)
+            async with asyncio.timeout(budget):
                 if slots is None:
                     result = await fn(redis)
                 else:
@@ -204,12 +230,14 @@ class RedisClient:
             self._open_until = self._clock() + self.backoff_s
             self._failed(operation, exc)
             return default
-        except ResponseError as exc:
+        except (ResponseError, RedisClusterException) as exc:
+            # The server (or the cluster, once discovered) is up: the command
+            # was wrong, or its keys span slots, or one slot is briefly unserved.
             self._failed(operation, exc)
             if probe:
                 self._close_circuit()
             return default
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             self._open_until = self._clock() + self.backoff_s
             self._failed(operation, exc)
             return default

@@ -7,6 +7,10 @@ resolved model and the fields that change the output (``cache.cache_key``).
 It runs before the gateway touches the body. ``lookup`` and ``store`` go
 through the fail-open Redis client: an outage is a miss and no store.
 
+Identical requests in flight are coalesced (``join_flight``/``land``, over
+``cache.singleflight``): one leader goes upstream, the others wait for its
+stored answer and report ``x-tollway-cache: coalesced`` at zero cost.
+
 Only complete answers are stored (every choice finished with stop, length or
 a tool call); errors and aborted streams never are. Streams are stored once
 they end, assembled into the same completion object a non-streaming request
@@ -31,6 +35,7 @@ from cache.cache_control import (
 )
 from cache.cache_key import cache_digest
 from cache.response_cache import CachedResponse, ResponseCache, storable
+from cache.singleflight import Follower, Leader, SingleFlight
 from gateway.config import CacheConfig
 from gateway.errors import InvalidRequest
 from metering.report import RequestReport
@@ -51,10 +56,17 @@ class CachePlan:
 
 
 class CacheLayer:
-    def __init__(self, cache: ResponseCache, config: CacheConfig, policies: dict[str, Policy]):
+    def __init__(
+        self,
+        cache: ResponseCache,
+        config: CacheConfig,
+        policies: dict[str, Policy],
+        flights: SingleFlight | None = None,
+    ):
         self.cache = cache
         self.config = config
         self.policies = policies  # by tier
+        self.flights = flights if config.coalesce else None
 
     def plan(
         self,
@@ -84,6 +96,35 @@ class CacheLayer:
         if not plan.decision.lookup or plan.digest is None:
             return None
         return await self.cache.get(plan.digest, max_age_s=plan.control.max_age, now=time.time())
+
+    async def join_flight(self, plan: CachePlan) -> CachedResponse | Leader | None:
+        """After a miss: lead the upstream call (``Leader``), or wait for the one in flight.
+
+        A follower gets the leader's stored answer (coalesced), or becomes the
+        leader if the last one failed or stored nothing, or after
+        ``coalesce_wait_s`` goes upstream itself (None): nobody hangs on a
+        dead leader. Only requests whose answer may be looked up coalesce.
+        """
+        if self.flights is None or not plan.decision.lookup or plan.digest is None:
+            return None
+        flight = await self.flights.acquire(plan.digest)
+        if isinstance(flight, Leader):
+            return flight
+        if not isinstance(flight, Follower):
+            return None  # Redis unavailable: go on uncoalesced
+
+        async def stored() -> CachedResponse | None:
+            return await self.lookup(plan)
+
+        result = await self.flights.wait(
+            plan.digest, timeout_s=self.config.coalesce_wait_s, result=stored
+        )
+        return result if isinstance(result, CachedResponse | Leader) else None
+
+    async def land(self, plan: CachePlan, flight: CachedResponse | Leader | None) -> None:
+        """The leader is done (answer stored or not): followers may look now."""
+        if isinstance(flight, Leader) and self.flights is not None and plan.digest is not None:
+            await self.flights.release(plan.digest, flight.token)
 
     async def store(
         self, plan: CachePlan, completion: dict[str, Any], report: RequestReport

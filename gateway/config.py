@@ -32,6 +32,7 @@ class ListenConfig(Strict):
 
 class RedisConfig(Strict):
     url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False  # url names one node of a Redis Cluster
     call_budget_ms: PositiveFloat = 50.0  # past this a call is abandoned and the request goes on
 
 

@@ -7,7 +7,9 @@
     ├── ModelNotFound           404    model not served by any tier
     ├── RouteNotFound           404    unknown path
     ├── MethodNotAllowed        405
+    ├── IdempotencyConflict     409    the first request with this key still runs
     ├── PayloadTooLarge         413    body over ``limits.max_body_bytes``
+    ├── IdempotencyMismatch     422    the key was used with another body
     ├── BudgetExceeded          429    the tenant's daily or monthly budget is spent
     ├── ClientDisconnected      499    client left first; nothing is sent
     ├── NoHealthyUpstream       503    every replica of a tier is down
@@ -83,6 +85,25 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class IdempotencyConflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_key_in_use"
+
+    def __init__(self, message: str, *, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
+
+
+class IdempotencyMismatch(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
 
 
 class PayloadTooLarge(GatewayError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cache.idempotency import fingerprint
 from cache.response_cache import CachedResponse
 from cache.sse import CompletionBuilder, chunks_from_completion
 from gateway.auth import Authenticator
@@ -34,6 +35,7 @@ from gateway.errors import (
     UpstreamError,
     error_body,
 )
+from gateway.idempotent import IdempotencyLayer, idempotency_key
 from gateway.meter import Meter, RequestContext
 from gateway.pool import Pools
 from gateway.request_id import request_id_of
@@ -62,9 +64,11 @@ class Pipeline:
         telemetry: Telemetry,
         budgets: BudgetGuard,
         caching: CacheLayer,
+        idempotency: IdempotencyLayer | None,
         max_body_bytes: int,
     ):
         self.caching = caching
+        self.idempotency = idempotency
         self.telemetry = telemetry
         self.budgets = budgets
         self.auth = auth
@@ -80,6 +84,8 @@ class Pipeline:
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(endpoint, body)
+        idem_key = idempotency_key(request.headers.get("idempotency-key"))
+        idem_print = fingerprint({"path": endpoint.path, "body": body}) if idem_key else ""
         span = self.telemetry.start_request(
             operation=endpoint.operation,
             request_model=parsed.model,
@@ -118,17 +124,38 @@ class Pipeline:
             raw = orjson.dumps(body)
         if budget is not None:
             ctx.headers.update(budget.headers())
-        work = self._serve(ctx, raw, shaper, plan)
+
+        def serve() -> Awaitable[Response]:
+            return self._serve(ctx, raw, shaper, plan)
+
+        work: Awaitable[Response]
+        if idem_key is not None and self.idempotency is not None:
+            work = self.idempotency.run(ctx, idem_key, idem_print, serve)
+        else:
+            work = serve()
         return await cancel_on_disconnect(work, request.receive)
 
     async def _serve(
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
     ) -> Response:
-        """The cache, then (on a miss or a bypass) the upstream."""
+        """The cache, then identical requests in flight, then (on a miss) the upstream."""
         hit = await self.caching.lookup(plan)
         if hit is not None:
             return self._replay(ctx, hit, shaper, "hit")
-        return await self._forward(ctx, raw, shaper, plan)
+        flight = await self.caching.join_flight(plan)
+        if isinstance(flight, CachedResponse):
+            return self._replay(ctx, flight, shaper, "coalesced")
+        try:
+            response = await self._forward(ctx, raw, shaper, plan)
+        except BaseException:
+            await self.caching.land(plan, flight)
+            raise
+        if flight is not None:
+            if isinstance(response, EventStreamResponse):
+                response.events = _then(response.events, self.caching.land(plan, flight))
+            else:  # after the answer is stored (its background task), followers may look
+                response.background = _chain(response.background, self.caching.land(plan, flight))
+        return response
 
     def _replay(
         self, ctx: RequestContext, hit: CachedResponse, shaper: StreamShaper | None, status: str
@@ -137,7 +164,7 @@ class Pipeline:
         now = time.time()
         ctx.cache = status
         completion = {**hit.completion, "model": ctx.decision.model}
-        report = self.meter.finish(
+        report = ctx.report = self.meter.finish(
             ctx,
             replica=None,
             usage=TokenUsage(hit.prompt_tokens, hit.completion_tokens),
@@ -293,6 +320,29 @@ class Pipeline:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _then(
+    events: AsyncGenerator[bytes, None], after: Awaitable[None]
+) -> AsyncGenerator[bytes, None]:
+    """Relay ``events``, then run ``after`` whatever happened (a flight landing)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        await after
+
+
+def _chain(first: BackgroundTask | None, then: Awaitable[None]) -> BackgroundTask:
+    async def run() -> None:
+        try:
+            if first is not None:
+                await first()
+        finally:
+            await then
+
+    return BackgroundTask(run)
 
 
 async def _replay_events(events: list[bytes]) -> AsyncGenerator[bytes, None]:

@@ -6,14 +6,17 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from cache.idempotency import IdempotencyStore
 from cache.ledger import UsageLedger
 from cache.redis_client import RedisClient
 from cache.response_cache import ResponseCache
+from cache.singleflight import SingleFlight
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
 from gateway.caching import CacheLayer
 from gateway.config import Settings
 from gateway.health import HealthChecker
+from gateway.idempotent import IdempotencyLayer
 from gateway.meter import Meter, ReportSink, RequestContext
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
@@ -64,6 +67,7 @@ class Services:
             settings.redis.url,
             call_budget_s=settings.redis.call_budget_ms / 1000,
             on_failure=metrics.redis_failure,
+            cluster=settings.redis.cluster,
         )
         ledger = UsageLedger(
             redis, retention_days=settings.ledger.retention_days, on_lost=metrics.ledger_write_lost
@@ -75,7 +79,12 @@ class Services:
             max_entry_bytes=settings.cache.max_entry_bytes,
             put_budget_s=max(0.5, settings.redis.call_budget_ms / 1000),
         )
-        caching = CacheLayer(cache, settings.cache, {t.name: t.cache for t in settings.tiers})
+        flights = SingleFlight(redis, lease_s=settings.cache.coalesce_wait_s)
+        policies = {t.name: t.cache for t in settings.tiers}
+        caching = CacheLayer(cache, settings.cache, policies, flights)
+        idempotency_store = IdempotencyStore(
+            redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
+        )
         meter = Meter(settings, [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)])
         pipeline = Pipeline(
             auth=auth,
@@ -86,8 +95,10 @@ class Services:
             telemetry=telemetry,
             budgets=budgets,
             caching=caching,
+            idempotency=None,
             max_body_bytes=settings.limits.max_body_bytes,
         )
+        pipeline.idempotency = IdempotencyLayer(idempotency_store, settings.idempotency, meter)
         return cls(
             settings, auth, routes, pools, upstream, pipeline, metrics, telemetry, redis, ledger,
             budgets,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -27,6 +28,8 @@ from sim.config import SimConfig
 from sim.metrics import render
 from sim.serving import serve
 from sim.state import SIM_STATE, SimState
+
+log = logging.getLogger("sim")
 
 # Long prompts are the point of some tests; aiohttp's default cap is 1 MiB.
 _MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -99,11 +102,18 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+def _report_engine_crash(task: asyncio.Task[None]) -> None:
+    # A dead step loop would leave every request waiting forever: say so loudly.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("sim engine loop crashed", exc_info=task.exception())
+
+
 async def _engine_loop(app: web.Application) -> AsyncIterator[None]:
     state = app[SIM_STATE]
     task: asyncio.Task[None] | None = None
     if not state.config.zero_delay:
         task = asyncio.create_task(state.engine.run(), name="sim-engine-loop")
+        task.add_done_callback(_report_engine_crash)
     yield
     if task is not None:
         task.cancel()

@@ -29,8 +29,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     d = SimConfig()
     f = FaultSettings()
     net = parser.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1")
-    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    net.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     net.add_argument(
         "--model",
         "--served-model-name",
@@ -40,34 +40,122 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="served model name(s); repeat or list several for aliases (first is canonical)",
     )
-    net.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S")
+    net.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="grace for in-flight streams at shutdown (default: %(default)s)",
+    )
     net.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
-    net.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    net.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop; auto = uvloop when installed",
+    )
 
     eng = parser.add_argument_group("engine")
-    eng.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    eng.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    eng.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens)
-    eng.add_argument("--block-size", type=int, default=d.block_size)
-    eng.add_argument("--prefill-tokens-per-s", type=float, default=d.prefill_tokens_per_s)
-    eng.add_argument("--decode-base-ms", type=float, default=d.decode_base_ms)
-    eng.add_argument("--decode-per-seq-ms", type=float, default=d.decode_per_seq_ms)
+    eng.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="batch slots (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--max-model-len",
+        type=int,
+        default=d.max_model_len,
+        help="context window in tokens (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=d.kv_cache_tokens,
+        help="KV cache capacity in tokens (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--block-size",
+        type=int,
+        default=d.block_size,
+        help="KV block size in tokens (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--prefill-tokens-per-s",
+        type=float,
+        default=d.prefill_tokens_per_s,
+        help="prefill speed; inf = free (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--decode-base-ms",
+        type=float,
+        default=d.decode_base_ms,
+        help="fixed cost of a decode step (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--decode-per-seq-ms",
+        type=float,
+        default=d.decode_per_seq_ms,
+        help="step cost per running sequence (default: %(default)s)",
+    )
     eng.add_argument(
         "--zero-delay",
         action="store_true",
         help="every step costs nothing (overrides the three timing flags): for load tests",
     )
-    eng.add_argument("--output-tokens-min", type=int, default=d.output_tokens_min)
-    eng.add_argument("--output-tokens-max", type=int, default=d.output_tokens_max)
-    eng.add_argument("--seed", type=int, default=d.seed)
+    eng.add_argument(
+        "--output-tokens-min",
+        type=int,
+        default=d.output_tokens_min,
+        help="shortest natural answer (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--output-tokens-max",
+        type=int,
+        default=d.output_tokens_max,
+        help="longest natural answer (default: %(default)s)",
+    )
+    eng.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seeds the output corpus and fault RNG (default: %(default)s)",
+    )
 
     flt = parser.add_argument_group("fault injection (also settable at runtime: /sim/faults)")
-    flt.add_argument("--error-rate", type=float, default=f.error_rate)
-    flt.add_argument("--error-status", type=int, default=f.error_status)
-    flt.add_argument("--added-latency-ms", type=float, default=f.added_latency_ms)
-    flt.add_argument("--hang-rate", type=float, default=f.hang_rate)
-    flt.add_argument("--die-mid-stream-rate", type=float, default=f.die_mid_stream_rate)
-    flt.add_argument("--die-after-tokens", type=int, default=f.die_after_tokens)
+    flt.add_argument(
+        "--error-rate",
+        type=float,
+        default=f.error_rate,
+        help="fraction of requests failed with --error-status",
+    )
+    flt.add_argument(
+        "--error-status",
+        type=int,
+        default=f.error_status,
+        help="status of injected errors (default: %(default)s)",
+    )
+    flt.add_argument(
+        "--added-latency-ms",
+        type=float,
+        default=f.added_latency_ms,
+        help="delay before every completion response",
+    )
+    flt.add_argument(
+        "--hang-rate", type=float, default=f.hang_rate, help="fraction of requests never answered"
+    )
+    flt.add_argument(
+        "--die-mid-stream-rate",
+        type=float,
+        default=f.die_mid_stream_rate,
+        help="fraction of requests whose connection is cut",
+    )
+    flt.add_argument(
+        "--die-after-tokens",
+        type=int,
+        default=f.die_after_tokens,
+        help="tokens sent before the cut (default: %(default)s)",
+    )
     flt.add_argument("--unhealthy", action="store_true", help="GET /health answers 503")
 
 

@@ -87,6 +87,8 @@ class RecordedRequest:
 
 
 class SimState:
+    """Everything the handlers of one simulator app share; built once by `create_app`."""
+
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.served_models = frozenset(config.served_model_names)

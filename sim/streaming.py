@@ -18,7 +18,7 @@ from sim.protocol import GenerationRequest
 from sim.responses import DONE, Shaper
 from sim.state import SimState
 
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8"}
 
 
 async def stream(

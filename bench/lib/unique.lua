@@ -1,6 +1,6 @@
--- wrk script for bench/overhead/run.py: POST /v1/chat/completions where every
--- request carries a unique prompt, so no response cache can turn the benchmark
--- into a cache-hit benchmark.
+-- wrk script for the benchmarks under bench/ (run by bench/lib/wrk.py):
+-- POST /v1/chat/completions where every request carries a unique prompt, so no
+-- response cache can turn the benchmark into a cache-hit benchmark.
 --
 -- Usage: wrk ... -s unique.lua URL -- MODEL API_KEY NONCE STREAM(0|1) MAX_TOKENS
 --

@@ -1,0 +1,63 @@
+"""One timed wrk run with the CPU figures taken around it.
+
+The gateway's and the upstream's CPU time (utime + stime, all threads) and
+each core's busy share are read before the run and after it. ``settle_s``
+keeps the processes' window open after wrk stops, so work a request leaves
+behind (batched span export, ledger writes) is charged to the run that caused
+it; the busy shares (the cores', the gateway's) cover wrk's run only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.lib.cpu import busy_fraction, cpu_seconds, cpu_times
+from bench.lib.procs import Proc
+from bench.lib.wrk import Wrk, WrkStats
+
+
+@dataclass(frozen=True)
+class Sample:
+    stats: WrkStats
+    gateway_cpu_s: float  # the whole window, settle included
+    gateway_run_cpu_s: float  # while wrk ran
+    upstream_cpu_s: float
+    core_busy: dict[int, float]  # whole core, every process on it, while wrk ran
+
+    @property
+    def gateway_cpu_us_per_request(self) -> float:
+        return self.gateway_cpu_s * 1e6 / self.stats.requests
+
+    @property
+    def gateway_busy(self) -> float:
+        """The gateway's CPU time over wrk's wall time: about 1.0 when it saturates a core."""
+        return self.gateway_run_cpu_s / self.stats.duration_s
+
+
+def measure(
+    wrk: Wrk,
+    url: str,
+    key: str,
+    connections: int,
+    duration: float,
+    *,
+    gateway: Proc,
+    upstream: Proc,
+    cores: Sequence[int],
+    stream: bool = False,
+    settle_s: float = 0.0,
+) -> Sample:
+    cores_before = cpu_times(cores)
+    gw_before = cpu_seconds(gateway.pid)
+    up_before = cpu_seconds(upstream.pid)
+    stats = wrk.run(url, key, connections, duration, stream=stream, logs=(gateway, upstream))
+    gw_run_cpu = cpu_seconds(gateway.pid) - gw_before
+    cores_after = cpu_times(cores)
+    if settle_s > 0:
+        time.sleep(settle_s)
+    gw_cpu = cpu_seconds(gateway.pid) - gw_before
+    up_cpu = cpu_seconds(upstream.pid) - up_before
+    busy = {c: busy_fraction(cores_before[c], cores_after[c]) for c in cores}
+    return Sample(stats, gw_cpu, gw_run_cpu, up_cpu, busy)

@@ -1,0 +1,1 @@
+"""bench/metering: what metering (Prometheus, spans, the Redis ledger) costs the gateway."""

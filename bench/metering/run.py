@@ -1,0 +1,241 @@
+"""Metering's own CPU cost: the gateway with metering, spans and ledger on vs off, in one run.
+
+Starts a real ``redis-server``, a null OTLP/HTTP collector, the simulator with
+``--zero-delay`` (all on the load core, with wrk) and two gateways on the
+gateway core:
+
+- **on**: metering enabled (the default), its ledger in that Redis, spans
+  exported over OTLP/HTTP to the collector (``OTEL_EXPORTER_OTLP_ENDPOINT``),
+  Prometheus counting;
+- **off**: ``metering: {enabled: false}``, no ``OTEL_*`` variables, the same
+  Redis URL (unused).
+
+The same 16-connection non-streaming wrk load (unique prompts) goes to each,
+alternating, ``--repeats`` times; the result is the gateway's CPU time per
+request (utime+stime from /proc/PID/stat) and requests/s, medians, and the
+overhead (on - off) / off against the target (<= 10%). Afterwards it checks
+that "on" really metered (Prometheus, ledger, spans received) and "off" did
+not. Prints a Markdown table and, unless ``--no-record``, appends it to
+``bench/RESULTS.md``. See ``bench/metering/README.md``.
+
+    .venv/bin/python bench/metering/run.py [--duration 10] [--repeats 3] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
+
+from bench.lib import BenchError
+from bench.lib.cpu import load_average, two_cpus_problem
+from bench.lib.measure import measure
+from bench.lib.otlp_sink import Sink, start_sink
+from bench.lib.procs import Procs, guarded, install_signal_handlers, run_quiet
+from bench.lib.redis_server import start_redis
+from bench.lib.report import RESULTS, command_line, record, section_head
+from bench.lib.stack import (
+    MODEL,
+    Server,
+    gateway_config,
+    sanity_check,
+    start_gateway,
+    start_sim,
+    wait_gateway,
+    wait_sim,
+)
+from bench.lib.wrk import Wrk, ensure_wrk
+from bench.metering.checks import check_metered, check_spans
+from bench.metering.summary import (
+    SIDES,
+    TARGET_PCT,
+    Run,
+    contention_note,
+    overhead_pct,
+    paired_pcts,
+    per_run_lines,
+    progress_line,
+    table,
+)
+
+KEYS = {"on": "sk-tollway-bench-metering-on", "off": "sk-tollway-bench-metering-off"}
+TENANTS = {"on": "bench-on", "off": "bench-off"}
+COST_HEADER = "x-tollway-cost-usd"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per side")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=6.0,
+        help="seconds the CPU window stays open after each run, so the last span batch "
+        "(the SDK exports every 5 s) and ledger writes count",
+    )
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--gateway-cpu", type=int, default=0, help="both gateways")
+    parser.add_argument(
+        "--load-cpu", type=int, default=1, help="wrk, simulator, Redis and the collector"
+    )
+    args = parser.parse_args(argv)
+    if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.settle < 0:
+        parser.error("--duration, --repeats and --connections must be at least 1, --settle >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    problem = two_cpus_problem(args.gateway_cpu, args.load_cpu)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    command = command_line()
+    return guarded("metering", lambda procs, tmp: execute(args, procs, tmp, command))
+
+
+def clean_env() -> dict[str, str]:
+    """This environment minus anything that would switch tracing on or move the config."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TOLLWAY_"))}
+
+
+def start_stack(
+    args: argparse.Namespace, procs: Procs, tmp: Path
+) -> tuple[Server, Sink, dict[str, Server]]:
+    redis = start_redis(procs, tmp, args.load_cpu)
+    sink = start_sink(procs, tmp, args.load_cpu)
+    sim = start_sim(procs, tmp, args.load_cpu)
+    keys: list[dict[str, Any]] = [
+        {"key": KEYS["on"], "tenant": TENANTS["on"], "admin": True},  # reads /v1/usage
+        {"key": KEYS["off"], "tenant": TENANTS["off"]},
+    ]
+    redis_section = {"url": redis.url}
+    envs = {"on": {**clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": sink.base}, "off": clean_env()}
+    configs = {
+        "on": gateway_config(sim, keys, redis=redis_section),
+        "off": gateway_config(sim, keys, redis=redis_section, metering={"enabled": False}),
+    }
+    gateways = {
+        name: start_gateway(
+            procs, tmp, args.gateway_cpu, configs[name], name=f"gateway-{name}", env=envs[name]
+        )
+        for name in SIDES
+    }
+    wait_sim(sim, args.load_cpu)
+    for name in SIDES:
+        wait_gateway(gateways[name], args.gateway_cpu)
+        headers = sanity_check(f"gateway-{name}", gateways[name].chat_url, KEYS[name], gateway=True)
+        if (COST_HEADER in headers) != (name == "on"):
+            have = "has" if COST_HEADER in headers else "lacks"
+            raise BenchError(f"gateway-{name}'s answer {have} {COST_HEADER}: metering isn't {name}")
+    return sim, sink, gateways
+
+
+def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> None:
+    started = dt.datetime.now(dt.UTC)
+    load_before = load_average()
+    wrk = Wrk(ensure_wrk(), args.load_cpu, MODEL, args.max_tokens)
+    sim, sink, gateways = start_stack(args, procs, tmp)
+    print(
+        f"gateways on cpu {args.gateway_cpu}: on pid {gateways['on'].proc.pid}, off pid "
+        f"{gateways['off'].proc.pid}; simulator, Redis, OTLP collector and wrk on cpu "
+        f"{args.load_cpu}; load average {load_before}",
+        flush=True,
+    )
+    print(f"warming up ({args.warmup:.0f} s per side) ...", flush=True)
+    for name in SIDES:
+        gw = gateways[name]
+        wrk.run(gw.chat_url, KEYS[name], args.connections, args.warmup, logs=(gw.proc, sim.proc))
+    print(
+        f"measuring: {args.repeats} x {args.duration:.0f} s per side (+ {args.settle:g} s "
+        f"settle), {args.connections} connections",
+        flush=True,
+    )
+    runs: list[Run] = []
+    for repeat in range(args.repeats):
+        order = SIDES if repeat % 2 == 0 else SIDES[::-1]  # on off, off on, ...: cancels drift
+        for name in order:
+            sample = measure(
+                wrk, gateways[name].chat_url, KEYS[name], args.connections, args.duration,
+                gateway=gateways[name].proc, upstream=sim.proc,
+                cores=(args.gateway_cpu, args.load_cpu), settle_s=args.settle,
+            )  # fmt: skip
+            runs.append(Run(name, repeat, sample))
+            print(
+                progress_line(runs[-1], args.repeats, args.gateway_cpu, args.load_cpu), flush=True
+            )
+    metered = check_metered(
+        gateways["on"], gateways["off"], KEYS["on"], (TENANTS["on"], TENANTS["off"]), started
+    )
+    procs.stop(gateways["on"].proc)  # a graceful stop flushes the last spans
+    spans = sink.stats()
+    check_spans(spans)
+    load_after = load_average()
+    result = table(runs, args.gateway_cpu)
+    paired = ", ".join(f"{p:+.1f}%" for p in paired_pcts(runs))
+    cost = overhead_pct(runs, args.gateway_cpu)
+    notes = [
+        f"load average (1/5/15 min): {load_before} before, {load_after} after",
+        f"medians of {args.repeats} runs of {args.duration} s per side, alternating; "
+        f"{args.connections} connections, non-streaming, unique prompts, max_tokens "
+        f"{args.max_tokens}; upstream = `tollway sim --zero-delay`; each run's CPU window "
+        f"stays open {args.settle:g} s after wrk stops (span batches, ledger writes)",
+        f"metering's cost in gateway CPU per request: {cost:+.1f}% (target <= +{TARGET_PCT:.0f}%:"
+        f" {'met' if cost <= TARGET_PCT else 'NOT met'}); per repeat: {paired}",
+        f"the on gateway metered: Prometheus counted {metered.prometheus_requests:,} requests, "
+        f"the ledger {metered.ledger_requests:,} (tenant {TENANTS['on']}), the collector "
+        f"received {spans['spans']:,} spans in {spans['exports']:,} exports "
+        f"({spans['spans'] / metered.prometheus_requests:.1f} per request); the off gateway: "
+        "none of these",
+        contention_note(runs, args.gateway_cpu),
+    ]
+    failure = metered.failure_note()
+    if failure:
+        notes.append(failure)
+    print()
+    print(result)
+    print()
+    for note in notes:
+        print(f"- {note}")
+    if args.no_record:
+        return
+    section = "\n".join(
+        [
+            *section_head("metering (on vs off)", started, command, [redis_version()]),
+            f"- pinning: both gateways on cpu {args.gateway_cpu}; wrk, simulator, Redis and "
+            f"the OTLP collector on cpu {args.load_cpu}",
+            *(f"- {note}" for note in notes),
+            "",
+            result,
+            "",
+            "<details><summary>individual runs</summary>",
+            "",
+            per_run_lines(runs, args.gateway_cpu, args.load_cpu),
+            "",
+            "</details>",
+            "",
+        ]
+    )
+    record(section)
+    print(f"\nappended to {RESULTS}")
+
+
+def redis_version() -> str:
+    words = run_quiet(["redis-server", "--version"]).stdout.split()
+    version = next((w.removeprefix("v=") for w in words if w.startswith("v=")), "unknown")
+    return f"redis-server {version}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""``Idempotency-Key``: a retried request is answered once, and replayed after.
+
+Semantics of the IETF httpapi idempotency-key draft, per tenant:
+
+- the first request with a key runs; its final answer (status, body and the
+  headers that matter; for a stream, every event the client got) is stored
+  for ``idempotency.ttl_s``;
+- a retry with the same key and body gets that answer replayed, with
+  ``Idempotent-Replayed: true`` and zero cost (``x-tollway-cache: replay``);
+  a stream is replayed as a stream;
+- a retry that arrives while the first still runs waits for it (also across
+  gateway processes: the state is in Redis) up to ``idempotency.wait_s``,
+  then gets 409 with ``Retry-After``;
+- the same key with another body is a 422;
+- a first attempt that fails (5xx, 408, 429, upstream unreachable, a stream
+  cut mid-way, a client that left) releases the key so a retry can run; a
+  gateway that dies holds it only until its lease (renewed while it works)
+  lapses.
+
+Redis down: the request runs unprotected (fail open).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from decimal import Decimal
+
+import orjson
+from starlette.responses import Response
+
+from cache.idempotency import (
+    Begun,
+    Conflict,
+    IdempotencyStore,
+    Mismatch,
+    Outcome,
+    Replay,
+    Running,
+    StoredResponse,
+    Unprotected,
+)
+from gateway.config import IdempotencyConfig
+from gateway.errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
+from gateway.meter import Meter, RequestContext
+from gateway.streaming import EventStreamResponse
+from metering.report import HEADER_PREFIX
+from metering.usage import TokenUsage
+
+log = logging.getLogger("tollway.idempotency")
+
+HEADER = "idempotency-key"
+# Headers of the first answer worth keeping; cost figures are kept to report savings.
+KEPT = ("content-type", "x-tollway-tier", "x-tollway-model", "x-tollway-prompt-tokens",
+        "x-tollway-completion-tokens", "x-tollway-cost-usd")  # fmt: skip
+RELEASE_STATUS = frozenset({408, 429})  # and every 5xx: a retry may succeed
+
+
+def idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    key = raw.strip().strip('"')  # the draft sends it as a quoted string
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise InvalidRequest(
+            "The Idempotency-Key header must be 1 to 255 printable ASCII characters.",
+            param=HEADER,
+            code="invalid_header",
+        )
+    return key
+
+
+class IdempotencyLayer:
+    def __init__(self, store: IdempotencyStore, config: IdempotencyConfig, meter: Meter):
+        self.store = store
+        self.config = config
+        self.meter = meter
+
+    async def run(
+        self,
+        ctx: RequestContext,
+        key: str,
+        fingerprint: str,
+        serve: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        outcome: Outcome | Conflict = await self.store.begin(ctx.tenant, key, fingerprint)
+        if isinstance(outcome, Running):
+            outcome = await self.store.wait(
+                ctx.tenant, key, fingerprint, timeout_s=self.config.wait_s
+            )
+        if isinstance(outcome, Replay):
+            return self._replay(ctx, outcome.response)
+        if isinstance(outcome, Mismatch):
+            raise IdempotencyMismatch(
+                "This Idempotency-Key was already used with a different request body.",
+                param=HEADER,
+            )
+        if isinstance(outcome, Conflict):
+            raise IdempotencyConflict(
+                "A request with this Idempotency-Key is still being processed; retry later.",
+                retry_after_s=outcome.retry_after_s,
+            )
+        if isinstance(outcome, Unprotected):
+            return await serve()
+        assert isinstance(outcome, Begun)
+        return await self._first(ctx, key, outcome.token, serve)
+
+    async def _first(
+        self,
+        ctx: RequestContext,
+        key: str,
+        token: str,
+        serve: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        try:
+            async with self.store.renewer(ctx.tenant, key, token):
+                response = await serve()
+        except BaseException:
+            await self.store.release(ctx.tenant, key, token)
+            raise
+        if isinstance(response, EventStreamResponse):
+            kept = _kept(response)
+            response.events = self._keep_stream(ctx, key, token, response.events, kept)
+            return response
+        if response.status_code >= 500 or response.status_code in RELEASE_STATUS:
+            await self.store.release(ctx.tenant, key, token)
+            return response
+        stored = StoredResponse(response.status_code, _kept(response), body=bytes(response.body))
+        if not await self.store.complete(ctx.tenant, key, token, stored):
+            log.warning("idempotency key of tenant %s lost before it was completed", ctx.tenant)
+        return response
+
+    async def _keep_stream(
+        self,
+        ctx: RequestContext,
+        key: str,
+        token: str,
+        inner: AsyncGenerator[bytes, None],
+        headers: dict[str, str],
+    ) -> AsyncGenerator[bytes, None]:
+        """Relay the stream, keep every event, store them if it completed, else release."""
+        events: list[bytes] = []
+        complete = False
+        try:
+            async with self.store.renewer(ctx.tenant, key, token):
+                async for event in inner:
+                    events.append(event)
+                    yield event
+            report = ctx.report
+            complete = report is not None and report.status == 200
+        finally:
+            await inner.aclose()
+            if not complete:
+                await self.store.release(ctx.tenant, key, token)
+        if ctx.report is not None:
+            headers.update(
+                {k: v for k, v in ctx.report.headers().items() if k in KEPT}  # tokens, cost
+            )
+        stored = StoredResponse(200, headers, events=events)
+        if not await self.store.complete(ctx.tenant, key, token, stored):
+            log.warning("idempotency key of tenant %s lost before it was completed", ctx.tenant)
+
+    def _replay(self, ctx: RequestContext, stored: StoredResponse) -> Response:
+        ctx.cache = "replay"
+        headers = stored.headers
+        saved = Decimal(headers.get("x-tollway-cost-usd", "0"))
+        usage = TokenUsage(
+            int(headers.get("x-tollway-prompt-tokens", 0)),
+            int(headers.get("x-tollway-completion-tokens", 0)),
+        )
+        report = self.meter.finish(
+            ctx, replica=None, usage=usage, status=stored.status, saved=saved
+        )
+        out = {k: v for k, v in headers.items() if not k.startswith(HEADER_PREFIX)}
+        out.update(report.headers())
+        out.update({"x-tollway-tier": ctx.decision.tier, "x-tollway-model": ctx.decision.model})
+        out.update({"idempotent-replayed": "true", "x-tollway-cache": "replay"})
+        if stored.events is None:
+            out.pop("content-type", None)
+            return Response(
+                stored.body or b"", stored.status, out, media_type=headers.get("content-type")
+            )
+        out.pop("content-type", None)
+        figures = report.stream_object()
+        return EventStreamResponse(_replayed_events(stored.events, figures), out)
+
+
+def _kept(response: Response) -> dict[str, str]:
+    return {name: response.headers[name] for name in KEPT if name in response.headers}
+
+
+async def _replayed_events(
+    events: list[bytes], figures: dict[str, object]
+) -> AsyncGenerator[bytes, None]:
+    """The stored events, with the final ``tollway`` object saying what this replay cost."""
+    for event in events:
+        if b'"tollway"' in event and event.startswith(b"data: {"):
+            chunk = orjson.loads(event[6:])
+            chunk["tollway"] = figures
+            event = b"data: " + orjson.dumps(chunk) + b"\n\n"
+        yield event
