@@ -301,6 +301,7 @@ class UsageLedger:
         on_lost: Callable[[int], None] = _ignore_lost,
         max_queue: int = 100_000,
         batch_size: int = 500,
+        linger_s: float = 0.05,
         stream_maxlen: int = 1_000_000,
         write_budget_s: float = 2.0,
         query_budget_s: float = 10.0,
@@ -313,6 +314,7 @@ class UsageLedger:
         self.on_lost = on_lost
         self.max_queue = max_queue
         self.batch_size = batch_size
+        self.linger_s = linger_s
         self.stream_maxlen = stream_maxlen
         self.write_budget_s = write_budget_s
         self.query_budget_s = query_budget_s
@@ -402,6 +404,10 @@ class UsageLedger:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if len(self._queue) < self.batch_size and not self._stopping:
+                # Linger so a busy gateway writes a few large batches a second
+                # instead of a round trip per request (measured: bench/metering).
+                await asyncio.sleep(self.linger_s)
             taken = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             batch = self._entries(taken)
             self._busy = True

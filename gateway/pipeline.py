@@ -139,7 +139,12 @@ class Pipeline:
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
     ) -> Response:
         """The cache, then identical requests in flight, then (on a miss) the upstream."""
-        hit = await self.caching.lookup(plan)
+        if plan.decision.lookup and ctx.span is not None:
+            with ctx.span.child("tollway.cache_lookup") as step:
+                hit = await self.caching.lookup(plan)
+                step.set_attribute("tollway.cache", "hit" if hit else "miss")
+        else:
+            hit = None
         if hit is not None:
             return self._replay(ctx, hit, shaper, "hit")
         flight = await self.caching.join_flight(plan)

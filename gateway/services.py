@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -143,13 +144,16 @@ def ledger_sink(ledger: UsageLedger) -> ReportSink:
     return sink
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(url: str) -> tuple[str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
+
+
 def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
     if ctx.span is None:
         return
-    address = port = None
-    if report.replica is not None:
-        parts = urlsplit(report.replica)
-        address, port = parts.hostname, parts.port
+    address, port = _address(report.replica) if report.replica else (None, None)
     ctx.span.finish(
         report,
         server_address=address,

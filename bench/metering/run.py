@@ -83,12 +83,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds the CPU window stays open after each run, so the last span batch "
         "(the SDK exports every 5 s) and ledger writes count",
     )
+    parser.add_argument(
+        "--span-sampling",
+        type=float,
+        default=1.0,
+        help="fraction of requests traced by the 'on' gateway (OTEL_TRACES_SAMPLER="
+        "parentbased_traceidratio); metrics and ledger always see every request",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--gateway-cpu", type=int, default=0, help="both gateways")
     parser.add_argument(
         "--load-cpu", type=int, default=1, help="wrk, simulator, Redis and the collector"
     )
     args = parser.parse_args(argv)
+    if not 0 < args.span_sampling <= 1:
+        parser.error("--span-sampling must be in (0, 1]")
     if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.settle < 0:
         parser.error("--duration, --repeats and --connections must be at least 1, --settle >= 0")
     return args
@@ -121,7 +130,11 @@ def start_stack(
         {"key": KEYS["off"], "tenant": TENANTS["off"]},
     ]
     redis_section = {"url": redis.url}
-    envs = {"on": {**clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": sink.base}, "off": clean_env()}
+    on_env = {**clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": sink.base}
+    if args.span_sampling < 1.0:
+        on_env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        on_env["OTEL_TRACES_SAMPLER_ARG"] = str(args.span_sampling)
+    envs = {"on": on_env, "off": clean_env()}
     configs = {
         "on": gateway_config(sim, keys, redis=redis_section),
         "off": gateway_config(sim, keys, redis=redis_section, metering={"enabled": False}),

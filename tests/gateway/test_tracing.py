@@ -139,7 +139,8 @@ def test_request_span_tree_and_attributes(traced: tuple[Proc, Proc, Collector]) 
     assert "a secret prompt" not in str(collector.spans)  # content is opt-in
 
     by_parent = {s.name: s for s in collector.spans if s.parent_span_id == span.span_id}
-    assert set(by_parent) == {"tollway.route", "POST"}
+    assert set(by_parent) == {"tollway.route", "tollway.cache_lookup", "POST"}
+    assert attributes(by_parent["tollway.cache_lookup"]) == {"tollway.cache": "miss"}
     upstream = by_parent["POST"]
     assert attributes(upstream)["http.response.status_code"] == 200
     sent = http_json("GET", small.url + "/sim/requests")[-1]["headers"]
