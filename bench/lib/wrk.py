@@ -2,8 +2,10 @@
 
 ``unique.lua`` gives every request a unique prompt (so no response cache can
 answer it) and prints one ``TOLLWAY_BENCH {json}`` line from its ``done()``
-hook with exact microsecond percentiles. A run with any error (non-2xx, socket
-error, timeout) raises: a benchmark of errors is worthless.
+hook with exact microsecond percentiles (another script taking the same
+arguments and printing the same line may replace it: ``Wrk.script``). A run
+with any error (non-2xx, socket error, timeout) raises: a benchmark of errors
+is worthless.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Wrk:
     cpu: int
     model: str
     max_tokens: int
+    script: Path = LUA  # args: MODEL API_KEY NONCE STREAM MAX_TOKENS; prints TOLLWAY_BENCH
 
     def argv(
         self, url: str, key: str, connections: int, duration: float, stream: bool
@@ -103,7 +106,7 @@ class Wrk:
             self.cpu,
             [
                 self.path, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
-                "--latency", "--timeout", "10s", "-s", str(LUA), url,
+                "--latency", "--timeout", "10s", "-s", str(self.script), url,
                 "--", self.model, key, nonce, "1" if stream else "0", str(self.max_tokens),
             ],
         )  # fmt: skip

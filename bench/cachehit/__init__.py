@@ -1,0 +1,1 @@
+"""bench/cachehit: cache-hit throughput and latency of the gateway on one core."""
