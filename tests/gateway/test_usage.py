@@ -181,6 +181,11 @@ def test_redis_outage_fails_open_and_recovers(procs: list[Proc], log_dir: Path) 
         redis_server.stop()
         for i in range(10):
             ask(i)  # every request still succeeds
+        outage = [client.chat.completions.with_raw_response.create(
+            model="sim-small", messages=[{"role": "user", "content": "cache down"}],
+            max_tokens=4, temperature=0, extra_headers={"idempotency-key": f"k{i}"},
+        ).headers["x-tollway-cache"] for i in range(3)]  # fmt: skip
+        assert outage == ["miss"] * 3  # looked up, found nothing, stored nothing
         assert usage(gateway, KEY).status_code == 503
         metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
         assert "tollway_redis_failures_total" in metrics
@@ -195,3 +200,9 @@ def test_redis_outage_fails_open_and_recovers(procs: list[Proc], log_dir: Path) 
             assert time.monotonic() < deadline, "the ledger did not resume after Redis returned"
             time.sleep(0.3)
         assert json.loads(response.text)["total"]["requests"] >= 1
+        # ...and so does the response cache, without restarting the gateway.
+        cached = {"model": "sim-small", "max_tokens": 4, "temperature": 0,
+                  "messages": [{"role": "user", "content": "after the outage"}]}  # fmt: skip
+        statuses = [client.chat.completions.with_raw_response.create(**cached)
+                    .headers["x-tollway-cache"] for _ in range(2)]  # fmt: skip
+        assert statuses == ["miss", "hit"]

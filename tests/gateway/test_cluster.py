@@ -1,0 +1,56 @@
+"""The gateway against a local 3-node Redis Cluster: cache, coalescing, idempotency, ledger."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import openai
+
+from tests.conftest import FAST_SIM, KEY, gateway_config
+from tests.support.procs import start_gateway, start_sim
+from tests.support.redis_server import run_redis
+
+
+def test_gateway_on_a_redis_cluster(log_dir: Path) -> None:
+    with run_redis(cluster=True) as cluster:
+        sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+        config = gateway_config([sims[0].url], [sims[1].url], cluster.url)
+        config["redis"]["cluster"] = True
+        gateway = start_gateway(log_dir, config)
+        try:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+            statuses = []
+            for content in (f"cluster {uuid.uuid4()}" for _ in range(6)):  # keys on many slots
+                for _ in range(2):
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="sim-small", max_tokens=4, temperature=0,
+                        messages=[{"role": "user", "content": content}],
+                    )  # fmt: skip
+                    statuses.append(raw.headers["x-tollway-cache"])
+            assert statuses == ["miss", "hit"] * 6
+
+            key = {"idempotency-key": f"cluster-{uuid.uuid4()}"}
+            first = client.completions.with_raw_response.create(
+                model="sim-large", prompt="x", max_tokens=3, extra_headers=key
+            )
+            again = client.completions.with_raw_response.create(
+                model="sim-large", prompt="x", max_tokens=3, extra_headers=key
+            )
+            assert "idempotent-replayed" not in first.headers
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.parse().choices[0].text == first.parse().choices[0].text
+
+            deadline = time.monotonic() + 10
+            while True:
+                usage = client.get("/usage", cast_to=object)  # the usage API, same key
+                assert isinstance(usage, dict)
+                if usage["total"]["requests"] >= 14:
+                    break
+                assert time.monotonic() < deadline, f"ledger incomplete: {usage['total']}"
+                time.sleep(0.1)
+        finally:
+            gateway.stop()
+            for sim in sims:
+                sim.stop()
