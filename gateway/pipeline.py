@@ -10,9 +10,10 @@ alias was routed), so unknown fields reach vLLM untouched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -33,7 +34,6 @@ from gateway.errors import (
     ModelNotFound,
     PayloadTooLarge,
     UpstreamError,
-    error_body,
 )
 from gateway.idempotent import IdempotencyLayer, idempotency_key
 from gateway.meter import Meter, RequestContext
@@ -43,6 +43,7 @@ from gateway.schemas import Endpoint, validate
 from gateway.stream_shaper import StreamShaper, upstream_stream_options
 from gateway.streaming import DONE, EventStreamResponse, StreamEnd, relay_events
 from gateway.upstream import UpstreamClient, UpstreamReply
+from gateway.upstream_errors import upstream_failure
 from metering.telemetry import Content, Telemetry
 from metering.usage import TokenUsage
 from router.table import Decision, RouteTable, UnknownModel
@@ -157,9 +158,11 @@ class Pipeline:
             raise
         if flight is not None:
             if isinstance(response, EventStreamResponse):
-                response.events = _then(response.events, self.caching.land(plan, flight))
+                land = functools.partial(self.caching.land, plan, flight)
+                response.events = _then(response.events, land)
             else:  # after the answer is stored (its background task), followers may look
-                response.background = _chain(response.background, self.caching.land(plan, flight))
+                land = functools.partial(self.caching.land, plan, flight)
+                response.background = _chain(response.background, land)
         return response
 
     def _replay(
@@ -209,7 +212,8 @@ class Pipeline:
             )
             if shaper is not None and reply.status == 200:
                 events = relay_events(reply, shaper, self._stream_end(ctx, reply, shaper))
-                return EventStreamResponse(self._store_after(events, ctx, shaper, plan), headers)
+                store = functools.partial(self._store_stream, ctx, shaper, plan)
+                return EventStreamResponse(_then(events, store), headers)
             data = await reply.read()
         except BaseException as exc:
             # The request occupied replicas (failed attempts, or a client that
@@ -227,7 +231,7 @@ class Pipeline:
         if not self.meter.enabled and reply.status == 200:
             return Response(data, headers=headers, media_type=JSON)
         if reply.status != 200:
-            response = _upstream_failure(reply, data, headers)
+            response = upstream_failure(reply, data, headers)
             report = self.meter.finish(
                 ctx, replica=reply.replica, usage=None, status=response.status_code,
                 error_type=f"upstream_{reply.status}",
@@ -257,19 +261,10 @@ class Pipeline:
             response.background = BackgroundTask(self.caching.store, plan, completion, report)
         return response
 
-    async def _store_after(
-        self,
-        events: AsyncGenerator[bytes, None],
-        ctx: RequestContext,
-        shaper: StreamShaper,
-        plan: CachePlan,
-    ) -> AsyncGenerator[bytes, None]:
-        """Relay ``events``; once the stream is complete, store its answer in the cache."""
-        try:
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
+    async def _store_stream(
+        self, ctx: RequestContext, shaper: StreamShaper, plan: CachePlan
+    ) -> None:
+        """After a stream: store its answer in the cache if it completed."""
         report = ctx.report
         if shaper.builder is None or report is None or report.status != 200:
             return
@@ -328,24 +323,24 @@ class Pipeline:
 
 
 async def _then(
-    events: AsyncGenerator[bytes, None], after: Awaitable[None]
+    events: AsyncGenerator[bytes, None], after: Callable[[], Awaitable[None]]
 ) -> AsyncGenerator[bytes, None]:
-    """Relay ``events``, then run ``after`` whatever happened (a flight landing)."""
+    """Relay ``events``, then run ``after()`` however the stream ended."""
     try:
         async for event in events:
             yield event
     finally:
         await events.aclose()
-        await after
+        await after()
 
 
-def _chain(first: BackgroundTask | None, then: Awaitable[None]) -> BackgroundTask:
+def _chain(first: BackgroundTask | None, then: Callable[[], Awaitable[None]]) -> BackgroundTask:
     async def run() -> None:
         try:
             if first is not None:
                 await first()
         finally:
-            await then
+            await then()
 
     return BackgroundTask(run)
 
@@ -387,44 +382,3 @@ def _parse_json(raw: bytes) -> Any:
 
 def _report_headers(decision: Decision) -> dict[str, str]:
     return {"x-tollway-tier": decision.tier, "x-tollway-model": decision.model}
-
-
-def _upstream_failure(reply: UpstreamReply, data: bytes, headers: dict[str, str]) -> Response:
-    """Relay vLLM's 4xx (the client's fault) in OpenAI shape; turn its 5xx into a 502."""
-    message = _upstream_message(data) or f"The upstream answered HTTP {reply.status}."
-    if reply.status >= 500:
-        error: GatewayError = UpstreamError(
-            f"The upstream replica {reply.replica.url} failed: {message}"
-        )
-        status = error.status
-        body = error.body()
-    else:
-        status = reply.status
-        body = _upstream_error_body(data) or error_body(message, "invalid_request_error")
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)
-
-
-def _upstream_error_body(data: bytes) -> dict[str, Any] | None:
-    """vLLM's error JSON in OpenAI's shape: new vLLM nests it under "error", old vLLM did not."""
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(parsed, dict):
-        return None
-    nested = parsed.get("error")
-    inner: dict[str, Any] = nested if isinstance(nested, dict) else parsed
-    if not isinstance(inner.get("message"), str):
-        return None
-    code = inner.get("code")
-    return error_body(
-        inner["message"],
-        str(inner.get("type") or "invalid_request_error"),
-        param=inner.get("param") if isinstance(inner.get("param"), str) else None,
-        code=None if code is None else str(code),
-    )
-
-
-def _upstream_message(data: bytes) -> str | None:
-    body = _upstream_error_body(data)
-    return None if body is None else str(body["error"]["message"])
