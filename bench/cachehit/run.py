@@ -49,6 +49,7 @@ from bench.cachehit.summary import (
     missed,
     per_run_lines,
     progress_line,
+    quiet_note,
     summarise,
     table,
 )
@@ -200,7 +201,8 @@ def check_from_cache(what: str, went: int, answered: int) -> None:
         raise BenchError(
             f"{what}: the simulator received {went} requests while the gateway answered "
             f"{answered:,}: not every request was served from the cache (a Redis call over "
-            "its budget is a miss), so the figures would not be cache-hit figures"
+            "its budget is a miss; or same.lua's body differs from cache_body()), so the "
+            "figures would not be cache-hit figures"
         )
 
 
@@ -318,6 +320,9 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     bottleneck = bottleneck_note(runs, args.connections, args.gateway_cpu, args.load_cpu)
     if bottleneck:
         notes.append(bottleneck)
+    quiet = quiet_note(runs, args.gateway_cpu)
+    if quiet:
+        notes.append(quiet)
     print()
     print(result)
     print()

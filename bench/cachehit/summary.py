@@ -123,7 +123,7 @@ def progress_line(run: Run, gateway_cpu: int, load_cpu: int) -> str:
         f"p50 {s.stats.p50_us / 1000:7.3f} ms  p99 {s.stats.p99_us / 1000:7.3f} ms  "
         + (f"gateway {s.gateway_cpu_us_per_request:4.0f} us CPU/req  " if gateway else "")
         + f"cpu{gateway_cpu} {100 * s.core_busy[gateway_cpu]:3.0f}% busy"
-        + (f" (gateway {100 * s.gateway_busy:3.0f}%)" if gateway else "")
+        + f" (gateway {100 * s.gateway_busy:3.0f}%)"
         + f"  cpu{load_cpu} {100 * s.core_busy[load_cpu]:3.0f}% busy"
         + f"  upstream saw {run.upstream_requests}"
     )
@@ -139,7 +139,7 @@ def per_run_lines(runs: list[Run], gateway_cpu: int, load_cpu: int) -> str:
             f"p50 {ms(s.stats.p50_us)} ms, p99 {ms(s.stats.p99_us)} ms"
             + (f", gateway {s.gateway_cpu_us_per_request:.0f} µs CPU/req" if gateway else "")
             + f", cpu{gateway_cpu} {100 * s.core_busy[gateway_cpu]:.0f}% busy"
-            + (f" (gateway {100 * s.gateway_busy:.0f}%)" if gateway else "")
+            + f" (gateway {100 * s.gateway_busy:.0f}%)"
             + f", cpu{load_cpu} {100 * s.core_busy[load_cpu]:.0f}% busy"
             + (f", Redis {run.redis_cpu_us_per_request:.0f} µs CPU/req" if gateway else "")
             + f", {s.stats.requests:,} requests, the simulator received {run.upstream_requests:,}"
@@ -172,3 +172,22 @@ def bottleneck_note(
     if load >= 0.9:
         return f"{where}: the load core was the limit, so the gateway's requests/s is a lower bound"
     return f"{where}: neither core was saturated; look for another limit (Redis round trips?)"
+
+
+def quiet_note(runs: list[Run], gateway_cpu: int) -> str | None:
+    """Outside load on the gateway's core, seen in the direct runs (the gateway idle there)."""
+    mine = [r for r in runs if r.path == "direct"]
+    if not mine:
+        return None
+    core = median([r.sample.core_busy[gateway_cpu] for r in mine])
+    gateway = median([r.sample.gateway_busy for r in mine])
+    where = (
+        f"in the direct runs cpu{gateway_cpu} (nothing pinned there but the idle gateway) "
+        f"was {100 * core:.0f}% busy, the gateway {100 * gateway:.0f}%"
+    )
+    if core - gateway >= 0.1:
+        return (
+            f"{where}: other processes were running, so the machine was not quiet and the "
+            "gateway's figures may be pessimistic"
+        )
+    return f"{where}: the machine was quiet"
