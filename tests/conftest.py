@@ -24,6 +24,7 @@ from tests.support.redis_server import RedisServer, run_redis
 
 KEY = "sk-test-acme-0001"
 OTHER_KEY = "sk-test-globex-0002"
+LEDGER_KEY = "sk-test-initech-0003"  # used by one test only: its usage sums see no one else
 FAST_SIM = [
     "--decode-base-ms", "2", "--decode-per-seq-ms", "0.1",
     "--output-tokens-min", "8", "--output-tokens-max", "24",
@@ -65,6 +66,7 @@ def gateway_config(
             "keys": [
                 {"key": KEY, "tenant": "acme"},
                 {"key": OTHER_KEY, "tenant": "globex", "admin": True},
+                {"key": LEDGER_KEY, "tenant": "initech"},
             ]
         },
         "tiers": [
