@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -112,6 +113,7 @@ def _ignore_lost(count: int) -> None:
     pass
 
 
+@functools.lru_cache(maxsize=4096)  # tenants, tiers, models: few, and seen per request
 def _clean(name: str) -> str:
     """Names go into keys and tab-separated fields: keep braces and tabs out of them."""
     return name.replace("\t", " ").replace("{", "(").replace("}", ")")
@@ -155,7 +157,7 @@ class _Entry:
             usage.completion_tokens,
             usage.cached_prompt_tokens,
             # The header prints six decimals; sum exactly what it printed.
-            int(Decimal(f"{report.gpu_seconds:.6f}").scaleb(6)),
+            _micros(report.gpu_seconds),
             to_nanos(report.cost.marginal),
             to_nanos(report.cost.loaded),
             None if report.saved is None else to_nanos(report.saved),
@@ -184,6 +186,18 @@ class _Entry:
 
 
 _ENTRY_FIELDS = tuple(item.name for item in fields(_Entry))
+
+
+def _micros(seconds: float) -> int:
+    """``seconds`` as the integer the header's ``f"{seconds:.6f}"`` spells, exactly."""
+    if seconds >= 0:
+        return int(f"{seconds:.6f}".replace(".", ""))
+    return int(Decimal(f"{seconds:.6f}").scaleb(6))
+
+
+@functools.lru_cache(maxsize=4096)
+def _metric_fields(dims: str) -> tuple[str, ...]:
+    return tuple(f"{dims}{SEP}{metric}" for metric in METRICS)
 
 
 class _TagWrite:
@@ -477,8 +491,7 @@ class UsageLedger:
             hour = _hour(entry.at)
             sums = usage.setdefault((hour, entry.tenant), {})
             dims = SEP.join((entry.tier, entry.model, entry.cache))
-            for metric, amount in zip(METRICS, entry.metrics(), strict=True):
-                field = f"{dims}{SEP}{metric}"
+            for field, amount in zip(_metric_fields(dims), entry.metrics(), strict=True):
                 sums[field] = sums.get(field, 0) + amount
             for window in (f"day:{hour[:8]}", f"month:{hour[:6]}"):
                 counts = spend.setdefault((entry.tenant, window), [0, 0, 0])

@@ -11,6 +11,9 @@ Identical requests in flight are coalesced (``join_flight``/``land``, over
 ``cache.singleflight``): one leader goes upstream, the others wait for its
 stored answer and report ``x-tollway-cache: coalesced`` at zero cost.
 
+Hot entries are kept in the process for ``cache.local_ttl_s`` (``LocalEntries``),
+saving the Redis round trip that dominated a hit's cost (bench/RESULTS.md).
+
 Only complete answers are stored (every choice finished with stop, length or
 a tool call); errors and aborted streams never are. Streams are stored once
 they end, assembled into the same completion object a non-streaming request
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +71,7 @@ class CacheLayer:
         self.config = config
         self.policies = policies  # by tier
         self.flights = flights if config.coalesce else None
+        self.local = LocalEntries(config.local_max_entries, config.local_ttl_s)
 
     def plan(
         self,
@@ -95,7 +100,17 @@ class CacheLayer:
     async def lookup(self, plan: CachePlan) -> CachedResponse | None:
         if not plan.decision.lookup or plan.digest is None:
             return None
-        return await self.cache.get(plan.digest, max_age_s=plan.control.max_age, now=time.time())
+        now = time.time()
+        entry = self.local.get(plan.digest)
+        if entry is None:
+            entry = await self.cache.get(plan.digest, max_age_s=None, now=now)
+            if entry is None:
+                return None
+            self.local.put(plan.digest, entry)
+        max_age = plan.control.max_age
+        if max_age is not None and entry.age_s(now) > max_age:
+            return None
+        return entry
 
     async def join_flight(self, plan: CachePlan) -> CachedResponse | Leader | None:
         """After a miss: lead the upstream call (``Leader``), or wait for the one in flight.
@@ -142,4 +157,42 @@ class CacheLayer:
             completion_tokens=report.usage.completion_tokens,
         )
         ttl = plan.control.ttl_s or self.config.default_ttl_s
-        return await self.cache.put(plan.digest, entry, ttl_s=ttl)
+        stored = await self.cache.put(plan.digest, entry, ttl_s=ttl)
+        if stored:
+            self.local.put(plan.digest, entry)
+        return stored
+
+
+class LocalEntries:
+    """Recently seen cache entries, in this process, for ``ttl_s`` (LRU, bounded).
+
+    Entries are immutable for a key (the key covers everything that changes the
+    answer), so holding one briefly is safe; the only cost is that an entry can
+    be served up to ``ttl_s`` after it expired in Redis.
+    """
+
+    def __init__(self, max_entries: int, ttl_s: float):
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+
+    def get(self, digest: str) -> CachedResponse | None:
+        if self.ttl_s <= 0:
+            return None
+        found = self._entries.get(digest)
+        if found is None:
+            return None
+        expires, entry = found
+        if time.monotonic() >= expires:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: str, entry: CachedResponse) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._entries[digest] = (time.monotonic() + self.ttl_s, entry)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

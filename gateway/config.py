@@ -42,6 +42,10 @@ class CacheConfig(Strict):
     max_entry_bytes: int = Field(default=1_000_000, ge=1024)  # compressed
     coalesce: bool = True  # identical in-flight requests wait for one upstream call
     coalesce_wait_s: PositiveFloat = 60.0  # then a follower goes upstream itself
+    # Hot entries are also kept in the process this long (0: off), saving a Redis
+    # round trip per hit; an entry may outlive its Redis expiry by this much.
+    local_ttl_s: NonNegativeFloat = 1.0
+    local_max_entries: int = Field(default=5000, ge=1)
 
 
 class IdempotencyConfig(Strict):

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from starlette.types import Receive
+
 from gateway.config import Settings
 from gateway.pool import ReplicaState
 from gateway.schemas import Endpoint
@@ -42,6 +44,7 @@ class RequestContext:
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (budget)
     cache: str = "miss"  # miss | bypass | hit | coalesced | replay
     report: RequestReport | None = None  # a stream's, once it ended
+    receive: Receive | None = None  # the ASGI channel, to notice a client that left
 
 
 ReportSink = Callable[[RequestReport, RequestContext], None]

@@ -126,15 +126,14 @@ class Pipeline:
         if budget is not None:
             ctx.headers.update(budget.headers())
 
+        ctx.receive = request.receive
+
         def serve() -> Awaitable[Response]:
             return self._serve(ctx, raw, shaper, plan)
 
-        work: Awaitable[Response]
         if idem_key is not None and self.idempotency is not None:
-            work = self.idempotency.run(ctx, idem_key, idem_print, serve)
-        else:
-            work = serve()
-        return await cancel_on_disconnect(work, request.receive)
+            return await self.idempotency.run(ctx, idem_key, idem_print, serve)
+        return await serve()
 
     async def _serve(
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
@@ -148,6 +147,15 @@ class Pipeline:
             hit = None
         if hit is not None:
             return self._replay(ctx, hit, shaper, "hit")
+        # From here on the request may wait for, or run, GPU work: stop it if the
+        # client leaves (a cache lookup is bounded by its Redis budget).
+        assert ctx.receive is not None
+        return await cancel_on_disconnect(self._fly(ctx, raw, shaper, plan), ctx.receive)
+
+    async def _fly(
+        self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
+    ) -> Response:
+        """Join an identical request in flight, or go upstream (and let followers in)."""
         flight = await self.caching.join_flight(plan)
         if isinstance(flight, CachedResponse):
             return self._replay(ctx, flight, shaper, "coalesced")
