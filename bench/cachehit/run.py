@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,13 +53,14 @@ from bench.cachehit.summary import (
     table,
 )
 from bench.lib import BenchError
-from bench.lib.cpu import cpu_seconds, load_average, two_cpus_problem
+from bench.lib.cpu import cpu_seconds, load_average
+from bench.lib.entry import clean_env, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.net import http
-from bench.lib.procs import Procs, guarded, install_signal_handlers, run_quiet
+from bench.lib.procs import Procs, run_quiet
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
 from bench.lib.redis_server import RedisServer, start_redis
-from bench.lib.report import RESULTS, command_line, record, section_head
+from bench.lib.report import RESULTS, record, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
@@ -122,19 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_signal_handlers()
-    problem = two_cpus_problem(args.gateway_cpu, args.load_cpu)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    command = command_line()
-    return guarded("cachehit", lambda procs, tmp: execute(args, procs, tmp, command))
-
-
-def clean_env() -> dict[str, str]:
-    """This environment minus anything that would switch tracing on or move the Redis URL."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TOLLWAY_"))}
+    return run_benchmark("cachehit", parse_args(argv), execute)
 
 
 def start_stack(

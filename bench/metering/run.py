@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +33,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
 
 from bench.lib import BenchError
-from bench.lib.cpu import load_average, two_cpus_problem
+from bench.lib.cpu import load_average
+from bench.lib.entry import clean_env, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.otlp_sink import Sink, start_sink
-from bench.lib.procs import Procs, guarded, install_signal_handlers, run_quiet
+from bench.lib.procs import Procs, run_quiet
 from bench.lib.redis_server import start_redis
-from bench.lib.report import RESULTS, command_line, record, section_head
+from bench.lib.report import RESULTS, record, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
@@ -104,19 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_signal_handlers()
-    problem = two_cpus_problem(args.gateway_cpu, args.load_cpu)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    command = command_line()
-    return guarded("metering", lambda procs, tmp: execute(args, procs, tmp, command))
-
-
-def clean_env() -> dict[str, str]:
-    """This environment minus anything that would switch tracing on or move the config."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TOLLWAY_"))}
+    return run_benchmark("metering", parse_args(argv), execute)
 
 
 def start_stack(

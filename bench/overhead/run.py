@@ -30,11 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
 
-from bench.lib.cpu import load_average, two_cpus_problem
+from bench.lib.cpu import load_average
+from bench.lib.entry import run_benchmark
 from bench.lib.measure import measure
-from bench.lib.procs import Procs, guarded, install_signal_handlers
+from bench.lib.procs import Procs
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
-from bench.lib.report import RESULTS, command_line, record, section_head
+from bench.lib.report import RESULTS, record, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
@@ -86,14 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_signal_handlers()
-    problem = two_cpus_problem(args.gateway_cpu, args.load_cpu)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    command = command_line()
-    return guarded("overhead", lambda procs, tmp: execute(args, procs, tmp, command))
+    return run_benchmark("overhead", parse_args(argv), execute)
 
 
 def start_stack(args: argparse.Namespace, procs: Procs, tmp: Path) -> tuple[Server, Server]:
