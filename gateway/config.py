@@ -107,6 +107,10 @@ class Tier(Strict):
 class RoutingConfig(Strict):
     aliases: list[str] = Field(default_factory=lambda: ["auto"])
     default_tier: str | None = None
+    # Complexity routing of aliases: tier i (cheapest first) owns scores in
+    # [cut_points[i-1], cut_points[i]). None: aliases go to default_tier.
+    cut_points: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    weights_file: str | None = None  # feature weights (YAML); None: the shipped default
 
 
 class UpstreamConfig(Strict):
@@ -166,6 +170,15 @@ class Settings(Strict):
         for alias in self.routing.aliases:
             if alias in served:
                 raise ValueError(f"routing alias {alias!r} is also a tier's model name")
+        cuts = self.routing.cut_points
+        if cuts is not None:
+            if len(cuts) != len(self.tiers) - 1:
+                raise ValueError(
+                    f"routing.cut_points needs {len(self.tiers) - 1} value(s), one between "
+                    f"each pair of tiers (cheapest first); got {len(cuts)}"
+                )
+            if list(cuts) != sorted(cuts):
+                raise ValueError("routing.cut_points must be in ascending order")
         default = self.routing.default_tier
         if default is not None and default not in tier_names:
             raise ValueError(f"routing.default_tier {default!r} is not a tier ({tier_names})")

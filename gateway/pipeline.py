@@ -1,6 +1,8 @@
 """The request pipeline: one path from an HTTP request to an upstream answer.
 
-auth -> read body (size limit) -> parse JSON -> validate -> route to a tier
+auth -> budget (429) -> read body (size limit) -> parse JSON -> validate
+-> route to a tier -> cache plan -> Idempotency-Key (replay / wait / 409 / 422)
+-> cache lookup -> join an identical request in flight (coalesce)
 -> dispatch to a replica (retries inside the upstream client) -> relay -> meter.
 
 Both completion endpoints share it; routes only pick the ``Endpoint``. The
@@ -44,7 +46,7 @@ from gateway.stream_shaper import StreamShaper, upstream_stream_options
 from gateway.streaming import DONE, EventStreamResponse, StreamEnd, relay_events
 from gateway.upstream import UpstreamClient, UpstreamReply
 from gateway.upstream_errors import upstream_failure
-from metering.telemetry import Content, Telemetry
+from metering.telemetry import INERT, Content, Telemetry
 from metering.usage import TokenUsage
 from router.table import Decision, RouteTable, UnknownModel
 
@@ -96,18 +98,18 @@ class Pipeline:
         try:
             with span.child("tollway.route"):
                 decision = self._route(parsed.model)
-        except GatewayError as exc:
+            plan = self.caching.plan(
+                request.headers,
+                tenant=principal.tenant,
+                tier=decision.tier,
+                model=decision.model,
+                endpoint=endpoint.value,
+                body=body,
+            )
+        except GatewayError as exc:  # a started span is always ended
             span.fail(exc.code or type(exc).__name__)
             raise
         span.set_route(decision.tier, None, decision.reason)
-        plan = self.caching.plan(
-            request.headers,
-            tenant=principal.tenant,
-            tier=decision.tier,
-            model=decision.model,
-            endpoint=endpoint.value,
-            body=body,
-        )
         request_id = request_id_of(request.scope) or ""
         ctx = RequestContext(request_id, principal.tenant, endpoint, decision, span=span)
         ctx.cache = plan.status
@@ -139,12 +141,11 @@ class Pipeline:
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
     ) -> Response:
         """The cache, then identical requests in flight, then (on a miss) the upstream."""
-        if plan.decision.lookup and ctx.span is not None:
-            with ctx.span.child("tollway.cache_lookup") as step:
+        hit = None
+        if plan.decision.lookup:
+            with ctx.span.child("tollway.cache_lookup") if ctx.span else INERT as step:
                 hit = await self.caching.lookup(plan)
                 step.set_attribute("tollway.cache", "hit" if hit else "miss")
-        else:
-            hit = None
         if hit is not None:
             return self._replay(ctx, hit, shaper, "hit")
         # From here on the request may wait for, or run, GPU work: stop it if the
@@ -165,11 +166,10 @@ class Pipeline:
             await self.caching.land(plan, flight)
             raise
         if flight is not None:
+            land = functools.partial(self.caching.land, plan, flight)
             if isinstance(response, EventStreamResponse):
-                land = functools.partial(self.caching.land, plan, flight)
                 response.events = _then(response.events, land)
             else:  # after the answer is stored (its background task), followers may look
-                land = functools.partial(self.caching.land, plan, flight)
                 response.background = _chain(response.background, land)
         return response
 
