@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="print the API's JSON")
     usage.set_defaults(func=_usage)
 
+    router_parser = sub.add_parser("router", help="complexity routing: calibrate the cut point")
+    from router.cli import configure_parser as configure_router
+    from router.cli import run as run_router
+
+    configure_router(router_parser)
+    router_parser.set_defaults(func=run_router)
+
     sim = sub.add_parser("sim", help="run the vLLM-compatible simulator (a test double)")
     from sim.cli import configure_parser
 

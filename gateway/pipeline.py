@@ -97,7 +97,7 @@ class Pipeline:
         )
         try:
             with span.child("tollway.route"):
-                decision = self._route(parsed.model)
+                decision = self._route(parsed.model, body)
             plan = self.caching.plan(
                 request.headers,
                 tenant=principal.tenant,
@@ -109,7 +109,7 @@ class Pipeline:
         except GatewayError as exc:  # a started span is always ended
             span.fail(exc.code or type(exc).__name__)
             raise
-        span.set_route(decision.tier, None, decision.reason)
+        span.set_route(decision.tier, decision.score, decision.reason)
         request_id = request_id_of(request.scope) or ""
         ctx = RequestContext(request_id, principal.tenant, endpoint, decision, span=span)
         ctx.cache = plan.status
@@ -303,9 +303,9 @@ class Pipeline:
 
         return on_end
 
-    def _route(self, model: str) -> Decision:
+    def _route(self, model: str, body: dict[str, Any]) -> Decision:
         try:
-            return self.routes.resolve(model)
+            return self.routes.resolve(model, body)
         except UnknownModel:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.",
@@ -389,4 +389,9 @@ def _parse_json(raw: bytes) -> Any:
 
 
 def _report_headers(decision: Decision) -> dict[str, str]:
-    return {"x-tollway-tier": decision.tier, "x-tollway-model": decision.model}
+    headers = {"x-tollway-tier": decision.tier, "x-tollway-model": decision.model}
+    if decision.routed:
+        headers["x-tollway-route-reason"] = decision.reason
+        if decision.score is not None:
+            headers["x-tollway-route-score"] = f"{decision.score:.4f}"
+    return headers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from cache.idempotency import IdempotencyStore
@@ -25,6 +26,7 @@ from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
 from metering.telemetry import Telemetry
+from router.score import ComplexityScorer
 from router.table import RouteTable
 
 
@@ -47,10 +49,17 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         auth = Authenticator(settings.auth)
+        routing = settings.routing
+        scorer = None
+        if routing.cut_points is not None:
+            weights = Path(routing.weights_file) if routing.weights_file else None
+            scorer = ComplexityScorer.load(weights)
         routes = RouteTable(
             {t.name: t.models for t in settings.tiers},
-            settings.routing.aliases,
-            settings.routing.default_tier,
+            routing.aliases,
+            routing.default_tier,
+            scorer=scorer,
+            cut_points=routing.cut_points,
         )
         pools = Pools(settings)
         metrics = GatewayMetrics()

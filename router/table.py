@@ -2,14 +2,20 @@
 
 Pure data and functions, no I/O. A concrete model name belongs to exactly
 one tier. A routed alias (``auto`` and any configured in ``routing.aliases``)
-is resolved to a tier's model; until complexity scoring lands, aliases go to
-``default_tier`` (or the first, cheapest-listed tier) and the decision says so.
+is resolved to a tier's model: with a ``ComplexityScorer`` and cut points, by
+the request's complexity score (tiers cheapest first, each owning a score
+range: ``router.tiers.choose_tier``); without them, to ``default_tier`` (or
+the first, cheapest-listed tier). The decision says which and why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from router.score import ComplexityScorer
+from router.tiers import choose_tier, validate_cut_points
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +24,7 @@ class Decision:
     model: str  # the name forwarded upstream: one the tier's replicas serve
     routed: bool  # True when the client sent an alias and the gateway chose
     reason: str
+    score: float | None = None  # the complexity score, when one decided
 
 
 class UnknownModel(LookupError):
@@ -30,6 +37,9 @@ class RouteTable:
         tiers: Mapping[str, Sequence[str]],
         aliases: Sequence[str],
         default_tier: str | None = None,
+        *,
+        scorer: ComplexityScorer | None = None,
+        cut_points: Sequence[float] | None = None,
     ):
         if not tiers:
             raise ValueError("a route table needs at least one tier")
@@ -45,11 +55,25 @@ class RouteTable:
             for alias in aliases
         }
 
-    def resolve(self, model: str) -> Decision:
-        decision = self._fixed.get(model) or self._aliases.get(model)
+        self._scorer = scorer if cut_points is not None else None
+        self._cut_points = list(cut_points or ())
+        self._tier_names = list(tiers)
+        if self._scorer is not None:
+            validate_cut_points(self._tier_names, self._cut_points)
+
+    def resolve(self, model: str, body: Mapping[str, Any] | None = None) -> Decision:
+        """The tier for ``model``; an alias with a scorer is scored on ``body``."""
+        decision = self._fixed.get(model)
+        if decision is not None:
+            return decision
+        decision = self._aliases.get(model)
         if decision is None:
             raise UnknownModel(model)
-        return decision
+        if self._scorer is None or body is None:
+            return decision
+        score = self._scorer.score(body)
+        tier = choose_tier(score.value, self._tier_names, self._cut_points)
+        return Decision(tier, self._tier_models[tier][0], True, score.reason(), score.value)
 
     def model_names(self) -> list[str]:
         """Every name a client may send: tier models first, then routed aliases."""
