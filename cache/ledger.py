@@ -9,25 +9,10 @@ Sums are integers, so they are exact: dollars as nano-dollars (the headers'
 nine decimals), GPU-time as micro-seconds (the headers' six decimals). The
 usage API's totals are the exact sum of the headers its requests carried.
 
-Key schema (``P`` is the prefix, default ``tollway``; times are UTC)::
-
-    {P:usage:YYYYMMDDHH}:tenant:<tenant>   hash, one per hour and tenant:
-        "<tier>\\t<model>\\t<cache>\\t<metric>" -> integer sum, metric one of
-        requests, prompt_tokens, completion_tokens, cached_tokens, gpu_us,
-        cost_nanos, cost_loaded_nanos, saved_nanos
-    {P:usage:YYYYMMDDHH}:tenants           set: the tenants seen that hour
-    {P:spend:<tenant>}:day:YYYYMMDD        hash: requests, cost_nanos, cost_loaded_nanos
-    {P:spend:<tenant>}:month:YYYYMM        the same for the calendar month (budgets)
-    {P:requests}                           stream: one entry per request, all its
-                                           fields, trimmed to ~stream_maxlen entries
-    <any tag above>:applied                hash: writer id -> last batch applied
-
-Aggregates expire ``retention_days`` after their last write. The hash tags
-keep the keys one write touches together in one cluster slot: an hour's
-hashes, a tenant's spend, the stream. A batch is written as one Lua call per
-tag, each guarded by that tag's ``applied`` marker (writer id, batch number),
-so retrying a batch whose reply was lost (a timeout after Redis applied it)
-cannot count it twice.
+This module owns ``UsageLedger``: the queue, the writer task and the queries.
+The key schema and how a batch becomes Redis writes are in
+``cache.ledger_write``; the rows a query returns and their grouping are in
+``cache.ledger_rows`` (re-exported here).
 
 Queries have hour granularity: every hour bucket that overlaps
 ``[start, end)`` counts whole.
@@ -37,261 +22,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from redis.asyncio import Redis
 
+from cache import ledger_write as keys
+from cache.ledger_rows import GroupBy, UsageRow, group_rows, hours_between, totals
+from cache.ledger_write import APPLY, _Entry, _TagWrite, build_writes, clean
 from cache.redis_client import RedisClient
 from metering.budget import WindowSpend, utc
-from metering.money import from_nanos, to_nanos
+from metering.money import from_nanos
 from metering.pricing import Cost
 from metering.report import RequestReport
 
+__all__ = ["GroupBy", "LedgerUnavailable", "UsageLedger", "UsageRow", "_Entry", "totals"]
+
 log = logging.getLogger("tollway.ledger")
-
-GroupBy = Literal["tenant", "tier", "model", "day", "cache"]
-METRICS = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "gpu_us",
-    "cost_nanos",
-    "cost_loaded_nanos",
-    "saved_nanos",
-)
-SPEND_METRICS = ("requests", "cost_nanos", "cost_loaded_nanos")
-SEP = "\t"
-MARKER_TTL_S = 86_400
-
-# Applies one batch's writes for one hash tag, unless this writer's batch
-# number ARGV[2] was already applied there. Ops follow ARGV[3] (the marker TTL):
-# h key field n | s key member | e key ttl | x key maxlen "field\tvalue\t..."
-# where key is an index into KEYS. A stream entry travels as one tab-terminated
-# string: one argument instead of thirty-two is most of the writer's CPU.
-_APPLY = """
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if last >= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local i, n = 4, #ARGV
-while i <= n do
-  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  if op == 'h' then
-    redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3])
-    i = i + 4
-  elseif op == 's' then
-    redis.call('SADD', key, ARGV[i + 2])
-    i = i + 3
-  elseif op == 'e' then
-    redis.call('EXPIRE', key, ARGV[i + 2])
-    i = i + 3
-  elseif op == 'x' then
-    local fields = {}
-    for item in string.gmatch(ARGV[i + 3], '([^\t]*)\t') do fields[#fields + 1] = item end
-    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(fields))
-    i = i + 4
-  else
-    return redis.error_reply('tollway ledger: unknown op ' .. tostring(op))
-  end
-end
-return 1
-"""
 
 
 def _ignore_lost(count: int) -> None:
     pass
 
 
-@functools.lru_cache(maxsize=4096)  # tenants, tiers, models: few, and seen per request
-def _clean(name: str) -> str:
-    """Names go into keys and tab-separated fields: keep braces and tabs out of them."""
-    return name.replace("\t", " ").replace("{", "(").replace("}", ")")
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One request's figures, as integers, taken from its report when it is recorded."""
-
-    at: float
-    request_id: str
-    tenant: str
-    tier: str
-    model: str
-    operation: str
-    cache: str
-    status: int
-    replica: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    gpu_us: int
-    cost_nanos: int
-    cost_loaded_nanos: int
-    saved_nanos: int | None
-
-    @classmethod
-    def of(cls, report: RequestReport, at: float) -> _Entry:
-        usage = report.usage
-        return cls(
-            at,
-            report.request_id,
-            _clean(report.tenant),
-            _clean(report.tier),
-            _clean(report.model),
-            report.operation,
-            _clean(report.cache),
-            report.status,
-            report.replica or "",
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_prompt_tokens,
-            # The header prints six decimals; sum exactly what it printed.
-            _micros(report.gpu_seconds),
-            to_nanos(report.cost.marginal),
-            to_nanos(report.cost.loaded),
-            None if report.saved is None else to_nanos(report.saved),
-        )
-
-    def metrics(self) -> tuple[int, ...]:
-        return (
-            1,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.cached_tokens,
-            self.gpu_us,
-            self.cost_nanos,
-            self.cost_loaded_nanos,
-            self.saved_nanos or 0,
-        )
-
-    def stream_line(self) -> str:
-        """Every field as ``name\tvalue\t``, for the Lua call to split into an XADD."""
-        values = [getattr(self, name) for name in _ENTRY_FIELDS]
-        values[0] = f"{self.at:.6f}"
-        return "".join(
-            f"{name}\t{'' if value is None else str(value).replace(SEP, ' ')}\t"
-            for name, value in zip(_ENTRY_FIELDS, values, strict=True)
-        )
-
-
-_ENTRY_FIELDS = tuple(item.name for item in fields(_Entry))
-
-
-def _micros(seconds: float) -> int:
-    """``seconds`` as the integer the header's ``f"{seconds:.6f}"`` spells, exactly."""
-    if seconds >= 0:
-        return int(f"{seconds:.6f}".replace(".", ""))
-    return int(Decimal(f"{seconds:.6f}").scaleb(6))
-
-
-@functools.lru_cache(maxsize=4096)
-def _metric_fields(dims: str) -> tuple[str, ...]:
-    return tuple(f"{dims}{SEP}{metric}" for metric in METRICS)
-
-
-class _TagWrite:
-    """The writes of one batch that share a hash tag: the keys and ops of one Lua call."""
-
-    def __init__(self, tag: str) -> None:
-        self.keys = [tag + ":applied"]
-        self._index: dict[str, int] = {}
-        self.ttls: dict[int, int] = {}
-        self.ops: list[str | int] = []
-
-    def key(self, key: str, ttl: int | None) -> int:
-        """The key's 1-based index in KEYS, adding it (and its TTL) on first use."""
-        index = self._index.get(key)
-        if index is None:
-            self.keys.append(key)
-            index = self._index[key] = len(self.keys)
-            if ttl is not None:
-                self.ttls[index] = ttl
-        return index
-
-    def hincrby(self, key: str, ttl: int, field: str, amount: int) -> None:
-        if amount:
-            self.ops += ["h", self.key(key, ttl), field, amount]
-
-    def sadd(self, key: str, ttl: int, member: str) -> None:
-        self.ops += ["s", self.key(key, ttl), member]
-
-    def xadd(self, key: str, maxlen: int, line: str) -> None:
-        self.ops += ["x", self.key(key, None), maxlen, line]
-
-    def args(self, writer: str, seq: int) -> list[str | int]:
-        expiries: list[str | int] = []
-        for index, ttl in self.ttls.items():
-            expiries += ["e", index, ttl]
-        return [writer, seq, MARKER_TTL_S, *self.ops, *expiries]
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """Sums for one group (a tenant, tier, model, cache status or UTC day ``YYYY-MM-DD``)."""
-
-    key: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    gpu_us: int
-    cost_usd: Decimal
-    cost_loaded_usd: Decimal
-    saved_usd: Decimal
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def gpu_seconds(self) -> float:
-        return self.gpu_us / 1_000_000
-
-    @classmethod
-    def from_sums(cls, key: str, sums: Sequence[int]) -> UsageRow:
-        """From the integer sums in ``METRICS`` order (dollars in nano-dollars)."""
-        requests, prompt, completion, cached, gpu_us, cost, loaded, saved = sums
-        usd = from_nanos
-        return cls(
-            key, requests, prompt, completion, cached, gpu_us, usd(cost), usd(loaded), usd(saved)
-        )
-
-    def sums(self) -> tuple[int, ...]:
-        money = (self.cost_usd, self.cost_loaded_usd, self.saved_usd)
-        counts = (self.requests, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-        return (*counts, self.gpu_us, *(to_nanos(amount) for amount in money))
-
-
 class LedgerUnavailable(Exception):
     """Redis did not answer a usage query: the usage API answers 503, not zeros."""
-
-
-def _hour(at: float) -> str:
-    return time.strftime("%Y%m%d%H", time.gmtime(at))
-
-
-def _hours(start: datetime, end: datetime) -> list[datetime]:
-    """The hour buckets that overlap ``[start, end)``."""
-    start, end = utc(start), utc(end)
-    hour = start.replace(minute=0, second=0, microsecond=0)
-    out: list[datetime] = []
-    if end <= start:
-        return out
-    while hour < end:
-        out.append(hour)
-        hour += timedelta(hours=1)
-    return out
 
 
 def _int(value: Any) -> int:
@@ -348,16 +109,16 @@ class UsageLedger:
     # -- keys --------------------------------------------------------------
 
     def hour_tag(self, hour: str) -> str:
-        return f"{{{self.prefix}:usage:{hour}}}"
+        return keys.hour_tag(self.prefix, hour)
 
     def tenant_hash(self, hour: str, tenant: str) -> str:
-        return f"{self.hour_tag(hour)}:tenant:{tenant}"
+        return keys.tenant_hash(self.prefix, hour, tenant)
 
     def spend_tag(self, tenant: str) -> str:
-        return f"{{{self.prefix}:spend:{tenant}}}"
+        return keys.spend_tag(self.prefix, tenant)
 
     def stream_key(self) -> str:
-        return f"{{{self.prefix}:requests}}"
+        return keys.stream_key(self.prefix)
 
     # -- the request path --------------------------------------------------
 
@@ -467,7 +228,7 @@ class UsageLedger:
         async def apply(redis: Redis) -> bool:
             pipe = redis.pipeline(transaction=False)
             for write in writes:
-                pipe.eval(_APPLY, len(write.keys), *write.keys, *write.args(self.writer_id, seq))
+                pipe.eval(APPLY, len(write.keys), *write.keys, *write.args(self.writer_id, seq))
             await pipe.execute()
             return True
 
@@ -475,42 +236,9 @@ class UsageLedger:
 
     def _build(self, batch: list[_Entry]) -> list[_TagWrite]:
         """The batch as integer sums per hash tag: one HINCRBY per distinct field."""
-        ttl = self.retention_s
-        by_tag: dict[str, _TagWrite] = {}
-
-        def tag_write(tag: str) -> _TagWrite:
-            write = by_tag.get(tag)
-            if write is None:
-                write = by_tag[tag] = _TagWrite(tag)
-            return write
-
-        usage: dict[tuple[str, str], dict[str, int]] = {}
-        spend: dict[tuple[str, str], list[int]] = {}
-        stream = tag_write(self.stream_key())
-        for entry in batch:
-            hour = _hour(entry.at)
-            sums = usage.setdefault((hour, entry.tenant), {})
-            dims = SEP.join((entry.tier, entry.model, entry.cache))
-            for field, amount in zip(_metric_fields(dims), entry.metrics(), strict=True):
-                sums[field] = sums.get(field, 0) + amount
-            for window in (f"day:{hour[:8]}", f"month:{hour[:6]}"):
-                counts = spend.setdefault((entry.tenant, window), [0, 0, 0])
-                counts[0] += 1
-                counts[1] += entry.cost_nanos
-                counts[2] += entry.cost_loaded_nanos
-            stream.xadd(self.stream_key(), self.stream_maxlen, entry.stream_line())
-        for (hour, tenant), sums in usage.items():
-            write = tag_write(self.hour_tag(hour))
-            write.sadd(f"{self.hour_tag(hour)}:tenants", ttl, tenant)
-            key = self.tenant_hash(hour, tenant)
-            for field, amount in sums.items():
-                write.hincrby(key, ttl, field, amount)
-        for (tenant, window), counts in spend.items():
-            tag = self.spend_tag(tenant)
-            write = tag_write(tag)
-            for metric, amount in zip(SPEND_METRICS, counts, strict=True):
-                write.hincrby(f"{tag}:{window}", ttl, metric, amount)
-        return list(by_tag.values())
+        return build_writes(
+            batch, prefix=self.prefix, ttl=self.retention_s, stream_maxlen=self.stream_maxlen
+        )
 
     # -- reading -----------------------------------------------------------
 
@@ -543,9 +271,8 @@ class UsageLedger:
         """
         oldest = datetime.now(UTC) - timedelta(days=self.retention_days + 1)
         newest = datetime.now(UTC) + timedelta(days=1)  # clock skew, no more
-        hours = [
-            h.strftime("%Y%m%d%H") for h in _hours(max(utc(start), oldest), min(utc(end), newest))
-        ]
+        window = hours_between(max(utc(start), oldest), min(utc(end), newest))
+        hours = [h.strftime("%Y%m%d%H") for h in window]
         if not hours:
             return []
         if tenant is None:
@@ -557,26 +284,19 @@ class UsageLedger:
                 (h, t.decode()) for h, found in zip(hours, members, strict=True) for t in found
             ]
         else:
-            pairs = [(h, _clean(tenant)) for h in hours]
+            pairs = [(h, clean(tenant)) for h in hours]
         if not pairs:
             return []
         hashes = await self._read(
             "ledger.query",
             lambda pipe: [pipe.hgetall(self.tenant_hash(h, t)) for h, t in pairs],
         )
-        groups: dict[str, list[int]] = {}
-        for (hour, name), found in zip(pairs, hashes, strict=True):
-            for raw, value in found.items():
-                tier, model, cache, metric = raw.decode().split(SEP)
-                key = _group_key(group_by, hour, name, tier, model, cache)
-                sums = groups.setdefault(key, [0] * len(METRICS))
-                sums[METRICS.index(metric)] += int(value)
-        return [UsageRow.from_sums(key, groups[key]) for key in sorted(groups)]
+        return group_rows(group_by, pairs, hashes)
 
     async def spend(self, tenant: str, now: datetime) -> WindowSpend | None:
         """The tenant's spend in the UTC day and month containing ``now``; None if Redis fails."""
         now = utc(now)
-        tag = self.spend_tag(_clean(tenant))
+        tag = self.spend_tag(clean(tenant))
         keys = (f"{tag}:day:{now:%Y%m%d}", f"{tag}:month:{now:%Y%m}")
 
         async def read(redis: Redis) -> list[Any] | None:
@@ -591,17 +311,3 @@ class UsageLedger:
             return None
         day, month = (Cost(from_nanos(_int(m)), from_nanos(_int(lo))) for m, lo in result)
         return WindowSpend(day, month)
-
-
-def _group_key(group_by: GroupBy, hour: str, tenant: str, tier: str, model: str, cache: str) -> str:
-    if group_by == "day":
-        return f"{hour[:4]}-{hour[4:6]}-{hour[6:8]}"
-    return {"tenant": tenant, "tier": tier, "model": model, "cache": cache}[group_by]
-
-
-def totals(rows: Iterable[UsageRow], key: str = "total") -> UsageRow:
-    """The exact sum of rows: the usage API's ``total`` and the CLI table's last line."""
-    sums = [0] * len(METRICS)
-    for row in rows:
-        sums = [a + b for a, b in zip(sums, row.sums(), strict=True)]
-    return UsageRow.from_sums(key, sums)

@@ -99,14 +99,11 @@ is labelled ``other``. An empty value (a request refused before auth or
 routing) is labelled ``none``. No ``_created`` series (they would double the
 series count of every counter).
 
-Cost on the hot path. prometheus_client's metric objects take a lock and run
-Python-level checks per increment (about 15 us for one request's dozen
-updates), so the counters and histograms here are plain numbers in cells
-found by one dict lookup per request (about 1.5 us), turned into metric
-families only at scrape time; dollars are summed as exact ``Decimal`` and
-become floats only there. Everything, ``render()`` included, runs on the
-event loop's thread (serve ``/metrics`` from an ``async def`` route): the
-replica source advances the occupancy ledgers, which the loop also writes.
+Cost on the hot path: the counters and histograms are plain numbers in cells
+found by one dict lookup per request, turned into metric families only at
+scrape time (``metering.prom_cells``). Everything, ``render()`` included, runs
+on the event loop's thread (serve ``/metrics`` from an ``async def`` route):
+the replica source advances the occupancy ledgers, which the loop also writes.
 
 OpenTelemetry GenAI conventions (``gen_ai.*``, development status) map as:
 ``gen_ai.client.token.usage`` (histogram by ``gen_ai.token.type``
@@ -124,117 +121,24 @@ they never collide with an OTel SDK exporting ``gen_ai_*`` from the same process
 from __future__ import annotations
 
 import logging
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from metering.money import ZERO
 from metering.occupancy import OccupancySnapshot
+from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
 from metering.report import RequestReport
 
 log = logging.getLogger(__name__)
-
-OTHER = "other"
-NONE = "none"
-INF = float("inf")
 
 # Seconds. LLM requests run from a cache hit (milliseconds) to a long generation (minutes).
 DURATION = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, INF)
 TTFT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 120, INF)
 QUEUE_WAIT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, INF)
-
-N = TypeVar("N", int, float, Decimal)
-
-
-class _Vec(Generic[N]):
-    """A counter or gauge family as plain numbers: one-element cells by label values."""
-
-    def __init__(self, typ: str, name: str, doc: str, labels: tuple[str, ...], zero: N):
-        self.typ, self.name, self.doc, self.labels = typ, name, doc, labels
-        self._zero: N = zero
-        self._cells: dict[tuple[str, ...], list[N]] = {}
-
-    def cell(self, *values: str) -> list[N]:
-        cell = self._cells.get(values)
-        if cell is None:
-            cell = self._cells[values] = [self._zero]
-        return cell
-
-    def family(self) -> Metric:
-        kind = CounterMetricFamily if self.typ == "counter" else GaugeMetricFamily
-        family = kind(self.name, self.doc, labels=self.labels)
-        for values, cell in list(self._cells.items()):
-            family.add_metric(values, float(cell[0]))
-        return family
-
-
-class _Hist:
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float]):
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)  # per bucket, not cumulative: one increment per observation
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-class _HistVec:
-    typ = "histogram"
-
-    def __init__(self, name: str, doc: str, labels: tuple[str, ...], bounds: Sequence[float]):
-        self.name, self.doc, self.labels, self.bounds = name, doc, labels, bounds
-        self._cells: dict[tuple[str, ...], _Hist] = {}
-
-    def cell(self, *values: str) -> _Hist:
-        hist = self._cells.get(values)
-        if hist is None:
-            hist = self._cells[values] = _Hist(self.bounds)
-        return hist
-
-    def family(self) -> Metric:
-        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
-        les = ["+Inf" if b == INF else repr(float(b)) for b in self.bounds]
-        for values, hist in list(self._cells.items()):
-            total, buckets = 0, []
-            for le, n in zip(les, list(hist.counts), strict=True):
-                total += n
-                buckets.append((le, float(total)))
-            family.add_metric(values, buckets, hist.sum)
-        return family
-
-
-class _Exported(Protocol):
-    typ: str
-    name: str
-    doc: str
-
-    def family(self) -> Metric: ...
-
-
-class _Families:
-    """The registry's collector for every vector."""
-
-    def __init__(self) -> None:
-        self.vecs: list[_Exported] = []
-
-    def describe(self) -> Iterable[Metric]:  # names only: the registry refuses duplicates
-        return [Metric(v.name.removesuffix("_total"), v.doc, v.typ) for v in self.vecs]
-
-    def collect(self) -> Iterable[Metric]:
-        return [v.family() for v in self.vecs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,26 +221,6 @@ class _ReplicaCollector:
         )
 
 
-class _Capped:
-    """Label values admitted first-come up to ``limit``; later ones become ``other``."""
-
-    __slots__ = ("_limit", "_seen")
-
-    def __init__(self, limit: int):
-        self._limit = limit
-        self._seen: set[str] = set()
-
-    def __call__(self, value: str) -> str:
-        if not value:
-            return NONE
-        if value in self._seen:
-            return value
-        if len(self._seen) >= self._limit:
-            return OTHER
-        self._seen.add(value)
-        return value
-
-
 class _Series:
     """Every cell one (tier, model, tenant, status, cache) request touches, found in one lookup."""
 
@@ -375,25 +259,25 @@ class GatewayMetrics:
 
     def __init__(self, *, max_tenants: int = 1000, max_models: int = 100):
         self.registry = CollectorRegistry()
-        self._tenant = _Capped(max_tenants)
-        self._model = _Capped(max_models)
+        self._tenant = Capped(max_tenants)
+        self._model = Capped(max_models)
         self._series: dict[tuple[str, str, str, int, str], _Series] = {}
-        vecs = _Families()
+        vecs = Families()
 
-        def count(name: str, labels: tuple[str, ...], doc: str) -> _Vec[int]:
-            vecs.vecs.append(vec := _Vec("counter", name, doc, labels, 0))
+        def count(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:
+            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0))
             return vec
 
-        def seconds(name: str, labels: tuple[str, ...], doc: str) -> _Vec[float]:
-            vecs.vecs.append(vec := _Vec("counter", name, doc, labels, 0.0))
+        def seconds(name: str, labels: tuple[str, ...], doc: str) -> Vec[float]:
+            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0.0))
             return vec
 
-        def usd(name: str, labels: tuple[str, ...], doc: str) -> _Vec[Decimal]:
-            vecs.vecs.append(vec := _Vec("counter", name, doc, labels, ZERO))
+        def usd(name: str, labels: tuple[str, ...], doc: str) -> Vec[Decimal]:
+            vecs.vecs.append(vec := Vec("counter", name, doc, labels, ZERO))
             return vec
 
-        def hist(name: str, labels: tuple[str, ...], b: Sequence[float], doc: str) -> _HistVec:
-            vecs.vecs.append(vec := _HistVec(name, doc, labels, b))
+        def hist(name: str, labels: tuple[str, ...], b: Sequence[float], doc: str) -> HistVec:
+            vecs.vecs.append(vec := HistVec(name, doc, labels, b))
             return vec
 
         req, tok, lat = (
@@ -438,7 +322,7 @@ class GatewayMetrics:
             ("tier", "replica", "outcome"),
             "Upstream attempts, retries included.",
         )
-        self._queue_depth = _Vec(
+        self._queue_depth = Vec(
             "gauge", "tollway_queue_depth", "Requests awaiting admission.", ("tier",), 0
         )
         vecs.vecs.append(self._queue_depth)
