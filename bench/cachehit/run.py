@@ -60,7 +60,7 @@ from bench.lib.net import http
 from bench.lib.procs import Procs, run_quiet
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
 from bench.lib.redis_server import RedisServer, start_redis
-from bench.lib.report import RESULTS, record, section_head
+from bench.lib.report import publish, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
@@ -311,38 +311,18 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     quiet = quiet_note(runs, args.gateway_cpu)
     if quiet:
         notes.append(quiet)
-    print()
-    print(result)
-    print()
-    for note in notes:
-        print(f"- {note}")
-    if profile_text:
-        print()
-        print(profile_text)
-    if args.no_record:
-        return
-    section = "\n".join(
-        [
-            *section_head("cachehit (cache hits through one gateway core)", started, command,
-                          [redis_version()]),
-            f"- pinning: gateway on cpu {args.gateway_cpu}; wrk, simulator and Redis on "
-            f"cpu {args.load_cpu}",
-            *(f"- {note}" for note in notes),
-            "",
-            result,
-            "",
-            "<details><summary>individual runs</summary>",
-            "",
-            per_run_lines(runs, args.gateway_cpu, args.load_cpu),
-            "",
-            "</details>",
-            "",
-        ]
-    )  # fmt: skip
-    if profile_text:
-        section += "\n```\n" + profile_text + "\n```\n"
-    record(section)
-    print(f"\nappended to {RESULTS}")
+    publish(
+        result=result,
+        notes=notes,
+        head=section_head(
+            "cachehit (cache hits through one gateway core)", started, command, [redis_version()]
+        ),
+        pinning=f"gateway on cpu {args.gateway_cpu}; "
+        f"wrk, simulator and Redis on cpu {args.load_cpu}",
+        runs_detail=per_run_lines(runs, args.gateway_cpu, args.load_cpu),
+        profile_text=profile_text,
+        no_record=args.no_record,
+    )
 
 
 def redis_version() -> str:

@@ -108,3 +108,37 @@ def record(section: str) -> None:
         raise BenchError(f"{RESULTS} is missing; it holds the header that explains the log")
     with RESULTS.open("a") as out:
         out.write("\n" + section)
+
+
+def publish(
+    *,
+    result: str,
+    notes: Sequence[str],
+    head: Sequence[str],
+    pinning: str,
+    runs_detail: str,
+    profile_text: str | None = None,
+    no_record: bool = False,
+) -> None:
+    """Print a benchmark's table and notes; unless ``no_record``, append them to RESULTS.md.
+
+    ``head`` is ``section_head(...)``; ``runs_detail`` (one line per run) goes in a
+    collapsed block; a profile, when there is one, follows as a code block.
+    """
+    print()
+    print(result)
+    print()
+    for note in notes:
+        print(f"- {note}")
+    if profile_text:
+        print()
+        print(profile_text)
+    if no_record:
+        return
+    lines = [*head, f"- pinning: {pinning}", *(f"- {note}" for note in notes), "", result, ""]
+    lines += ["<details><summary>individual runs</summary>", "", runs_detail, "", "</details>", ""]
+    section = "\n".join(lines)
+    if profile_text:
+        section += "\n```\n" + profile_text + "\n```\n"
+    record(section)
+    print(f"\nappended to {RESULTS}")

@@ -39,7 +39,7 @@ from bench.lib.measure import measure
 from bench.lib.otlp_sink import Sink, start_sink
 from bench.lib.procs import Procs, run_quiet
 from bench.lib.redis_server import start_redis
-from bench.lib.report import RESULTS, record, section_head
+from bench.lib.report import publish, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
@@ -204,32 +204,16 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     failure = metered.failure_note()
     if failure:
         notes.append(failure)
-    print()
-    print(result)
-    print()
-    for note in notes:
-        print(f"- {note}")
-    if args.no_record:
-        return
-    section = "\n".join(
-        [
-            *section_head("metering (on vs off)", started, command, [redis_version()]),
-            f"- pinning: both gateways on cpu {args.gateway_cpu}; wrk, simulator, Redis and "
-            f"the OTLP collector on cpu {args.load_cpu}",
-            *(f"- {note}" for note in notes),
-            "",
-            result,
-            "",
-            "<details><summary>individual runs</summary>",
-            "",
-            per_run_lines(runs, args.gateway_cpu, args.load_cpu),
-            "",
-            "</details>",
-            "",
-        ]
+    publish(
+        result=result,
+        notes=notes,
+        head=section_head("metering (on vs off)", started, command, [redis_version()]),
+        pinning=f"both gateways on cpu {args.gateway_cpu}; wrk, simulator, Redis and the OTLP "
+        f"collector on cpu {args.load_cpu}",
+        runs_detail=per_run_lines(runs, args.gateway_cpu, args.load_cpu),
+        profile_text=None,
+        no_record=args.no_record,
     )
-    record(section)
-    print(f"\nappended to {RESULTS}")
 
 
 def redis_version() -> str:

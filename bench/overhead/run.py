@@ -35,7 +35,7 @@ from bench.lib.entry import run_benchmark
 from bench.lib.measure import measure
 from bench.lib.procs import Procs
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
-from bench.lib.report import RESULTS, record, section_head
+from bench.lib.report import publish, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
@@ -173,37 +173,15 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     bottleneck = bottleneck_note(runs, args.connections, args.gateway_cpu, args.load_cpu)
     if bottleneck:
         notes.append(bottleneck)
-    print()
-    print(result)
-    print()
-    for note in notes:
-        print(f"- {note}")
-    if profile_text:
-        print()
-        print(profile_text)
-    if args.no_record:
-        return
-    section = "\n".join(
-        [
-            *section_head("overhead (gateway vs direct)", started, command),
-            f"- pinning: gateway on cpu {args.gateway_cpu}; wrk and simulator on "
-            f"cpu {args.load_cpu}",
-            *(f"- {note}" for note in notes),
-            "",
-            result,
-            "",
-            "<details><summary>individual runs</summary>",
-            "",
-            per_run_lines(runs),
-            "",
-            "</details>",
-            "",
-        ]
+    publish(
+        result=result,
+        notes=notes,
+        head=section_head("overhead (gateway vs direct)", started, command),
+        pinning=f"gateway on cpu {args.gateway_cpu}; wrk and simulator on cpu {args.load_cpu}",
+        runs_detail=per_run_lines(runs),
+        profile_text=profile_text,
+        no_record=args.no_record,
     )
-    if profile_text:
-        section += "\n```\n" + profile_text + "\n```\n"
-    record(section)
-    print(f"\nappended to {RESULTS}")
 
 
 if __name__ == "__main__":
