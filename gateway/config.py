@@ -111,6 +111,12 @@ class RoutingConfig(Strict):
     # [cut_points[i-1], cut_points[i]). None: aliases go to default_tier.
     cut_points: list[Annotated[float, Field(ge=0, le=1)]] | None = None
     weights_file: str | None = None  # feature weights (YAML); None: the shipped default
+    # Budget-aware routing: past these burn rates (loaded USD per hour, over
+    # burn_window_s) cut points rise, sending more traffic to cheaper tiers.
+    burn_target_usd_per_hour: PositiveFloat | None = None  # the whole gateway
+    tenant_burn_targets: dict[str, PositiveFloat] = Field(default_factory=dict)
+    max_shift: Annotated[float, Field(ge=0, le=1)] = 0.2
+    burn_window_s: PositiveFloat = 300.0
 
 
 class UpstreamConfig(Strict):

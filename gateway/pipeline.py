@@ -28,6 +28,7 @@ from cache.response_cache import CachedResponse
 from cache.sse import CompletionBuilder, chunks_from_completion
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
+from gateway.burn_shift import BurnShift
 from gateway.caching import CacheLayer, CachePlan
 from gateway.disconnect import cancel_on_disconnect
 from gateway.errors import (
@@ -68,8 +69,10 @@ class Pipeline:
         budgets: BudgetGuard,
         caching: CacheLayer,
         idempotency: IdempotencyLayer | None,
+        burn: BurnShift,
         max_body_bytes: int,
     ):
+        self.burn = burn
         self.caching = caching
         self.idempotency = idempotency
         self.telemetry = telemetry
@@ -97,7 +100,7 @@ class Pipeline:
         )
         try:
             with span.child("tollway.route"):
-                decision = self._route(parsed.model, body)
+                decision, shift = self._route(parsed.model, body, principal.tenant)
             plan = self.caching.plan(
                 request.headers,
                 tenant=principal.tenant,
@@ -112,6 +115,8 @@ class Pipeline:
         span.set_route(decision.tier, decision.score, decision.reason)
         request_id = request_id_of(request.scope) or ""
         ctx = RequestContext(request_id, principal.tenant, endpoint, decision, span=span)
+        if shift > 0:  # budget-aware routing moved the cut points
+            ctx.headers["x-tollway-route-shift"] = f"{shift:.4f}"
         ctx.cache = plan.status
         if span.wants_content:
             ctx.content = Content(input=body.get("messages", body.get("prompt")))
@@ -303,9 +308,12 @@ class Pipeline:
 
         return on_end
 
-    def _route(self, model: str, body: dict[str, Any]) -> Decision:
+    def _route(self, model: str, body: dict[str, Any], tenant: str) -> tuple[Decision, float]:
+        """The decision, and how far budget-aware routing moved the cut points."""
+        base = self.routes.cut_points
+        cuts, shift = (None, 0.0) if base is None else self.burn.cut_points(tenant, base)
         try:
-            return self.routes.resolve(model, body)
+            return self.routes.resolve(model, body, cuts), shift
         except UnknownModel:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.",

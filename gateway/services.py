@@ -15,6 +15,7 @@ from cache.response_cache import ResponseCache
 from cache.singleflight import SingleFlight
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
+from gateway.burn_shift import BurnShift
 from gateway.caching import CacheLayer
 from gateway.config import Settings
 from gateway.health import HealthChecker
@@ -95,7 +96,9 @@ class Services:
         idempotency_store = IdempotencyStore(
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
-        meter = Meter(settings, [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)])
+        burn = BurnShift(settings.routing, metrics)
+        sinks = [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger), burn_sink(burn)]
+        meter = Meter(settings, sinks)
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
@@ -106,6 +109,7 @@ class Services:
             budgets=budgets,
             caching=caching,
             idempotency=None,
+            burn=burn,
             max_body_bytes=settings.limits.max_body_bytes,
         )
         pipeline.idempotency = IdempotencyLayer(idempotency_store, settings.idempotency, meter)
@@ -142,6 +146,13 @@ def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
         now = time.monotonic()
         ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
         metrics.observe_request(report, duration_s=now - ctx.started, ttft_s=ttft)
+
+    return sink
+
+
+def burn_sink(burn: BurnShift) -> ReportSink:
+    def sink(report: RequestReport, ctx: RequestContext) -> None:
+        burn.record(report)
 
     return sink
 

@@ -26,6 +26,7 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   replica_in_flight                   gauge      replica, tier
   replica_slots                       gauge      replica, tier
   replica_healthy                     gauge      replica, tier
+  burn_rate_usd_per_hour              gauge      scope ("gateway" or a tenant)
   queue_depth                         gauge      tier
   queue_wait_seconds                  histogram  tier
   cache_requests_total                counter    tier, result
@@ -322,6 +323,14 @@ class GatewayMetrics:
             ("tier", "replica", "outcome"),
             "Upstream attempts, retries included.",
         )
+        self._burn = Vec(
+            "gauge",
+            "tollway_burn_rate_usd_per_hour",
+            "Loaded spend per hour over the routing window (budget-aware routing).",
+            ("scope",),
+            0.0,
+        )
+        vecs.vecs.append(self._burn)
         self._queue_depth = Vec(
             "gauge", "tollway_queue_depth", "Requests awaiting admission.", ("tier",), 0
         )
@@ -394,6 +403,11 @@ class GatewayMetrics:
     def register_replica_source(self, source: ReplicaSource) -> None:
         """``source()`` is called at every scrape, on its thread; it replaces any earlier source."""
         self._replicas.source = source
+
+    def observe_burn(self, scope: str, usd_per_hour: float) -> None:
+        """Spend rate, loaded USD per hour: ``scope`` is "gateway" or a tenant (capped)."""
+        label = scope if scope == "gateway" else self._tenant(scope)
+        self._burn.cell(label)[0] = usd_per_hour
 
     def observe_queue(self, tier: str, depth: int) -> None:
         self._queue_depth.cell(tier)[0] = depth

@@ -61,8 +61,20 @@ class RouteTable:
         if self._scorer is not None:
             validate_cut_points(self._tier_names, self._cut_points)
 
-    def resolve(self, model: str, body: Mapping[str, Any] | None = None) -> Decision:
-        """The tier for ``model``; an alias with a scorer is scored on ``body``."""
+    @property
+    def cut_points(self) -> list[float] | None:
+        return list(self._cut_points) if self._scorer is not None else None
+
+    def resolve(
+        self,
+        model: str,
+        body: Mapping[str, Any] | None = None,
+        cut_points: Sequence[float] | None = None,
+    ) -> Decision:
+        """The tier for ``model``; an alias with a scorer is scored on ``body``.
+
+        ``cut_points`` overrides the configured ones (budget-aware routing).
+        """
         decision = self._fixed.get(model)
         if decision is not None:
             return decision
@@ -72,7 +84,8 @@ class RouteTable:
         if self._scorer is None or body is None:
             return decision
         score = self._scorer.score(body)
-        tier = choose_tier(score.value, self._tier_names, self._cut_points)
+        cuts = self._cut_points if cut_points is None else cut_points
+        tier = choose_tier(score.value, self._tier_names, cuts)
         return Decision(tier, self._tier_models[tier][0], True, score.reason(), score.value)
 
     def model_names(self) -> list[str]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import yaml
 
@@ -69,3 +70,33 @@ def test_calibrate_cli_writes_the_cut_point(tmp_path: Path) -> None:
     assert len(cut) == 1
     assert 0 < cut[0] < 1
     assert "${TOLLWAY_API_KEY:-sk-tollway-local-demo}" in config.read_text()  # comments/env kept
+
+
+def test_burn_rate_over_target_shifts_traffic_to_the_cheap_tier(log_dir: Path) -> None:
+    sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+    config = gateway_config([sims[0].url], [sims[1].url])
+    config["routing"].update(cut_points=[0.3], burn_target_usd_per_hour=1e-6, max_shift=1.0)
+    gateway = start_gateway(log_dir, config)
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+
+        def hard() -> dict[str, str]:
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": HARD}], max_tokens=4
+            )
+            return dict(raw.headers)
+
+        first = hard()  # nothing spent yet: the score decides alone
+        assert first["x-tollway-tier"] == "large"
+        assert "x-tollway-route-shift" not in first
+        later = hard()  # the first request's cost put the burn rate far over target
+        assert later["x-tollway-tier"] == "small"
+        assert float(later["x-tollway-route-shift"]) > 0.5
+        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        burn = [line for line in metrics.splitlines()
+                if line.startswith('tollway_burn_rate_usd_per_hour{scope="gateway"}')]  # fmt: skip
+        assert float(burn[0].split()[-1]) > 1e-6
+    finally:
+        gateway.stop()
+        for sim in sims:
+            sim.stop()
