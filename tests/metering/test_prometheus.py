@@ -330,6 +330,7 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
     m.observe_request(report(cache="hit", saved=Decimal("0.1")), duration_s=0.1, ttft_s=0.1)
     m.observe_attempt("small", "http://a:8000", "ok")
     m.observe_queue("small", 1)
+    m.observe_burn("gateway", 2.5)
     m.observe_queue_wait("small", 0.1)
     m.cache_event("small", "hit")
     m.redis_failure("get")
@@ -350,3 +351,18 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
         if family.type == "counter":
             assert {s.name for s in family.samples} == {family.name + "_total"}
     assert b"_created" not in body
+
+
+def test_burn_rate_gauge_by_scope() -> None:
+    m = GatewayMetrics(max_tenants=1)
+    m.observe_burn("gateway", 2.5)
+    m.observe_burn("acme", 1.0)
+    m.observe_burn("globex", 3.0)  # past the tenant cap: "other"
+    body, _ = m.render()
+    samples = {
+        s.labels["scope"]: s.value
+        for family in text_string_to_metric_families(body.decode())
+        if family.name == "tollway_burn_rate_usd_per_hour"
+        for s in family.samples
+    }
+    assert samples == {"gateway": 2.5, "acme": 1.0, "other": 3.0}
