@@ -141,12 +141,13 @@ class CacheLayer:
         if isinstance(flight, Leader) and self.flights is not None and plan.digest is not None:
             await self.flights.release(plan.digest, flight.token)
 
-    async def store(
+    def keep(
         self, plan: CachePlan, completion: dict[str, Any], report: RequestReport
-    ) -> bool:
-        """Store a complete answer if the plan allows it; False when it was not stored."""
+    ) -> CachedResponse | None:
+        """A complete answer the plan may store, held in the process at once (so this
+        gateway's next identical request hits even before Redis has it); None if not."""
         if not plan.decision.store or plan.digest is None or not storable(completion):
-            return False
+            return None
         entry = CachedResponse(
             completion=completion,
             stored_at=time.time(),
@@ -156,11 +157,21 @@ class CacheLayer:
             prompt_tokens=report.usage.prompt_tokens,
             completion_tokens=report.usage.completion_tokens,
         )
+        self.local.put(plan.digest, entry)
+        return entry
+
+    async def persist(self, plan: CachePlan, entry: CachedResponse) -> bool:
+        """Write a kept answer to Redis, for every gateway; False when it was not stored."""
+        assert plan.digest is not None
         ttl = plan.control.ttl_s or self.config.default_ttl_s
-        stored = await self.cache.put(plan.digest, entry, ttl_s=ttl)
-        if stored:
-            self.local.put(plan.digest, entry)
-        return stored
+        return await self.cache.put(plan.digest, entry, ttl_s=ttl)
+
+    async def store(
+        self, plan: CachePlan, completion: dict[str, Any], report: RequestReport
+    ) -> bool:
+        """``keep`` then ``persist``."""
+        entry = self.keep(plan, completion, report)
+        return entry is not None and await self.persist(plan, entry)
 
 
 class LocalEntries:

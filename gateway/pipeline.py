@@ -270,8 +270,9 @@ class Pipeline:
         headers.update(report.headers())
         headers.update(self.budgets.spend(report))
         response = Response(data, headers=headers, media_type=JSON)
-        if plan.decision.store:  # after the answer is sent, off the client's clock
-            response.background = BackgroundTask(self.caching.store, plan, completion, report)
+        entry = self.caching.keep(plan, completion, report)
+        if entry is not None:  # Redis after the answer is sent, off the client's clock
+            response.background = BackgroundTask(self.caching.persist, plan, entry)
         return response
 
     async def _store_stream(
