@@ -48,6 +48,7 @@ cluster mode a semaphore of ``max_connections`` bounds the calls in flight
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -240,6 +241,11 @@ class RedisClient:
         except (RedisError, OSError, TimeoutError) as exc:
             self._open_until = self._clock() + self.backoff_s
             self._failed(operation, exc)
+            if cluster is None:
+                # The idle pooled connections date from before the failure: after a
+                # Redis restart each would fail once and reopen the circuit. Drop them.
+                with contextlib.suppress(Exception):
+                    await redis.connection_pool.disconnect(inuse_connections=False)
             return default
         finally:
             if probe:
