@@ -31,6 +31,8 @@ from starlette.responses import Response
 
 log = logging.getLogger("tollway.errors")
 
+JSON = "application/json"
+
 
 class GatewayError(Exception):
     status: ClassVar[int] = 500
@@ -182,6 +184,4 @@ def error_response(exc: BaseException, request_id: str | None = None) -> Respons
             "server_error",
             code="internal_error",
         )
-    return Response(
-        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
-    )
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)

@@ -26,7 +26,6 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from decimal import Decimal
 
-import orjson
 from starlette.responses import Response
 
 from cache.idempotency import (
@@ -40,6 +39,7 @@ from cache.idempotency import (
     StoredResponse,
     Unprotected,
 )
+from cache.sse import chunk_of_event, event
 from gateway.config import IdempotencyConfig
 from gateway.errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
 from gateway.meter import Meter, RequestContext
@@ -192,9 +192,9 @@ async def _replayed_events(
     events: list[bytes], figures: dict[str, object]
 ) -> AsyncGenerator[bytes, None]:
     """The stored events, with the final ``tollway`` object saying what this replay cost."""
-    for event in events:
-        if b'"tollway"' in event and event.startswith(b"data: {"):
-            chunk = orjson.loads(event[6:])
+    for raw in events:
+        chunk = chunk_of_event(raw) if b'"tollway"' in raw else None
+        if chunk is not None:
             chunk["tollway"] = figures
-            event = b"data: " + orjson.dumps(chunk) + b"\n\n"
-        yield event
+            raw = event(chunk)
+        yield raw

@@ -25,13 +25,14 @@ from starlette.responses import Response
 
 from cache.idempotency import fingerprint
 from cache.response_cache import CachedResponse
-from cache.sse import CompletionBuilder, chunks_from_completion
+from cache.sse import DONE, CompletionBuilder, chunks_from_completion
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
 from gateway.burn_shift import BurnShift
 from gateway.caching import CacheLayer, CachePlan
 from gateway.disconnect import cancel_on_disconnect
 from gateway.errors import (
+    JSON,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
@@ -44,7 +45,7 @@ from gateway.pool import Pools
 from gateway.request_id import request_id_of
 from gateway.schemas import Endpoint, validate
 from gateway.stream_shaper import StreamShaper, upstream_stream_options
-from gateway.streaming import DONE, EventStreamResponse, StreamEnd, relay_events
+from gateway.streaming import EventStreamResponse, StreamEnd, relay_events
 from gateway.upstream import UpstreamClient, UpstreamReply
 from gateway.upstream_errors import upstream_failure
 from metering.telemetry import INERT, Content, Telemetry
@@ -52,8 +53,6 @@ from metering.usage import TokenUsage
 from router.table import Decision, RouteTable, UnknownModel
 
 log = logging.getLogger("tollway.pipeline")
-
-JSON = "application/json"
 
 
 class Pipeline:

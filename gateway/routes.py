@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from cache.ledger import GroupBy, LedgerUnavailable, UsageRow, totals
-from gateway.errors import InvalidRequest, PermissionDenied, ServiceUnavailable
+from gateway.errors import JSON, InvalidRequest, PermissionDenied, ServiceUnavailable
 from gateway.schemas import Endpoint
 from gateway.services import Services
 from gateway.streaming import EventStreamResponse
@@ -43,7 +43,7 @@ def _services(request: Request) -> Services:
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+    return Response(orjson.dumps(data), status_code=status, media_type=JSON)
 
 
 @router.post("/v1/chat/completions", responses=_ERRORS, response_model=None)

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from cache.sse import CompletionBuilder
+from cache.sse import CompletionBuilder, event
 from metering.usage import StreamUsage
 
 _DATA = b"data: "
@@ -37,10 +37,6 @@ def upstream_stream_options(client_options: Any) -> dict[str, Any]:
     options["include_usage"] = True
     options["continuous_usage_stats"] = True
     return options
-
-
-def _event(chunk: dict[str, Any]) -> bytes:
-    return _DATA + orjson.dumps(chunk) + b"\n\n"
 
 
 class StreamShaper:
@@ -60,13 +56,13 @@ class StreamShaper:
         self._held: dict[str, Any] | None = None
         self._usage_chunk: dict[str, Any] | None = None
 
-    def feed(self, event: bytes) -> list[bytes]:
+    def feed(self, raw: bytes) -> list[bytes]:
         """One upstream SSE event in; the events to send the client now out."""
-        if not event.startswith(b"data: {"):
-            return [event]
-        chunk = orjson.loads(event[len(_DATA) :])
+        if not raw.startswith(b"data: {"):
+            return [raw]
+        chunk = orjson.loads(raw[len(_DATA) :])
         if not isinstance(chunk, dict):
-            return [event]
+            return [raw]
         self.usage.observe(chunk)
         if self.builder is not None:
             self.builder.add(chunk)  # before the client-facing edits below
@@ -81,7 +77,7 @@ class StreamShaper:
             if "usage" in chunk:  # the usage-only chunk: sent (or not) at the end
                 self._usage_chunk = chunk
                 return []
-            return [_event(chunk) if changed else event]
+            return [event(chunk) if changed else raw]
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
             self.on_first_token()
@@ -97,10 +93,10 @@ class StreamShaper:
         out: list[bytes] = []
         if finishing:
             if self._held is not None:
-                out.append(_event(self._held))
+                out.append(event(self._held))
             self._held = chunk
             return out
-        out.append(_event(chunk) if changed else event)
+        out.append(event(chunk) if changed else raw)
         return out
 
     def finish(self, tollway: dict[str, Any]) -> list[bytes]:
@@ -108,7 +104,7 @@ class StreamShaper:
         out: list[bytes] = []
         if self.include_usage:
             if self._held is not None:
-                out.append(_event(self._held))
+                out.append(event(self._held))
             final = self._usage_chunk or {
                 "id": self.response_id,
                 "model": self.model,
@@ -116,8 +112,8 @@ class StreamShaper:
                 "usage": None,
             }
             final["tollway"] = tollway
-            out.append(_event(final))
+            out.append(event(final))
         elif self._held is not None:
             self._held["tollway"] = tollway
-            out.append(_event(self._held))
+            out.append(event(self._held))
         return out

@@ -21,10 +21,10 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import aiohttp
-import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from cache.sse import DONE, event
 from gateway.disconnect import wait_for_disconnect
 from gateway.errors import error_body
 from gateway.stream_shaper import StreamShaper
@@ -32,11 +32,9 @@ from gateway.upstream import UpstreamReply
 
 log = logging.getLogger("tollway.streaming")
 
-DONE = b"data: [DONE]\n\n"
-
 
 def error_event(message: str, code: str) -> bytes:
-    return b"data: " + orjson.dumps(error_body(message, "server_error", code=code)) + b"\n\n"
+    return event(error_body(message, "server_error", code=code))
 
 
 StreamEnd = Callable[[str | None], dict[str, Any]]
@@ -56,11 +54,11 @@ async def relay_events(
         async for chunk in reply.response.content.iter_any():
             buffer += chunk
             while (end := buffer.find(b"\n\n")) >= 0:
-                event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                if event.startswith(b"data: [DONE]"):
+                raw, buffer = buffer[: end + 2], buffer[end + 2 :]
+                if raw.startswith(b"data: [DONE]"):
                     finished = True
                     break
-                for out in shaper.feed(event):
+                for out in shaper.feed(raw):
                     yield out
             if finished:
                 break

@@ -12,10 +12,8 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from gateway.errors import GatewayError, UpstreamError, error_body
+from gateway.errors import JSON, GatewayError, UpstreamError, error_body
 from gateway.upstream import UpstreamReply
-
-JSON = "application/json"
 
 
 def upstream_failure(reply: UpstreamReply, data: bytes, headers: dict[str, str]) -> Response:

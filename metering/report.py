@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from metering.money import ZERO, fmt
+from metering.money import fmt
 from metering.pricing import Cost
 from metering.usage import TokenUsage
 
@@ -71,7 +71,3 @@ class RequestReport:
             "cost_saved_usd": None if self.saved is None else fmt(self.saved),
             "cache": self.cache,
         }
-
-    @property
-    def is_free(self) -> bool:
-        return self.cost.marginal == ZERO
