@@ -5,7 +5,7 @@ the load core, with wrk) and one gateway on the gateway core whose config
 points at that Redis and whose tier caches deterministic requests
 (``cache: deterministic``). It warms the cache with one request, checks that
 a second identical request answers ``x-tollway-cache: hit`` (and the same
-completion), then runs wrk with ``bench/cachehit/same.lua``: the SAME
+completion), then runs wrk with ``bench/lib/unique.lua`` in its ``same`` mode: the SAME
 deterministic body every time (``temperature: 0``, small ``max_tokens``, the
 API key), so every request is a cache hit. It measures, alternating with the
 simulator called directly (for reference; ``--no-direct`` skips it):
@@ -75,8 +75,7 @@ from bench.lib.wrk import Wrk, WrkStats, ensure_wrk
 
 API_KEY = "sk-tollway-bench-cachehit"
 TENANT = "bench-cachehit"
-LUA = Path(__file__).resolve().parent / "same.lua"
-PROMPT = "cachehit: how much does this toll road cost?"  # the same as in same.lua
+PROMPT = "cachehit: how much does this toll road cost?"  # SAME_PROMPT in bench/lib/unique.lua
 CACHE_HEADER = "x-tollway-cache"
 STORE_WAIT_S = 0.2  # the answer is stored by a background task after the response is sent
 
@@ -84,12 +83,13 @@ T = TypeVar("T")
 
 
 def cache_body(max_tokens: int) -> dict[str, Any]:
-    """The one request of this benchmark, field for field what ``same.lua`` sends."""
+    """The one request of this benchmark, field for field what ``unique.lua`` sends in
+    its ``same`` mode."""
     return {
         "model": MODEL,
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
-        "temperature": 0,  # an int, as in same.lua: 0.0 would be another cache key
+        "temperature": 0,  # an int, as in unique.lua's same mode: 0.0 would be another cache key
         "stream": False,
     }
 
@@ -189,7 +189,8 @@ def check_from_cache(what: str, went: int, answered: int) -> None:
         raise BenchError(
             f"{what}: the simulator received {went} requests while the gateway answered "
             f"{answered:,}: not every request was served from the cache (a Redis call over "
-            "its budget is a miss; or same.lua's body differs from cache_body()), so the "
+            "its budget is a miss; or unique.lua's same-mode body differs from cache_body()), "
+            "so the "
             "figures would not be cache-hit figures"
         )
 
@@ -205,7 +206,7 @@ def from_cache(sim: Server, what: str, load: Callable[[], T], answered: Callable
 def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> None:
     started = dt.datetime.now(dt.UTC)
     load_before = load_average()
-    wrk = Wrk(ensure_wrk(), args.load_cpu, MODEL, args.max_tokens, script=LUA)
+    wrk = Wrk(ensure_wrk(), args.load_cpu, MODEL, args.max_tokens, same_body=True)
     if args.profile:
         ensure_pyspy()
     redis, sim, gateway = start_stack(args, procs, tmp)
@@ -293,7 +294,7 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         f"medians of {args.repeats} runs of {args.duration} s per scenario and path"
         + ("" if args.no_direct else ", direct and gateway alternating")
         + "; every request the same deterministic body (`temperature: 0`, max_tokens "
-        f"{args.max_tokens}, `bench/cachehit/same.lua`), non-streaming; upstream = "
+        f"{args.max_tokens}, `bench/lib/unique.lua` in its `same` mode), non-streaming; upstream = "
         "`tollway sim --zero-delay`; the gateway's Redis = the redis-server on "
         f"cpu {args.load_cpu}; metering on (the default), no tracing",
         f"served from the cache: before the load a second identical request answered "

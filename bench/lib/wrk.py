@@ -2,8 +2,8 @@
 
 ``unique.lua`` gives every request a unique prompt (so no response cache can
 answer it) and prints one ``TOLLWAY_BENCH {json}`` line from its ``done()``
-hook with exact microsecond percentiles (another script taking the same
-arguments and printing the same line may replace it: ``Wrk.script``). A run
+hook with exact microsecond percentiles; with ``Wrk.same_body`` it sends one
+fixed deterministic body instead (every request a cache hit). A run
 with any error (non-2xx, socket error, timeout) raises: a benchmark of errors
 is worthless.
 """
@@ -96,7 +96,7 @@ class Wrk:
     cpu: int
     model: str
     max_tokens: int
-    script: Path = LUA  # args: MODEL API_KEY NONCE STREAM MAX_TOKENS; prints TOLLWAY_BENCH
+    same_body: bool = False  # one deterministic body for every request (cache hits)
 
     def argv(
         self, url: str, key: str, connections: int, duration: float, stream: bool
@@ -106,8 +106,9 @@ class Wrk:
             self.cpu,
             [
                 self.path, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
-                "--latency", "--timeout", "10s", "-s", str(self.script), url,
+                "--latency", "--timeout", "10s", "-s", str(LUA), url,
                 "--", self.model, key, nonce, "1" if stream else "0", str(self.max_tokens),
+                "same" if self.same_body else "unique",
             ],
         )  # fmt: skip
 
