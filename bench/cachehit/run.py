@@ -54,7 +54,7 @@ from bench.cachehit.summary import (
 )
 from bench.lib import BenchError
 from bench.lib.cpu import cpu_seconds, load_average
-from bench.lib.entry import clean_env, run_benchmark
+from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.net import http
 from bench.lib.procs import Procs, run_quiet
@@ -96,25 +96,16 @@ def cache_body(max_tokens: int) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
-    parser.add_argument("--connections", type=int, default=16, help="for the throughput runs")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per scenario and path")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per path")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    add_load_arguments(
+        parser,
+        repeats=2,
+        repeats_help="runs per scenario and path",
+        load_help="wrk, the simulator and Redis",
+    )
+    add_profile_arguments(parser)
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the direct-to-simulator reference runs"
     )
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--profile", action="store_true", help="py-spy the gateway afterwards")
-    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
-    parser.add_argument("--profile-top", type=int, default=20)
-    parser.add_argument(
-        "--profile-native",
-        action="store_true",
-        help="py-spy --native: also C frames (uvloop, httptools, libc), to split the event loop",
-    )
-    parser.add_argument("--gateway-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1, help="wrk, the simulator and Redis")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.max_tokens < 1:
         parser.error("--duration, --repeats, --connections and --max-tokens must be at least 1")

@@ -29,3 +29,33 @@ def run_benchmark(name: str, args: argparse.Namespace, execute: Execute) -> int:
 def clean_env() -> dict[str, str]:
     """This environment minus anything that would switch tracing on or move the config."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TOLLWAY_"))}
+
+
+def add_load_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    repeats: int,
+    repeats_help: str,
+    load_help: str,
+    gateway_help: str | None = None,
+) -> None:
+    """The options every benchmark has: how long, how hard, how often, which cores."""
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=16, help="for the throughput runs")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per path")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--gateway-cpu", type=int, default=0, help=gateway_help)
+    parser.add_argument("--load-cpu", type=int, default=1, help=load_help)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", action="store_true", help="py-spy the gateway afterwards")
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument("--profile-top", type=int, default=20)
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: also C frames (uvloop, httptools, libc), to split the event loop",
+    )

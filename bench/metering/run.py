@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 from bench.lib import BenchError
 from bench.lib.cpu import load_average
-from bench.lib.entry import clean_env, run_benchmark
+from bench.lib.entry import add_load_arguments, clean_env, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.otlp_sink import Sink, start_sink
 from bench.lib.procs import Procs, run_quiet
@@ -71,11 +71,13 @@ COST_HEADER = "x-tollway-cost-usd"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per side")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    add_load_arguments(
+        parser,
+        repeats=3,
+        repeats_help="runs per side, alternating",
+        load_help="wrk, simulator, Redis and the collector",
+        gateway_help="both gateways",
+    )
     parser.add_argument(
         "--settle",
         type=float,
@@ -89,11 +91,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1.0,
         help="fraction of requests traced by the 'on' gateway (OTEL_TRACES_SAMPLER="
         "parentbased_traceidratio); metrics and ledger always see every request",
-    )
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--gateway-cpu", type=int, default=0, help="both gateways")
-    parser.add_argument(
-        "--load-cpu", type=int, default=1, help="wrk, simulator, Redis and the collector"
     )
     args = parser.parse_args(argv)
     if not 0 < args.span_sampling <= 1:

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
 
 from bench.lib.cpu import load_average
-from bench.lib.entry import run_benchmark
+from bench.lib.entry import add_load_arguments, add_profile_arguments, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.procs import Procs
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
@@ -63,23 +63,14 @@ API_KEY = "sk-tollway-bench-overhead"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
-    parser.add_argument("--connections", type=int, default=16, help="for the throughput runs")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per scenario and path")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per path")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--no-stream", action="store_true", help="skip the streaming row")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    parser.add_argument("--profile", action="store_true", help="py-spy the gateway afterwards")
-    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
-    parser.add_argument("--profile-top", type=int, default=20)
-    parser.add_argument(
-        "--profile-native",
-        action="store_true",
-        help="py-spy --native: also C frames (uvloop, httptools, libc), to split the event loop",
+    add_load_arguments(
+        parser,
+        repeats=2,
+        repeats_help="runs per scenario and path",
+        load_help="wrk and the simulator",
     )
-    parser.add_argument("--gateway-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1, help="wrk and the simulator")
+    add_profile_arguments(parser)
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming row")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.repeats < 1 or args.connections < 1:
         parser.error("--duration, --repeats and --connections must be at least 1")
