@@ -18,6 +18,8 @@ class Principal:
     tenant: str
     admin: bool
     key_id: str  # first 12 hex digits of the key's digest: safe to log
+    priority: int | None = None  # admission priority; None: the tier's
+    force_tier: bool = False  # may send x-tollway-tier
 
 
 def _digest(secret: str) -> str:
@@ -31,7 +33,9 @@ class Authenticator:
             if _digest(key.key) in self._by_digest:
                 raise ValueError(f"API key of tenant {key.tenant!r} is listed twice")
             digest = _digest(key.key)
-            self._by_digest[digest] = Principal(key.tenant, key.admin, digest[:12])
+            self._by_digest[digest] = Principal(
+                key.tenant, key.admin, digest[:12], key.priority, key.force_tier
+            )
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:

@@ -77,6 +77,9 @@ class ApiKey(Strict):
     key: str = Field(min_length=8, repr=False)
     tenant: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     admin: bool = False
+    # Admission priority of this key's requests (higher first); None: the tier's.
+    priority: int | None = Field(default=None, ge=-100, le=100)
+    force_tier: bool = False  # may pick the tier itself with x-tollway-tier
 
 
 class AuthConfig(Strict):
@@ -85,6 +88,8 @@ class AuthConfig(Strict):
 
 class Replica(Strict):
     url: str = Field(pattern=r"^https?://[^/\s]+$")
+    # The replica's vLLM --max-num-seqs: the gateway never has more in flight
+    # there. vLLM does not publish it (not in /metrics), so it is configured.
     max_num_seqs: int = Field(default=256, ge=1)
     gpus: PositiveFloat = 1.0
     gpu_hourly_usd: NonNegativeFloat = 0.0
@@ -102,6 +107,10 @@ class Tier(Strict):
     prices: TokenPrices | None = None
     # always: every complete answer; deterministic: temperature 0 or a seed; never
     cache: Literal["always", "deterministic", "never"] = "deterministic"
+    # Tiers to try, in order, when this one has no available replica or cannot
+    # admit a request within its deadline.
+    fallback: list[str] = Field(default_factory=list)
+    priority: int = Field(default=0, ge=-100, le=100)  # admission priority of its requests
 
 
 class RoutingConfig(Strict):
@@ -128,9 +137,28 @@ class UpstreamConfig(Strict):
 
 
 class HealthConfig(Strict):
-    interval_s: PositiveFloat = 2.0
+    interval_s: PositiveFloat = 1.0  # /health and vLLM's /metrics, per replica
     timeout_s: PositiveFloat = 1.0
     unhealthy_after: int = Field(default=2, ge=1)
+    # Passive outlier ejection: after this many failed upstream attempts in a row
+    # (a refused connection counts as all of them) a replica is ejected for
+    # ejection_s, doubling on each ejection without a success between, up to
+    # max_ejection_s; then it is re-admitted and tried again.
+    eject_after: int = Field(default=3, ge=1)
+    ejection_s: PositiveFloat = 5.0
+    max_ejection_s: PositiveFloat = 60.0
+
+
+class SchedulingConfig(Strict):
+    """Admission: each replica runs at most max_num_seqs requests; the rest wait here."""
+
+    # How long a request may wait for a slot (x-tollway-deadline-ms overrides, up
+    # to max_deadline_ms). A request predicted or found to wait longer is shed
+    # with 429 + Retry-After, or sent to a fallback tier.
+    deadline_ms: int = Field(default=30_000, ge=1)
+    max_deadline_ms: int = Field(default=600_000, ge=1)
+    max_queue: int = Field(default=1000, ge=0)  # waiting requests per tier, then 429
+    tenant_weights: dict[str, PositiveFloat] = Field(default_factory=dict)  # default 1
 
 
 class LimitsConfig(Strict):
@@ -160,6 +188,7 @@ class Settings(Strict):
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
     limits: LimitsConfig = LimitsConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
     metering: MeteringConfig = MeteringConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     ledger: LedgerConfig = LedgerConfig()
@@ -185,6 +214,12 @@ class Settings(Strict):
                 )
             if list(cuts) != sorted(cuts):
                 raise ValueError("routing.cut_points must be in ascending order")
+        for tier in self.tiers:
+            for other in tier.fallback:
+                if other not in tier_names or other == tier.name:
+                    raise ValueError(
+                        f"tier {tier.name!r}: fallback {other!r} is not another tier ({tier_names})"
+                    )
         default = self.routing.default_tier
         if default is not None and default not in tier_names:
             raise ValueError(f"routing.default_tier {default!r} is not a tier ({tier_names})")
@@ -192,6 +227,11 @@ class Settings(Strict):
         for tenant in self.budgets:
             if tenant not in tenants:
                 raise ValueError(f"budgets: {tenant!r} is not the tenant of any API key")
+        for tenant in self.scheduling.tenant_weights:
+            if tenant not in tenants:
+                raise ValueError(
+                    f"scheduling.tenant_weights: {tenant!r} is not the tenant of any API key"
+                )
         shared: dict[str, Replica] = {}
         for tier in self.tiers:
             for replica in tier.replicas:

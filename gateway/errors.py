@@ -11,6 +11,7 @@
     ├── PayloadTooLarge         413    body over ``limits.max_body_bytes``
     ├── IdempotencyMismatch     422    the key was used with another body
     ├── BudgetExceeded          429    the tenant's daily or monthly budget is spent
+    ├── Overloaded              429    no slot within the request's deadline (shed)
     ├── ClientDisconnected      499    client left first; nothing is sent
     ├── NoHealthyUpstream       503    every replica of a tier is down
     ├── ServiceUnavailable      503    a part the answer needs is down (the ledger)
@@ -126,6 +127,24 @@ class BudgetExceeded(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(self.retry_after_s), **self.remaining}
+
+
+class Overloaded(GatewayError):
+    """Load shedding: the tier's queue cannot admit the request within its deadline."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_deadline_exceeded"  # or "queue_full"
+
+    def __init__(
+        self, message: str, *, retry_after_s: int, code: str | None = None, waited: bool = False
+    ):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+        self.waited = waited  # it queued until its deadline (not a prediction)
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
 
 
 class ClientDisconnected(GatewayError):

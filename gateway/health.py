@@ -1,10 +1,12 @@
 """Active health checks: poll every replica's ``/health`` and ``/metrics``; keep its state current.
 
 A replica becomes unhealthy after ``unhealthy_after`` failed checks in a row
-(or at once when the upstream client cannot connect to it) and healthy again
-on its first passing check. ``/ready`` and replica choice read that state.
-Each round also reads vLLM's running/waiting counts and KV-cache use from
-``/metrics`` (``gateway.scrape``); a replica without vLLM metrics is fine.
+and healthy again on its first passing check; passive ejection after failed
+upstream attempts is the scheduler's (``gateway.admission``). ``/ready`` and
+admission read both. Each round also reads vLLM's running/waiting counts and
+KV-cache use from ``/metrics`` (``gateway.scrape``); a replica without vLLM
+metrics is fine. After each round ``on_round`` lets the scheduler act on any
+capacity that appeared or vanished.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import aiohttp
 
@@ -24,10 +27,17 @@ log = logging.getLogger("tollway.health")
 
 
 class HealthChecker:
-    def __init__(self, pools: Pools, config: HealthConfig, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        pools: Pools,
+        config: HealthConfig,
+        session: aiohttp.ClientSession,
+        on_round: Callable[[], None] = lambda: None,
+    ):
         self.pools = pools
         self.config = config
         self.session = session
+        self.on_round = on_round
         self._task: asyncio.Task[None] | None = None
 
     async def check(self, replica: ReplicaState, *, unhealthy_after: int | None = None) -> None:
@@ -40,10 +50,10 @@ class HealthChecker:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok, reason = False, f"/health failed: {describe_error(exc)}"
         if ok:
-            replica.record_success()
+            replica.check_passed()
         else:
             threshold = unhealthy_after or self.config.unhealthy_after
-            replica.record_failure(reason, unhealthy_after=threshold)
+            replica.check_failed(reason, unhealthy_after=threshold)
         if ok:
             await self.scrape(replica)
         if replica.healthy != was_healthy:
@@ -51,6 +61,7 @@ class HealthChecker:
             log.warning("replica %s is %s", replica.url, state)
 
     async def scrape(self, replica: ReplicaState) -> None:
+        replica.begin_scrape()
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 async with self.session.get(replica.url + "/metrics") as response:
@@ -67,6 +78,7 @@ class HealthChecker:
         """One round; at start-up ``unhealthy_after=1`` so a dead replica is out at once."""
         checks = (self.check(r, unhealthy_after=unhealthy_after) for r in self.pools.replicas())
         await asyncio.gather(*checks)
+        self.on_round()
 
     async def _run(self) -> None:
         while True:

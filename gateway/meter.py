@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from starlette.types import Receive
 
+from gateway.admission import Ticket
 from gateway.config import Settings
 from gateway.pool import ReplicaState
 from gateway.schemas import Endpoint
@@ -45,6 +46,7 @@ class RequestContext:
     cache: str = "miss"  # miss | bypass | hit | coalesced | replay
     report: RequestReport | None = None  # a stream's, once it ended
     receive: Receive | None = None  # the ASGI channel, to notice a client that left
+    ticket: Ticket | None = None  # admission: tenant, priority, deadline
 
 
 ReportSink = Callable[[RequestReport, RequestContext], None]

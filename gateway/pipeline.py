@@ -3,7 +3,8 @@
 auth -> budget (429) -> read body (size limit) -> parse JSON -> validate
 -> route to a tier -> cache plan -> Idempotency-Key (replay / wait / 409 / 422)
 -> cache lookup -> join an identical request in flight (coalesce)
--> dispatch to a replica (retries inside the upstream client) -> relay -> meter.
+-> admission: a slot on a replica of the tier, or of a fallback tier (queue, 429)
+-> send (retries inside the upstream client) -> relay -> meter.
 
 Both completion endpoints share it; routes only pick the ``Endpoint``. The
 client's own JSON is what goes upstream (only ``model`` is rewritten when an
@@ -12,6 +13,7 @@ alias was routed), so unknown fields reach vLLM untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -26,7 +28,8 @@ from starlette.responses import Response
 from cache.idempotency import fingerprint
 from cache.response_cache import CachedResponse
 from cache.sse import DONE, CompletionBuilder, chunks_from_completion
-from gateway.auth import Authenticator
+from gateway.admission import Scheduler, Slot
+from gateway.auth import Authenticator, Principal
 from gateway.budgets import BudgetGuard
 from gateway.burn_shift import BurnShift
 from gateway.caching import CacheLayer, CachePlan
@@ -37,6 +40,7 @@ from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
+    PermissionDenied,
     UpstreamError,
 )
 from gateway.idempotent import IdempotencyLayer, idempotency_key
@@ -46,6 +50,7 @@ from gateway.request_id import request_id_of
 from gateway.schemas import Endpoint, validate
 from gateway.stream_shaper import StreamShaper, upstream_stream_options
 from gateway.streaming import EventStreamResponse, StreamEnd, relay_events
+from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient, UpstreamReply
 from gateway.upstream_errors import upstream_failure
 from metering.telemetry import INERT, Content, Telemetry
@@ -62,6 +67,8 @@ class Pipeline:
         auth: Authenticator,
         routes: RouteTable,
         pools: Pools,
+        scheduler: Scheduler,
+        tickets: TicketOffice,
         upstream: UpstreamClient,
         meter: Meter,
         telemetry: Telemetry,
@@ -79,6 +86,12 @@ class Pipeline:
         self.auth = auth
         self.routes = routes
         self.pools = pools
+        self.scheduler = scheduler
+        self.tickets = tickets
+        # Each tier's admission candidates: itself, then its fallbacks in order.
+        self.candidates = {
+            pool.name: [pool, *(pools.tiers[name] for name in pool.tier.fallback)] for pool in pools
+        }
         self.upstream = upstream
         self.meter = meter
         self.max_body_bytes = max_body_bytes
@@ -89,6 +102,7 @@ class Pipeline:
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(endpoint, body)
+        asked = self.tickets.read_headers(request.headers)  # priority, deadline (400 if bad)
         idem_key = idempotency_key(request.headers.get("idempotency-key"))
         idem_print = fingerprint({"path": endpoint.path, "body": body}) if idem_key else ""
         span = self.telemetry.start_request(
@@ -99,7 +113,11 @@ class Pipeline:
         )
         try:
             with span.child("tollway.route"):
-                decision, shift = self._route(parsed.model, body, principal.tenant)
+                forced = request.headers.get("x-tollway-tier")
+                if forced is not None:
+                    decision, shift = self._force(parsed.model, forced, principal), 0.0
+                else:
+                    decision, shift = self._route(parsed.model, body, principal.tenant)
             plan = self.caching.plan(
                 request.headers,
                 tenant=principal.tenant,
@@ -114,6 +132,7 @@ class Pipeline:
         span.set_route(decision.tier, decision.score, decision.reason)
         request_id = request_id_of(request.scope) or ""
         ctx = RequestContext(request_id, principal.tenant, endpoint, decision, span=span)
+        ctx.ticket = self.tickets.issue(principal, decision.tier, asked, ctx.started)
         if shift > 0:  # budget-aware routing moved the cut points
             ctx.headers["x-tollway-route-shift"] = f"{shift:.4f}"
         ctx.cache = plan.status
@@ -207,14 +226,42 @@ class Pipeline:
         events.append(DONE)
         return EventStreamResponse(_replay_events(events), headers)
 
+    async def _admit(self, ctx: RequestContext, raw: bytes) -> tuple[Slot, bytes]:
+        """A slot for the request: on its tier, or on a fallback tier (then re-addressed)."""
+        assert ctx.ticket is not None
+        routed = ctx.decision
+        slot = await self.scheduler.acquire(self.candidates[routed.tier], ctx.ticket, ctx.span)
+        if slot.fallback is None:
+            return slot, raw
+        tier = slot.pool.tier
+        ctx.decision = dataclasses.replace(
+            routed, tier=tier.name, model=tier.models[0], reason=f"fallback: {slot.fallback}"
+        )
+        ctx.headers["x-tollway-fallback-from"] = routed.tier
+        ctx.headers["x-tollway-fallback-reason"] = slot.fallback
+        if ctx.span is not None:
+            ctx.span.set_route(tier.name, routed.score, routed.reason)
+            ctx.span.annotate(
+                {"tollway.fallback.from": routed.tier, "tollway.fallback.reason": slot.fallback}
+            )
+        body = orjson.loads(raw)
+        body["model"] = tier.models[0]
+        return slot, orjson.dumps(body)
+
     async def _forward(
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
     ) -> Response:
-        headers = {**_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache}
         reply: UpstreamReply | None = None
+        headers: dict[str, str] = {}
         try:
+            slot, raw = await self._admit(ctx, raw)
+            headers = {
+                **_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache
+            }  # fmt: skip
+            assert ctx.ticket is not None
             reply = await self.upstream.send(
-                self.pools.tiers[ctx.decision.tier],
+                slot,
+                ctx.ticket,
                 ctx.endpoint.path,
                 raw,
                 {"content-type": JSON, "x-request-id": ctx.request_id},
@@ -307,6 +354,22 @@ class Pipeline:
             return figures
 
         return on_end
+
+    def _force(self, model: str, tier: str, principal: Principal) -> Decision:
+        """``x-tollway-tier``: the key must be allowed to pick its tier."""
+        if not principal.force_tier:
+            raise PermissionDenied("This API key may not choose its tier with x-tollway-tier.")
+        if tier not in self.pools.tiers:
+            raise InvalidRequest(
+                f"x-tollway-tier names no tier: {tier!r} (tiers: {', '.join(self.pools.tiers)})."
+            )
+        try:
+            return self.routes.force(model, tier)
+        except UnknownModel:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.",
+                param="model",
+            ) from None
 
     def _route(self, model: str, body: dict[str, Any], tenant: str) -> tuple[Decision, float]:
         """The decision, and how far budget-aware routing moved the cut points."""

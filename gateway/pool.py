@@ -1,24 +1,37 @@
-"""Replica pools: which replicas serve a tier, how busy and how healthy each is.
+"""Replica pools: which replicas serve a tier, how busy and how available each is.
 
 A ``ReplicaState`` is the gateway's live view of one vLLM replica: requests
-it has in flight there and whether the replica is healthy. Replicas are keyed
-by URL: when two tiers are served by one vLLM process (several
-``--served-model-name`` aliases) they share one state, because slots and GPU
-time belong to the process, not to the tier. Active checks
-(``gateway.health``) and passive signals from the upstream client (a refused
-connection) both feed ``healthy``. ``TierPool.pick`` chooses the healthy
-replica with the lowest in-flight / slots ratio.
+it has in flight there, whether it is healthy and whether it is ejected.
+Replicas are keyed by URL: when two tiers are served by one vLLM process
+(several ``--served-model-name`` aliases) they share one state, because slots
+and GPU time belong to the process, not to the tier.
+
+Two signals take a replica out of service:
+
+- *unhealthy*: active checks (``gateway.health``) failed ``unhealthy_after``
+  times in a row; back on the first passing check.
+- *ejected*: passive outlier detection. Upstream attempts failed
+  ``eject_after`` times in a row (a refused connection at once); out for
+  ``ejection_s``, doubled on each ejection without a success in between (up to
+  ``max_ejection_s``), then re-admitted and tried again.
+
+Slots: ``max_num_seqs`` minus the gateway's own in-flight requests minus
+*foreign* load, the requests vLLM reports (running + waiting) beyond ours,
+sent by other gateway processes. Foreign load is read once a second from
+vLLM's ``/metrics``, against the most this gateway had in flight while the
+scrape was under way, so our own requests finishing mid-scrape are never
+mistaken for someone else's.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from gateway.config import Replica, Settings, Tier
+from gateway.config import HealthConfig, Replica, Settings, Tier
 from gateway.scrape import VllmLoad
 from metering.replica import ReplicaMeter
 
@@ -30,19 +43,30 @@ class ReplicaState:
     config: Replica
     meter: ReplicaMeter
     in_flight: int = 0
-    healthy: bool = True
-    consecutive_failures: int = 0
+    healthy: bool = True  # active checks
+    failed_checks: int = 0
+    consecutive_failures: int = 0  # upstream attempts (passive)
+    ejected_until: float = 0.0  # monotonic; ejected while now < this
+    ejections: int = 0  # ejections since the last success
     last_error: str | None = None
     vllm: VllmLoad | None = None  # the replica's own view, scraped from /metrics
+    foreign: int = 0  # requests at vLLM that are not ours (other gateways)
+    _scrape_peak: int = 0  # most in flight since the current scrape began
+
+    def begin_scrape(self) -> None:
+        self._scrape_peak = self.in_flight
 
     def observe_vllm(self, load: VllmLoad) -> None:
         self.vllm = load
+        self.foreign = max(0, load.running + load.waiting - self._scrape_peak)
         self.meter.ledger.observe_running(load.running, time.monotonic())
 
     def occupy(self) -> int:
         """A request (attempt) starts here: count it and start its GPU-time share."""
         key = next(_attempt_ids)
         self.in_flight += 1
+        if self.in_flight > self._scrape_peak:
+            self._scrape_peak = self.in_flight
         self.meter.start(key, time.monotonic())
         return key
 
@@ -56,19 +80,63 @@ class ReplicaState:
         return self.config.url
 
     @property
+    def slots(self) -> int:
+        return self.config.max_num_seqs
+
+    @property
+    def free_slots(self) -> int:
+        return self.config.max_num_seqs - self.in_flight - self.foreign
+
+    @property
     def load(self) -> float:
-        return self.in_flight / self.config.max_num_seqs
+        """How busy, for choosing among replicas with a free slot (lower is better).
+
+        In-flight over slots, counting other gateways' requests, then refined by
+        vLLM's own view: its waiting queue (should be empty) and KV-cache use, so
+        that of two equally full replicas the one with more KV room wins.
+        """
+        ratio = (self.in_flight + self.foreign) / self.config.max_num_seqs
+        vllm = self.vllm
+        if vllm is not None:
+            ratio += vllm.waiting / self.config.max_num_seqs + 0.25 * vllm.kv_cache_usage
+        return ratio
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def ejected(self, now: float) -> bool:
+        return now < self.ejected_until
+
+    def check_passed(self) -> None:
+        self.failed_checks = 0
+        self.healthy = True
+
+    def check_failed(self, reason: str, *, unhealthy_after: int) -> None:
+        self.failed_checks += 1
+        self.last_error = reason
+        if self.failed_checks >= unhealthy_after:
+            self.healthy = False
 
     def record_success(self) -> None:
         self.consecutive_failures = 0
+        self.ejections = 0
         self.last_error = None
-        self.healthy = True
 
-    def record_failure(self, reason: str, *, unhealthy_after: int) -> None:
+    def record_failure(
+        self, reason: str, config: HealthConfig, now: float, *, at_once: bool = False
+    ) -> float:
+        """An upstream attempt failed; returns the ejection's length in seconds (0: none)."""
         self.consecutive_failures += 1
         self.last_error = reason
-        if self.consecutive_failures >= unhealthy_after:
-            self.healthy = False
+        if not at_once and self.consecutive_failures < config.eject_after:
+            return 0.0
+        if self.ejected(now):
+            return 0.0  # already out (a request that was in flight when it was ejected)
+        duration = min(config.ejection_s * 2.0**self.ejections, config.max_ejection_s)
+        self.ejections += 1
+        self.consecutive_failures = 0
+        self.ejected_until = now + duration
+        return duration
 
 
 @dataclass(eq=False)
@@ -80,18 +148,20 @@ class TierPool:
     def name(self) -> str:
         return self.tier.name
 
-    def healthy(self) -> list[ReplicaState]:
-        return [r for r in self.replicas if r.healthy]
+    def available(self, now: float) -> list[ReplicaState]:
+        return [r for r in self.replicas if r.available(now)]
 
-    def pick(self, exclude: Iterable[ReplicaState] = ()) -> ReplicaState | None:
-        """The least-loaded healthy replica, preferring ones not in ``exclude``."""
-        tried = set(map(id, exclude))
+    def healthy(self) -> list[ReplicaState]:
+        return self.available(time.monotonic())
+
+    def best_free(self, now: float, exclude: frozenset[int] = frozenset()) -> ReplicaState | None:
+        """The least-loaded available replica with a free slot, untried ones first."""
         best: ReplicaState | None = None
         best_key: tuple[bool, float] | None = None
         for replica in self.replicas:
-            if not replica.healthy:
+            if replica.free_slots <= 0 or not replica.available(now):
                 continue
-            key = (id(replica) in tried, replica.load)
+            key = (id(replica) in exclude, replica.load)
             if best_key is None or key < best_key:
                 best, best_key = replica, key
         return best

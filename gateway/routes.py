@@ -182,17 +182,23 @@ async def health() -> Response:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    """Readiness: every tier has at least one healthy replica."""
+    """Readiness: every tier has at least one available (healthy, not ejected) replica."""
     services = _services(request)
     now = time.monotonic()
     tiers = {
         pool.name: {
-            "healthy_replicas": len(pool.healthy()),
+            "healthy_replicas": len(pool.available(now)),
+            "queue_depth": services.scheduler.depth(pool.name),
             "replicas": [
                 {
                     "url": r.url,
                     "healthy": r.healthy,
+                    "ejected": r.ejected(now),
+                    "ejected_for_s": round(max(0.0, r.ejected_until - now), 3),
+                    "available": r.available(now),
                     "in_flight": r.in_flight,
+                    "slots": r.slots,
+                    "foreign": r.foreign,
                     "error": r.last_error,
                     "occupancy": _occupancy(r.meter.snapshot(now)),
                     "vllm": None

@@ -13,6 +13,7 @@ from cache.ledger import UsageLedger
 from cache.redis_client import RedisClient
 from cache.response_cache import ResponseCache
 from cache.singleflight import SingleFlight
+from gateway.admission import Scheduler
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
 from gateway.burn_shift import BurnShift
@@ -23,6 +24,7 @@ from gateway.idempotent import IdempotencyLayer
 from gateway.meter import Meter, ReportSink, RequestContext
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
+from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
@@ -37,6 +39,7 @@ class Services:
     auth: Authenticator
     routes: RouteTable
     pools: Pools
+    scheduler: Scheduler
     upstream: UpstreamClient
     pipeline: Pipeline
     metrics: GatewayMetrics
@@ -65,7 +68,9 @@ class Services:
         pools = Pools(settings)
         metrics = GatewayMetrics()
         metrics.register_replica_source(lambda: replica_gpu(pools))
-        upstream = UpstreamClient(settings.upstream, settings.health, metrics.observe_attempt)
+        scheduler = Scheduler(pools, settings.scheduling, settings.health, metrics)
+        tickets = TicketOffice(settings.scheduling, {t.name: t.priority for t in settings.tiers})
+        upstream = UpstreamClient(settings.upstream, scheduler, metrics.observe_attempt)
         telemetry = (
             Telemetry(None)
             if not settings.metering.enabled
@@ -103,6 +108,8 @@ class Services:
             auth=auth,
             routes=routes,
             pools=pools,
+            scheduler=scheduler,
+            tickets=tickets,
             upstream=upstream,
             meter=meter,
             telemetry=telemetry,
@@ -114,8 +121,8 @@ class Services:
         )
         pipeline.idempotency = IdempotencyLayer(idempotency_store, settings.idempotency, meter)
         return cls(
-            settings, auth, routes, pools, upstream, pipeline, metrics, telemetry, redis, ledger,
-            budgets,
+            settings, auth, routes, pools, scheduler, upstream, pipeline, metrics, telemetry,
+            redis, ledger, budgets,
         )  # fmt: skip
 
     def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
@@ -127,13 +134,16 @@ class Services:
         await self.redis.start()
         await self.ledger.start()
         await self.upstream.start()
-        self.health = HealthChecker(self.pools, self.settings.health, self.upstream.session)
+        self.health = HealthChecker(
+            self.pools, self.settings.health, self.upstream.session, self.scheduler.refresh
+        )
         await self.health.check_all(unhealthy_after=1)
         self.health.start()
 
     async def stop(self) -> None:
         if self.health is not None:
             await self.health.stop()
+        self.scheduler.close()
         await self.upstream.close()
         await self.budgets.stop()
         await self.ledger.stop()  # writes what is queued, within its grace period
@@ -187,6 +197,7 @@ def replica_gpu(pools: Pools) -> list[ReplicaGpu]:
     """Each replica's GPU time for /metrics; a process serving several tiers is one replica."""
     now = time.monotonic()
     tiers: dict[str, list[str]] = {}
+
     for pool in pools:
         for replica in pool.replicas:
             tiers.setdefault(replica.url, []).append(pool.name)
@@ -197,6 +208,7 @@ def replica_gpu(pools: Pools) -> list[ReplicaGpu]:
             replica.meter.snapshot(now),
             healthy=replica.healthy,
             slots=replica.config.max_num_seqs,
+            ejected=replica.ejected(now),
         )
         for url, replica in pools.by_url.items()
     ]

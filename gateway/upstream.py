@@ -4,11 +4,16 @@ aiohttp was chosen by measurement (../shared/BACKENDS.md: ~3,700 proxied
 requests/s on one core against ~700 for httpx). One ``ClientSession`` with a
 keep-alive pool is opened and closed by the app's lifespan.
 
-Retries live here and only here. An attempt is retried, on another healthy
+Retries live here and only here. An attempt is retried, on another available
 replica when the tier has one, when it fails before the upstream sent its
 status line: connect errors, a dropped connection, a first-byte timeout, or a
 502/503/504 status. Once ``send`` returns, a response exists and nothing is
 retried; the caller has not yet sent a byte to its client at that point.
+
+Every attempt holds a ``Slot`` from the admission scheduler
+(``gateway.admission``): the first is granted before ``send``; a retry asks
+for another, ahead of every waiting request. Failures feed the scheduler's
+passive outlier ejection.
 
 Timeouts: ``connect_timeout_s`` per TCP connect; ``total_timeout_s`` for the
 whole request, body included; for streams ``first_byte_timeout_s`` bounds the
@@ -29,9 +34,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from gateway.config import HealthConfig, UpstreamConfig
-from gateway.errors import NoHealthyUpstream, UpstreamError, UpstreamTimeout
-from gateway.pool import ReplicaState, TierPool
+from gateway.admission import Scheduler, Slot, Ticket
+from gateway.config import UpstreamConfig
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.pool import ReplicaState
 from metering.telemetry import INERT, RequestSpan, Step
 
 log = logging.getLogger("tollway.upstream")
@@ -51,12 +57,16 @@ class GpuBill:
 class UpstreamReply:
     """A response whose status line has arrived; the body is still to be read."""
 
-    replica: ReplicaState
+    slot: Slot
     response: aiohttp.ClientResponse
     bill: GpuBill
-    occupancy: int
     step: Step
+    scheduler: Scheduler
     _released: bool = False
+
+    @property
+    def replica(self) -> ReplicaState:
+        return self.slot.replica
 
     @property
     def status(self) -> int:
@@ -82,7 +92,7 @@ class UpstreamReply:
         if self._released:
             return
         self._released = True
-        self.bill.gpu_seconds += self.replica.vacate(self.occupancy)
+        self.bill.gpu_seconds += self.scheduler.release(self.slot)
         self.step.end("aborted" if abort else None)
         if abort:
             self.response.close()
@@ -94,11 +104,11 @@ class UpstreamClient:
     def __init__(
         self,
         config: UpstreamConfig,
-        health: HealthConfig,
+        scheduler: Scheduler,
         on_attempt: Callable[[str, str, str], None] = lambda tier, replica, outcome: None,
     ):
         self.config = config
-        self.health = health
+        self.scheduler = scheduler
         self.on_attempt = on_attempt  # (tier, replica url, outcome): for metrics
         self._session: aiohttp.ClientSession | None = None
         # First attempts (nearly all requests) share prebuilt timeouts.
@@ -142,7 +152,8 @@ class UpstreamClient:
 
     async def send(
         self,
-        pool: TierPool,
+        slot: Slot,
+        ticket: Ticket,
         path: str,
         body: bytes,
         headers: Mapping[str, str],
@@ -151,23 +162,28 @@ class UpstreamClient:
         bill: GpuBill,
         trace: RequestSpan | None = None,
     ) -> UpstreamReply:
-        """POST ``body`` to a replica of ``pool``, retrying failures before the status line.
+        """POST ``body`` to ``slot``'s replica, retrying failures before the status line.
 
-        Every attempt's occupancy of its replica is added to ``bill``.
+        Retries take new slots in the same tier. Every attempt's occupancy of its
+        replica is added to ``bill``; the returned reply holds the last slot.
         """
         config = self.config
+        scheduler = self.scheduler
+        pool = slot.pool
         deadline = time.monotonic() + config.total_timeout_s
         tried: list[ReplicaState] = []
         failure = ""
+        next_slot: Slot | None = slot
         for attempt in range(1, config.max_attempts + 1):
-            replica = pool.pick(exclude=tried)
-            if replica is None:
-                detail = f" (last failure: {failure})" if failure else ""
-                raise NoHealthyUpstream(
-                    f"No healthy replica is available for tier '{pool.name}'{detail}."
-                )
-            if replica in tried:
-                await asyncio.sleep(min(0.05 * 2 ** (attempt - 2), 1.0) * random.uniform(0.5, 1))
+            if next_slot is None:
+                now = time.monotonic()
+                if all(r in tried or not r.available(now) for r in pool.replicas):
+                    backoff = min(0.05 * 2 ** (attempt - 2), 1.0)  # only tried ones are left
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1))
+                excluded = frozenset(map(id, tried))
+                next_slot = await scheduler.retry(pool, ticket, excluded)
+            current, next_slot = next_slot, None
+            replica = current.replica
             tried.append(replica)
             # aiohttp enforces ``total`` over the whole exchange, body included;
             # for streams ``sock_read`` bounds the wait for the first byte and
@@ -179,14 +195,13 @@ class UpstreamClient:
             step = trace.upstream(replica.url + path, attempt=attempt - 1) if trace else INERT
             sent_headers = dict(headers)
             step.inject_headers(sent_headers)  # W3C traceparent naming this attempt's span
-            occupancy = replica.occupy()
             error: Exception | None = None
             try:
                 response = await self.session.post(
                     replica.url + path, data=body, headers=sent_headers, timeout=timeout
                 )
             except BaseException as exc:
-                bill.gpu_seconds += replica.vacate(occupancy)
+                bill.gpu_seconds += scheduler.release(current)
                 step.end("cancelled" if not isinstance(exc, Exception) else _outcome(exc))
                 if not isinstance(exc, Exception):
                     raise  # cancelled: the client left
@@ -195,11 +210,11 @@ class UpstreamClient:
                 self.on_attempt(pool.name, replica.url, _outcome(error))
             if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
                 failure = f"cannot connect to {replica.url}: {describe_error(error)}"
-                replica.record_failure(failure, unhealthy_after=1)
+                scheduler.failed(replica, failure, at_once=True)
                 continue
             if isinstance(error, TimeoutError):
                 failure = f"{replica.url} sent nothing in time"
-                replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
+                scheduler.failed(replica, failure)
                 if stream and time.monotonic() < deadline:
                     continue
                 raise UpstreamTimeout(
@@ -208,12 +223,12 @@ class UpstreamClient:
                 ) from None
             if isinstance(error, aiohttp.ClientError):
                 failure = f"{replica.url} dropped the request: {describe_error(error)}"
-                replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
+                scheduler.failed(replica, failure)
                 continue
             if error is not None:
                 raise error
             step.set_status_code(response.status)
-            reply = UpstreamReply(replica, response, bill, occupancy, step)
+            reply = UpstreamReply(current, response, bill, step, scheduler)
             self.on_attempt(
                 pool.name,
                 replica.url,
@@ -222,10 +237,10 @@ class UpstreamClient:
             if response.status in RETRYABLE_STATUS and attempt < config.max_attempts:
                 failure = f"{replica.url} answered {response.status}"
                 reply.release()
-                replica.record_failure(failure, unhealthy_after=self.health.unhealthy_after)
+                scheduler.failed(replica, failure)
                 continue
             if response.status < 500:
-                replica.consecutive_failures = 0
+                scheduler.succeeded(replica)
             return reply
         log.warning("tier %s: giving up after %d attempts: %s", pool.name, len(tried), failure)
         raise UpstreamError(

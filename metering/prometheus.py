@@ -26,9 +26,13 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   replica_in_flight                   gauge      replica, tier
   replica_slots                       gauge      replica, tier
   replica_healthy                     gauge      replica, tier
+  replica_ejected                     gauge      replica, tier
+  replica_ejections_total             counter    replica, tier
   burn_rate_usd_per_hour              gauge      scope ("gateway" or a tenant)
   queue_depth                         gauge      tier
   queue_wait_seconds                  histogram  tier
+  shed_total                          counter    tier, reason
+  fallbacks_total                     counter    from_tier, to_tier, reason
   cache_requests_total                counter    tier, result
   redis_failures_total                counter    operation
   ledger_writes_lost_total            counter    (none)
@@ -69,8 +73,15 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   exported once and never double-counted.
 - ``replica_in_flight``, ``replica_slots`` (``max_num_seqs``), ``replica_healthy``
   (1 or 0): from the same callback.
+- ``replica_ejected`` (1 while passive outlier detection keeps a replica out)
+  and ``replica_ejections_total``.
 - ``queue_depth`` and ``queue_wait_seconds``: the admission scheduler's queue,
-  per tier (scale on ``queue_depth``).
+  per tier (scale on ``queue_depth``); every admitted request observes its
+  wait, 0 when a slot was free.
+- ``shed_total``: requests refused by admission, ``reason`` deadline (its wait
+  would outlast, or outlasted, its deadline) | queue_full | no_replica.
+  ``fallbacks_total``: requests served by another tier than routed, ``reason``
+  unavailable | deadline.
 - ``cache_requests_total``: response-cache lookups, ``result`` hit|miss|bypass|
   coalesced|error. ``redis_failures_total``, ``ledger_writes_lost_total`` and
   ``telemetry_failures_total``: the fail-open paths, counted.
@@ -154,10 +165,18 @@ class ReplicaGpu:
     in_flight: int
     healthy: bool
     slots: int = 0  # max_num_seqs; 0 = unknown, not exported
+    ejected: bool = False
 
     @classmethod
     def from_occupancy(
-        cls, replica: str, tier: str, snap: OccupancySnapshot, *, healthy: bool, slots: int = 0
+        cls,
+        replica: str,
+        tier: str,
+        snap: OccupancySnapshot,
+        *,
+        healthy: bool,
+        slots: int = 0,
+        ejected: bool = False,
     ) -> ReplicaGpu:
         return cls(
             replica=replica,
@@ -168,6 +187,7 @@ class ReplicaGpu:
             in_flight=snap.in_flight,
             healthy=healthy,
             slots=slots,
+            ejected=ejected,
         )
 
 
@@ -185,7 +205,7 @@ class _ReplicaCollector:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        gpu, in_flight, slots, healthy = families = self._families()
+        gpu, in_flight, slots, healthy, ejected = families = self._families()
         if self.source is None:
             return families
         try:
@@ -201,13 +221,18 @@ class _ReplicaCollector:
             gpu.add_metric((*labels, "idle"), r.idle_gpu_s)
             in_flight.add_metric(labels, r.in_flight)
             healthy.add_metric(labels, 1.0 if r.healthy else 0.0)
+            ejected.add_metric(labels, 1.0 if r.ejected else 0.0)
             if r.slots > 0:
                 slots.add_metric(labels, r.slots)
         return families
 
     @staticmethod
     def _families() -> tuple[
-        CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
     ]:
         labels = ("replica", "tier")
         return (
@@ -219,6 +244,11 @@ class _ReplicaCollector:
             GaugeMetricFamily("tollway_replica_in_flight", "Requests in flight.", labels=labels),
             GaugeMetricFamily("tollway_replica_slots", "vLLM max_num_seqs.", labels=labels),
             GaugeMetricFamily("tollway_replica_healthy", "1 if healthy, else 0.", labels=labels),
+            GaugeMetricFamily(
+                "tollway_replica_ejected",
+                "1 while ejected (passive outlier detection).",
+                labels=labels,
+            ),
         )
 
 
@@ -338,6 +368,19 @@ class GatewayMetrics:
         self._queue_wait = hist(
             "tollway_queue_wait_seconds", ("tier",), QUEUE_WAIT, "Queueing to dispatch."
         )
+        self._shed = count(
+            "tollway_shed_total", ("tier", "reason"), "Requests refused by admission (429/503)."
+        )
+        self._fallbacks = count(
+            "tollway_fallbacks_total",
+            ("from_tier", "to_tier", "reason"),
+            "Requests served by a fallback tier.",
+        )
+        self._ejections = count(
+            "tollway_replica_ejections_total",
+            ("replica", "tier"),
+            "Passive outlier ejections of a replica.",
+        )
         self._cache = count(
             "tollway_cache_requests_total", ("tier", "result"), "Response-cache lookups."
         )
@@ -414,6 +457,15 @@ class GatewayMetrics:
 
     def observe_queue_wait(self, tier: str, seconds: float) -> None:
         self._queue_wait.cell(tier).observe(seconds)
+
+    def shed(self, tier: str, reason: str) -> None:
+        self._shed.cell(tier, reason)[0] += 1
+
+    def fallback(self, from_tier: str, to_tier: str, reason: str) -> None:
+        self._fallbacks.cell(from_tier, to_tier, reason)[0] += 1
+
+    def ejection(self, replica: str, tier: str) -> None:
+        self._ejections.cell(replica, tier)[0] += 1
 
     def cache_event(self, tier: str, result: str) -> None:
         self._cache.cell(tier, result)[0] += 1

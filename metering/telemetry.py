@@ -288,6 +288,15 @@ class RequestSpan:
         except Exception as exc:  # noqa: BLE001
             self._t._failed("route", exc)
 
+    def annotate(self, attributes: Mapping[str, str | bool | int | float]) -> None:
+        """Extra attributes on the request's span (a fallback tier, say)."""
+        if self._span is None:
+            return
+        try:
+            self._span.set_attributes(attributes)
+        except Exception as exc:  # noqa: BLE001
+            self._t._failed("annotate", exc)
+
     def mark_first_chunk(self) -> None:
         """A stream's first chunk arrived: gives ``gen_ai.response.time_to_first_chunk``."""
         if self._span is not None and self._first_chunk is None:

@@ -88,6 +88,18 @@ class RouteTable:
         tier = choose_tier(score.value, self._tier_names, cuts)
         return Decision(tier, self._tier_models[tier][0], True, score.reason(), score.value)
 
+    def force(self, model: str, tier: str) -> Decision:
+        """``model`` sent to ``tier`` whatever routing would say (``x-tollway-tier``).
+
+        Raises ``UnknownModel`` for a name no tier serves nor routes, ``KeyError``
+        for an unknown tier.
+        """
+        if model not in self._fixed and model not in self._aliases:
+            raise UnknownModel(model)
+        models = self._tier_models[tier]
+        chosen = model if model in models else models[0]
+        return Decision(tier, chosen, True, "forced by x-tollway-tier")
+
     def model_names(self) -> list[str]:
         """Every name a client may send: tier models first, then routed aliases."""
         return [*self._fixed, *self._aliases]

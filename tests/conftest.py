@@ -83,7 +83,14 @@ def gateway_config(
         ],
         "routing": {"aliases": ["auto"], "default_tier": "small"},
         "upstream": {"first_byte_timeout_s": 1.5, "total_timeout_s": 20, "max_attempts": 3},
-        "health": {"interval_s": 0.2, "timeout_s": 0.5, "unhealthy_after": 2},
+        "health": {
+            "interval_s": 0.2,
+            "timeout_s": 0.5,
+            "unhealthy_after": 2,
+            "eject_after": 3,
+            "ejection_s": 0.3,
+            "max_ejection_s": 1.0,
+        },
         "limits": {"max_body_bytes": 64 * 1024},
     }
     config.update(overrides)
@@ -145,7 +152,7 @@ def _session_stack(log_dir: Path, stack_redis: RedisServer) -> Iterator[Stack]:
 def all_replicas_healthy(gateway: Proc) -> bool:
     ready = http_json("GET", gateway.url + "/ready") if _ready_ok(gateway) else None
     return ready is not None and all(
-        r["healthy"] for tier in ready["tiers"].values() for r in tier["replicas"]
+        r["available"] for tier in ready["tiers"].values() for r in tier["replicas"]
     )
 
 
