@@ -16,7 +16,13 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import ClientDisconnected, NoHealthyUpstream, UpstreamError, error_response
+from gateway.errors import (
+    ClientDisconnected,
+    NoHealthyUpstream,
+    Overloaded,
+    UpstreamError,
+    error_response,
+)
 from gateway.request_id import request_id_of
 from gateway.schemas import Endpoint
 from gateway.services import Services
@@ -48,7 +54,7 @@ class HotPath:
             return
         except Exception as exc:  # noqa: BLE001 - the one place errors become responses
             response = error_response(exc, request_id_of(scope))
-            if not isinstance(exc, UpstreamError | NoHealthyUpstream):  # those are metered
+            if not isinstance(exc, UpstreamError | NoHealthyUpstream | Overloaded):  # metered
                 request_id = request_id_of(scope) or ""
                 duration = time.monotonic() - started
                 self.services.count_refused(response.status_code, request_id, duration)

@@ -22,6 +22,7 @@ from tests.conftest import KEY, OTHER_KEY, gateway_config
 from tests.support.procs import Proc, free_port, start_gateway
 from tests.support.redis_server import run_redis
 from tests.support.vllm import run_vllm
+from tests.support.watch import VllmWatcher
 
 pytestmark = pytest.mark.vllm
 
@@ -29,14 +30,15 @@ MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of Franc
 
 
 @pytest.fixture(scope="module")
-def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str]]:
+    """The gateway, and the vLLM URL behind it."""
     log_dir = tmp_path_factory.mktemp("vllm")
     with (
         run_redis() as redis_server,
         run_vllm(
             free_port(),
             aliases=["smollm2-small", "smollm2-large"],
-            max_num_seqs=8,
+            max_num_seqs=4,
             log_path=log_dir / "vllm.log",
         ) as vllm_url,
     ):
@@ -44,13 +46,24 @@ def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         config["tiers"][0]["models"] = ["smollm2-small"]
         config["tiers"][1]["models"] = ["smollm2-large"]
         for tier in config["tiers"]:  # one process serves both tiers: one set of settings
-            tier["replicas"][0].update(max_num_seqs=8, gpu_hourly_usd=1.0)
+            tier["replicas"][0].update(max_num_seqs=4, gpu_hourly_usd=1.0)
         config["upstream"] = {"first_byte_timeout_s": 120, "total_timeout_s": 300}
+        config["scheduling"] = {"deadline_ms": 240_000}  # CPU vLLM is slow: queue, never shed
         gateway = start_gateway(log_dir, config)
         try:
-            yield gateway
+            yield gateway, vllm_url
         finally:
             gateway.stop()
+
+
+@pytest.fixture
+def vllm_gateway(vllm_stack: tuple[Proc, str]) -> Proc:
+    return vllm_stack[0]
+
+
+@pytest.fixture
+def vllm_url(vllm_stack: tuple[Proc, str]) -> str:
+    return vllm_stack[1]
 
 
 @pytest.fixture
@@ -122,19 +135,27 @@ def test_vllm_rejection_is_relayed_as_400(client: openai.OpenAI) -> None:
     assert err.value.body is not None
 
 
-async def test_eight_concurrent_requests(vllm_gateway: Proc) -> None:
+async def test_eight_concurrent_requests_queue_in_the_gateway_not_in_vllm(
+    vllm_gateway: Proc, vllm_url: str
+) -> None:
+    """vLLM runs --max-num-seqs 4: 4 run, 4 wait in the gateway, vLLM's own queue stays empty."""
     client = openai.AsyncOpenAI(base_url=vllm_gateway.url + "/v1", api_key=KEY, max_retries=0)
-    async with client:
-        results = await asyncio.gather(
-            *(
-                client.chat.completions.create(
-                    model="smollm2-small" if i % 2 else "smollm2-large",
-                    messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
-                    max_tokens=24,
+    with VllmWatcher(vllm_url, every_s=0.05, gateway=vllm_gateway.url) as watcher:
+        async with client:
+            results = await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="smollm2-small" if i % 2 else "smollm2-large",
+                        messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+                        max_tokens=24,
+                    )
+                    for i in range(8)
                 )
-                for i in range(8)
             )
-        )
+    assert watcher.samples > 5
+    assert watcher.max_waiting == 0  # vLLM's num_requests_waiting never left 0
+    assert watcher.max_running == 4  # its batch was full
+    assert watcher.max_queued >= 1  # the rest waited in the gateway
     assert len(results) == 8
     for result in results:
         assert result.choices[0].finish_reason in ("stop", "length")

@@ -42,6 +42,9 @@ def config(sim: Proc, redis: RedisServer, **idempotency: Any) -> dict[str, Any]:
     for tier in cfg["tiers"]:  # one simulator serves both tiers: one set of settings
         tier["replicas"][0].update(max_num_seqs=64, gpu_hourly_usd=1.0)
     cfg["idempotency"] = {"wait_s": 20, "lease_s": 2, **idempotency}
+    # These tests are about idempotency, not fail-open: on a loaded 2-core machine a
+    # Redis call can pass the 50 ms default budget, and the key would go unprotected.
+    cfg["redis"]["call_budget_ms"] = 2000
     cfg["upstream"]["first_byte_timeout_s"] = 30
     return cfg
 
