@@ -8,6 +8,7 @@ that reached the simulator.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -145,3 +146,41 @@ def test_request_span_tree_and_attributes(traced: tuple[Proc, Proc, Collector]) 
     assert attributes(upstream)["http.response.status_code"] == 200
     sent = http_json("GET", small.url + "/sim/requests")[-1]["headers"]
     assert sent["traceparent"] == f"00-{CLIENT_TRACE}-{upstream.span_id.hex()}-01"
+
+
+def test_a_queued_request_has_a_queue_wait_span(traced: tuple[Proc, Proc, Collector]) -> None:
+    """12 at once on a tier of 4 slots: those that wait for admission get a tollway.queue_wait."""
+    gateway, _, collector = traced
+
+    async def burst() -> None:
+        async with openai.AsyncOpenAI(
+            base_url=gateway.url + "/v1", api_key=KEY, max_retries=0
+        ) as client:
+            await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="sim-small",
+                        messages=[{"role": "user", "content": f"queue {i}"}],
+                        max_tokens=24,
+                    )
+                    for i in range(12)
+                )
+            )
+
+    asyncio.run(burst())
+    first = collector.wait_for("tollway.queue_wait")
+    collector.wait_for("chat sim-small")
+    time.sleep(0.5)  # the rest of the batch (exported every 50 ms)
+    waits = [s for s in collector.spans if s.name == "tollway.queue_wait"]
+    assert 1 <= len(waits) <= 8  # only requests that found all 4 slots taken waited
+    roots = {s.span_id: s for s in collector.spans if s.name == "chat sim-small"}
+    assert first.parent_span_id in roots  # a child of its request's span
+    attrs = attributes(first)
+    assert set(attrs) == {"tollway.queue.depth", "tollway.tier", "tollway.queue.wait_ms"}
+    assert attrs["tollway.tier"] == "small"
+    assert 1 <= attrs["tollway.queue.depth"] <= 8
+    assert attrs["tollway.queue.wait_ms"] > 0
+    assert (
+        first.end_time_unix_nano - first.start_time_unix_nano
+        >= attrs["tollway.queue.wait_ms"] * 1e6 * 0.9
+    )
