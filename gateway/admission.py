@@ -193,13 +193,16 @@ class Scheduler:
         span: RequestSpan | None = None,
         *,
         exclude: frozenset[int] = frozenset(),
+        fallen_from: str | None = None,
     ) -> Slot:
         """A slot on the first of ``candidates`` (routed tier, then fallbacks) that can give one.
 
         Raises ``Overloaded`` (429) or ``NoHealthyUpstream`` (503) from the last
         tier tried. ``exclude``: ids of replicas to avoid when there is a choice.
+        ``fallen_from``: the routed tier, when ``candidates`` are only its fallbacks
+        because it lost its last replica while the request was on it.
         """
-        reason: str | None = None
+        reason: str | None = None if fallen_from is None else "unavailable"
         for index, pool in enumerate(candidates):
             last = index == len(candidates) - 1
             try:
@@ -216,10 +219,11 @@ class Scheduler:
                     raise
                 reason = "deadline"
             else:
-                if index:
+                if index or fallen_from is not None:
                     slot.fallback = reason
                     if self.metrics is not None:
-                        self.metrics.fallback(candidates[0].name, pool.name, reason or "")
+                        origin = fallen_from or candidates[0].name
+                        self.metrics.fallback(origin, pool.name, reason or "")
                 return slot
         raise AssertionError("acquire needs at least one candidate tier")
 
@@ -258,7 +262,7 @@ class Scheduler:
                 + (f": about {predicted:.1f} s of queue is ahead of it." if predicted else "."),
                 None if predicted is None else predicted - remaining,
             )
-        return await self._wait(queue, ticket, span, now, remaining)
+        return await self._wait(queue, ticket, span, now, remaining, available)
 
     async def _wait(
         self,
@@ -267,10 +271,14 @@ class Scheduler:
         span: RequestSpan | None,
         now: float,
         remaining: float,
+        available: list[ReplicaState],
     ) -> Slot:
         waiter = _Waiter(ticket, ticket.priority, now)
         queue.push(waiter)
         self._observe_depth(queue)
+        for replica in available:  # a slot may be free behind older waiters (foreign load fell)
+            if replica.free_slots > 0:
+                self._pump(replica, now)
         step = span.child("tollway.queue_wait") if span is not None else INERT
         step.set_attribute("tollway.queue.depth", queue.depth)
         step.set_attribute("tollway.tier", queue.pool.name)
@@ -308,7 +316,7 @@ class Scheduler:
     ) -> Slot:
         key = replica.occupy()
         charged = queue.hold_s or DEFAULT_HOLD_S
-        queue.clock = queue.vtime.get(tenant, queue.clock)
+        queue.clock = max(queue.clock, queue.vtime.get(tenant, queue.clock))
         queue.charge(tenant, charged)
         if self.metrics is not None:
             self.metrics.observe_queue_wait(queue.pool.name, waited)

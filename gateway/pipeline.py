@@ -39,6 +39,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     ModelNotFound,
+    NoHealthyUpstream,
     PayloadTooLarge,
     PermissionDenied,
     UpstreamError,
@@ -226,11 +227,22 @@ class Pipeline:
         events.append(DONE)
         return EventStreamResponse(_replay_events(events), headers)
 
-    async def _admit(self, ctx: RequestContext, raw: bytes) -> tuple[Slot, bytes]:
-        """A slot for the request: on its tier, or on a fallback tier (then re-addressed)."""
+    async def _admit(
+        self, ctx: RequestContext, raw: bytes, routed: Decision, fallen: bool = False
+    ) -> tuple[Slot, bytes]:
+        """A slot for the request: on its tier, or on a fallback tier (then re-addressed).
+
+        ``fallen``: the routed tier lost its last replica under the request; only
+        its fallbacks are candidates now.
+        """
         assert ctx.ticket is not None
-        routed = ctx.decision
-        slot = await self.scheduler.acquire(self.candidates[routed.tier], ctx.ticket, ctx.span)
+        candidates = self.candidates[routed.tier]
+        slot = await self.scheduler.acquire(
+            candidates[1:] if fallen else candidates,
+            ctx.ticket,
+            ctx.span,
+            fallen_from=routed.tier if fallen else None,
+        )
         if slot.fallback is None:
             return slot, raw
         tier = slot.pool.tier
@@ -248,27 +260,45 @@ class Pipeline:
         body["model"] = tier.models[0]
         return slot, orjson.dumps(body)
 
+    async def _send(
+        self, ctx: RequestContext, raw: bytes, stream: bool
+    ) -> tuple[UpstreamReply, dict[str, str]]:
+        """Admission, then the upstream call; falls back once more if the tier dies under it."""
+        assert ctx.ticket is not None
+        routed = ctx.decision
+        slot, body = await self._admit(ctx, raw, routed)
+        try:
+            reply = await self._post(ctx, slot, body, stream)
+        except NoHealthyUpstream:
+            if slot.fallback is not None or len(self.candidates[routed.tier]) == 1:
+                raise
+            # Its attempts ejected the tier's last replica: the fallbacks may still serve it.
+            slot, body = await self._admit(ctx, raw, routed, fallen=True)
+            reply = await self._post(ctx, slot, body, stream)
+        headers = {**_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache}
+        return reply, headers
+
+    def _post(
+        self, ctx: RequestContext, slot: Slot, body: bytes, stream: bool
+    ) -> Awaitable[UpstreamReply]:
+        assert ctx.ticket is not None
+        return self.upstream.send(
+            slot,
+            ctx.ticket,
+            ctx.endpoint.path,
+            body,
+            {"content-type": JSON, "x-request-id": ctx.request_id},
+            stream=stream,
+            bill=ctx.bill,
+            trace=ctx.span,
+        )
+
     async def _forward(
         self, ctx: RequestContext, raw: bytes, shaper: StreamShaper | None, plan: CachePlan
     ) -> Response:
         reply: UpstreamReply | None = None
-        headers: dict[str, str] = {}
         try:
-            slot, raw = await self._admit(ctx, raw)
-            headers = {
-                **_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache
-            }  # fmt: skip
-            assert ctx.ticket is not None
-            reply = await self.upstream.send(
-                slot,
-                ctx.ticket,
-                ctx.endpoint.path,
-                raw,
-                {"content-type": JSON, "x-request-id": ctx.request_id},
-                stream=shaper is not None,
-                bill=ctx.bill,
-                trace=ctx.span,
-            )
+            reply, headers = await self._send(ctx, raw, shaper is not None)
             if shaper is not None and reply.status == 200:
                 events = relay_events(reply, shaper, self._stream_end(ctx, reply, shaper))
                 store = functools.partial(self._store_stream, ctx, shaper, plan)

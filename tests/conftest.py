@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class Stack:
     large: list[Proc]
     log_dir: Path
     redis: RedisServer
+    clients: list[openai.OpenAI] = field(default_factory=list)  # closed after each test
 
     @property
     def sims(self) -> list[Proc]:
@@ -114,10 +115,39 @@ class Stack:
         return self.gateway.url + "/v1"
 
     def client(self, key: str = KEY, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+        client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+        self.clients.append(client)
+        return client
 
     def async_client(self, key: str = KEY, **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+
+
+SdkFactory = Callable[..., openai.OpenAI]
+
+
+@pytest.fixture
+def sdk() -> Iterator[SdkFactory]:
+    """``sdk(gateway, key=KEY)``: an openai client for a gateway the test started; closed after."""
+    made: list[openai.OpenAI] = []
+
+    def make(gateway: Proc, key: str = KEY, **kwargs: Any) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test starts for itself (append them): stopped after it, newest first."""
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +195,7 @@ def _ready_ok(gateway: Proc) -> bool:
 
 
 @pytest.fixture
-def stack(_session_stack: Stack) -> Stack:
+def stack(_session_stack: Stack) -> Iterator[Stack]:
     """The session stack with faults cleared, counters zeroed and every replica healthy."""
     for sim in _session_stack.sims:
         reset_sim(sim)
@@ -174,4 +204,7 @@ def stack(_session_stack: Stack) -> Stack:
         if time.monotonic() > deadline:
             raise RuntimeError("the gateway did not see every replica healthy again")
         time.sleep(0.05)
-    return _session_stack
+    yield _session_stack
+    for client in _session_stack.clients:
+        client.close()
+    _session_stack.clients.clear()

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import KEY, OTHER_KEY, Stack, gateway_config, sim_stats
+from tests.conftest import KEY, OTHER_KEY, SdkFactory, Stack, gateway_config, sim_stats
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.watch import VllmWatcher
 
@@ -29,17 +29,7 @@ STEADY_SIM = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-
-
 def metric(gateway: Proc, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
     body = httpx.get(gateway.url + "/metrics", timeout=5).text
     total = 0.0
     for family in text_string_to_metric_families(body):
@@ -189,7 +179,9 @@ def test_client_deadline_header_and_priority_header_are_validated(stack: Stack) 
     assert ok.choices[0].message.content
 
 
-def test_forcing_a_tier_needs_a_key_allowed_to(procs: list[Proc], log_dir: Path) -> None:
+def test_forcing_a_tier_needs_a_key_allowed_to(
+    procs: list[Proc], log_dir: Path, sdk: SdkFactory
+) -> None:
     small = start_sim(log_dir, ["sim-small"], "--zero-delay")
     procs.append(small)
     large = start_sim(log_dir, ["sim-large"], "--zero-delay")
@@ -198,7 +190,7 @@ def test_forcing_a_tier_needs_a_key_allowed_to(procs: list[Proc], log_dir: Path)
     config["auth"]["keys"][1]["force_tier"] = True  # globex may
     gateway = start_gateway(log_dir, config)
     procs.append(gateway)
-    allowed = openai.OpenAI(base_url=gateway.url + "/v1", api_key=OTHER_KEY, max_retries=0)
+    allowed = sdk(gateway, OTHER_KEY)
     raw = allowed.chat.completions.with_raw_response.create(
         model="auto", messages=MESSAGES, extra_headers={"x-tollway-tier": "large"}
     )
@@ -209,14 +201,16 @@ def test_forcing_a_tier_needs_a_key_allowed_to(procs: list[Proc], log_dir: Path)
         allowed.chat.completions.create(
             model="auto", messages=MESSAGES, extra_headers={"x-tollway-tier": "huge"}
         )
-    refused = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    refused = sdk(gateway, KEY)
     with pytest.raises(openai.PermissionDeniedError, match="x-tollway-tier"):
         refused.chat.completions.create(
             model="auto", messages=MESSAGES, extra_headers={"x-tollway-tier": "large"}
         )
 
 
-def test_fallback_tier_when_unavailable_and_when_too_slow(procs: list[Proc], log_dir: Path) -> None:
+def test_fallback_tier_when_unavailable_and_when_too_slow(
+    procs: list[Proc], log_dir: Path, sdk: SdkFactory
+) -> None:
     small = start_sim(log_dir, ["sim-small"], "--max-num-seqs", "1", *STEADY_SIM)
     procs.append(small)
     large = start_sim(log_dir, ["sim-large"], "--zero-delay")
@@ -250,7 +244,7 @@ def test_fallback_tier_when_unavailable_and_when_too_slow(procs: list[Proc], log
     assert hurried.parse().model == "sim-large"
 
     small.stop()
-    sync = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    sync = sdk(gateway, KEY)
     raw = sync.chat.completions.with_raw_response.create(
         model="sim-small", messages=MESSAGES, max_tokens=5
     )
@@ -260,7 +254,7 @@ def test_fallback_tier_when_unavailable_and_when_too_slow(procs: list[Proc], log
 
 
 def test_replica_killed_is_ejected_traffic_moves_and_it_is_readmitted(
-    procs: list[Proc], log_dir: Path
+    procs: list[Proc], log_dir: Path, sdk: SdkFactory
 ) -> None:
     """Passive detection only (no health checks): ejection and timed re-admission."""
     survivor = start_sim(log_dir, ["sim-large"], "--zero-delay")
@@ -272,7 +266,7 @@ def test_replica_killed_is_ejected_traffic_moves_and_it_is_readmitted(
     config["health"].update(interval_s=3600, ejection_s=0.3, max_ejection_s=0.6)
     gateway = start_gateway(log_dir, config)
     procs.append(gateway)
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    client = sdk(gateway, KEY)
     for _ in range(4):
         client.chat.completions.create(model="sim-large", messages=MESSAGES, max_tokens=3)
     assert sim_stats(victim)["requests_finished"] > 0

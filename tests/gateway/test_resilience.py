@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import FAST_SIM, KEY, Stack, gateway_config, set_faults, sim_stats
+from tests.conftest import FAST_SIM, KEY, SdkFactory, Stack, gateway_config, set_faults, sim_stats
 from tests.support.procs import Proc, free_port, start_gateway, start_sim
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
@@ -32,14 +32,6 @@ def ready(gateway: Proc) -> httpx.Response:
 
 def sse_events(response: httpx.Response) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
 
 
 def test_503_is_retried_on_the_other_replica(stack: Stack) -> None:
@@ -158,7 +150,9 @@ def _dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
-def test_connect_error_moves_to_a_live_replica(procs: list[Proc], log_dir: Path) -> None:
+def test_connect_error_moves_to_a_live_replica(
+    procs: list[Proc], log_dir: Path, sdk: SdkFactory
+) -> None:
     live = start_sim(log_dir, ["sim-large"], *FAST_SIM)
     procs.append(live)
     small = start_sim(log_dir, ["sim-small"], *FAST_SIM)
@@ -167,7 +161,7 @@ def test_connect_error_moves_to_a_live_replica(procs: list[Proc], log_dir: Path)
     config["health"]["interval_s"] = 60  # passive detection only
     gateway = start_gateway(log_dir, config)
     procs.append(gateway)
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    client = sdk(gateway, KEY)
     for _ in range(3):
         assert client.completions.create(model="sim-large", prompt="hi", max_tokens=3).choices
     assert sim_stats(live)["requests_finished"] == 3
@@ -175,12 +169,14 @@ def test_connect_error_moves_to_a_live_replica(procs: list[Proc], log_dir: Path)
     assert [r["healthy"] for r in replicas] == [False, True]
 
 
-def test_no_healthy_upstream_is_503_naming_the_tier(procs: list[Proc], log_dir: Path) -> None:
+def test_no_healthy_upstream_is_503_naming_the_tier(
+    procs: list[Proc], log_dir: Path, sdk: SdkFactory
+) -> None:
     small = start_sim(log_dir, ["sim-small"], *FAST_SIM)
     procs.append(small)
     gateway = start_gateway(log_dir, gateway_config([small.url], [_dead_url()]))
     procs.append(gateway)
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    client = sdk(gateway, KEY)
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="sim-large", messages=MESSAGES)
     assert err.value.status_code == 503
@@ -192,7 +188,7 @@ def test_no_healthy_upstream_is_503_naming_the_tier(procs: list[Proc], log_dir: 
     assert client.chat.completions.create(model="sim-small", messages=MESSAGES).choices
 
 
-def test_replica_killed_and_restarted(procs: list[Proc], log_dir: Path) -> None:
+def test_replica_killed_and_restarted(procs: list[Proc], log_dir: Path, sdk: SdkFactory) -> None:
     small = start_sim(log_dir, ["sim-small"], *FAST_SIM)
     procs.append(small)
     large = start_sim(log_dir, ["sim-large"], *FAST_SIM)
@@ -207,7 +203,7 @@ def test_replica_killed_and_restarted(procs: list[Proc], log_dir: Path) -> None:
     restarted = start_sim(log_dir, ["sim-large"], *FAST_SIM, port=port)
     procs.append(restarted)
     wait_until(lambda: ready(gateway).status_code == 200, 5, "/ready to re-admit the replica")
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    client = sdk(gateway, KEY)
     assert client.chat.completions.create(model="sim-large", messages=MESSAGES).choices
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -122,14 +121,6 @@ def test_usage_cli_prints_a_table(stack: Stack) -> None:
     assert lines[1].split()[:3] == ["tier", "requests", "prompt_tokens"]
     api = total(stack.gateway, group_by="tier")
     assert lines[-1].split()[:2] == ["TOTAL", str(api["requests"])]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
 
 
 def test_budget_exceeded_is_429_with_reset(procs: list[Proc], log_dir: Path) -> None:
