@@ -335,6 +335,7 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
     m.cache_event("small", "hit")
     m.redis_failure("get")
     m.telemetry_failure("span")
+    m.observe_route("small", 0.25)
     m.register_replica_source(lambda: [ReplicaGpu("http://a:8000", "small", 1, 1, 0, 1, True, 4)])
     body, content_type = m.render()
 
