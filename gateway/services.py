@@ -156,6 +156,8 @@ def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
         now = time.monotonic()
         ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
         metrics.observe_request(report, duration_s=now - ctx.started, ttft_s=ttft)
+        if ctx.decision.routed:
+            metrics.observe_route(ctx.decision.tier, ctx.decision.score)
 
     return sink
 

@@ -37,6 +37,7 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   redis_failures_total                counter    operation
   ledger_writes_lost_total            counter    (none)
   telemetry_failures_total            counter    kind
+  route_decisions_total               counter    tier, band
 
 - ``requests_total``: finished requests, one per client request (hits,
   replays and errors included). ``status`` is the HTTP status sent
@@ -82,6 +83,9 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   would outlast, or outlasted, its deadline) | queue_full | no_replica.
   ``fallbacks_total``: requests served by another tier than routed, ``reason``
   unavailable | deadline.
+- ``route_decisions_total``: requests for a routed alias (``auto``), by the
+  tier chosen and the complexity score's band of width 0.1 ("0.2-0.3"), or
+  ``band="none"`` when no score decided (no cut points configured).
 - ``cache_requests_total``: response-cache lookups, ``result`` hit|miss|bypass|
   coalesced|error. ``redis_failures_total``, ``ledger_writes_lost_total`` and
   ``telemetry_failures_total``: the fail-open paths, counted.
@@ -189,6 +193,14 @@ class ReplicaGpu:
             slots=slots,
             ejected=ejected,
         )
+
+
+def score_band(score: float | None) -> str:
+    """The band of width 0.1 holding ``score`` ("0.2-0.3"); 1.0 is in the top one."""
+    if score is None:
+        return NONE
+    low = min(int(max(score, 0.0) * 10), 9)
+    return f"{low / 10:.1f}-{(low + 1) / 10:.1f}"
 
 
 ReplicaSource = Callable[[], Iterable[ReplicaGpu]]
@@ -393,6 +405,9 @@ class GatewayMetrics:
         self._telemetry = count(
             "tollway_telemetry_failures_total", ("kind",), "Telemetry failures (failed open)."
         )
+        self._routes = count(
+            "tollway_route_decisions_total", ("tier", "band"), "Routed requests by score band."
+        )
         self._ledger_lost.cell()  # a label-free counter exists from the start, at 0
         self._replicas = _ReplicaCollector(lambda: self.telemetry_failure("replica_source"))
         self.registry.register(vecs)
@@ -466,6 +481,10 @@ class GatewayMetrics:
 
     def ejection(self, replica: str, tier: str) -> None:
         self._ejections.cell(replica, tier)[0] += 1
+
+    def observe_route(self, tier: str, score: float | None) -> None:
+        """One routed-alias decision: the tier and the score's band (0.1 wide)."""
+        self._routes.cell(tier, score_band(score))[0] += 1
 
     def cache_event(self, tier: str, result: str) -> None:
         self._cache.cell(tier, result)[0] += 1

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what tollway needs on a fresh Debian 12 machine, idempotently:
-# apt packages (redis-server, and any named in TOLLWAY_APT_EXTRA) and the
+# apt packages (redis-server, prometheus for promtool and the live scrape
+# tests, and any named in TOLLWAY_APT_EXTRA) and the
 # project's virtualenv in .venv with the package installed editable.
 # Re-running is cheap: each step is skipped when its stamp is current.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-APT_PACKAGES="redis-server curl ${TOLLWAY_APT_EXTRA:-}"
+APT_PACKAGES="redis-server curl prometheus ${TOLLWAY_APT_EXTRA:-}"
 
 need_apt=()
 for pkg in $APT_PACKAGES; do
@@ -18,8 +19,9 @@ if ((${#need_apt[@]})); then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-    # Debian starts the packaged service; tollway starts its own on loopback.
+    # Debian starts the packaged services; tollway's tests start their own on loopback.
     $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
 stamp="$VENV/.tollway-stamp"

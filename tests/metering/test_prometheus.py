@@ -338,6 +338,7 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
     m.shed("small", "deadline")
     m.fallback("small", "large", "unavailable")
     m.ejection("http://a:8000", "small")
+    m.observe_route("small", 0.25)
     m.register_replica_source(lambda: [ReplicaGpu("http://a:8000", "small", 1, 1, 0, 1, True, 4)])
     body, content_type = m.render()
 
