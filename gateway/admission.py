@@ -180,6 +180,8 @@ class Scheduler:
         }
         self._replicas = pools.by_url
         self._readmit: dict[str, asyncio.TimerHandle] = {}
+        for queue in self._queues.values():  # every tier's depth exists from the start, at 0
+            self._observe_depth(queue)
 
     def depth(self, tier: str) -> int:
         return self._queues[tier].depth

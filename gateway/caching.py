@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,9 @@ class CacheLayer:
         config: CacheConfig,
         policies: dict[str, Policy],
         flights: SingleFlight | None = None,
+        on_event: Callable[[str, str], None] = lambda tier, result: None,
     ):
+        self.on_event = on_event  # (tier, hit|miss|bypass|coalesced): for metrics
         self.cache = cache
         self.config = config
         self.policies = policies  # by tier

@@ -170,6 +170,9 @@ class Pipeline:
             with ctx.span.child("tollway.cache_lookup") if ctx.span else INERT as step:
                 hit = await self.caching.lookup(plan)
                 step.set_attribute("tollway.cache", "hit" if hit else "miss")
+            self.caching.on_event(ctx.decision.tier, "hit" if hit else "miss")
+        else:
+            self.caching.on_event(ctx.decision.tier, "bypass")
         if hit is not None:
             return self._replay(ctx, hit, shaper, "hit")
         # From here on the request may wait for, or run, GPU work: stop it if the
@@ -183,6 +186,7 @@ class Pipeline:
         """Join an identical request in flight, or go upstream (and let followers in)."""
         flight = await self.caching.join_flight(plan)
         if isinstance(flight, CachedResponse):
+            self.caching.on_event(ctx.decision.tier, "coalesced")
             return self._replay(ctx, flight, shaper, "coalesced")
         try:
             response = await self._forward(ctx, raw, shaper, plan)

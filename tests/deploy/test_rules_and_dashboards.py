@@ -17,7 +17,6 @@ import yaml
 from deploy.grafana.dashboards import all_dashboards, render
 from tests.deploy.promql import (
     DASHBOARDS,
-    PENDING,
     PROMETHEUS_PY,
     ROOT,
     RULES,
@@ -26,9 +25,10 @@ from tests.deploy.promql import (
     raw_metrics,
     rules,
 )
+from tests.support.tools import needs
 
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="needs promtool (Debian prometheus)")
+needs_promtool = needs(PROMTOOL is not None, "promtool (Debian prometheus)")
 TESTS = ROOT / "deploy" / "prometheus" / "tests"
 
 
@@ -82,13 +82,13 @@ def test_alerts_have_severity_and_an_existing_runbook() -> None:
 
 def test_rules_read_only_exported_recorded_or_pending_metrics() -> None:
     recorded = {r.name for r in rules() if not r.alert}
-    known = exported_names() | recorded | set(PENDING) | {"up"}
+    known = exported_names() | recorded | {"up"}
     for rule in rules():
         assert metric_names(rule.expr) <= known, rule.name
 
 
 def test_panels_read_only_exported_recorded_pending_or_vllm_metrics() -> None:
-    known = exported_names() | set(PENDING) | {"up"}
+    known = exported_names() | {"up"}
     for query in panel_queries():
         unknown = {m for m in raw_metrics(query.expr) - known if not m.startswith("vllm:")}
         assert not unknown, query.id

@@ -56,6 +56,26 @@ def test_metrics_follow_requests(stack: Stack) -> None:
     assert delta("tollway_tokens_total", tier="small", kind="completion") > 0
     busy = value(after, "tollway_replica_gpu_seconds_total", replica=stack.small.url, state="busy")
     assert busy > 0
+    assert delta("tollway_cache_requests_total", tier="small", result="bypass") == 3
+
+
+def test_cache_lookups_are_counted(stack: Stack) -> None:
+    before = scrape(stack)
+    client = stack.client()
+    for _ in range(2):  # temperature 0: looked up; a miss, then a hit
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": f"count me {id(before)}"}],
+            max_tokens=4,
+            temperature=0,
+        )
+    after = scrape(stack)
+    counted = {
+        result: value(after, "tollway_cache_requests_total", tier="small", result=result)
+        - value(before, "tollway_cache_requests_total", tier="small", result=result)
+        for result in ("hit", "miss", "bypass")
+    }
+    assert counted == {"hit": 1, "miss": 1, "bypass": 0}
 
 
 def test_retries_show_as_attempts(stack: Stack) -> None:
