@@ -190,6 +190,21 @@ def measure_capacity(
     return capacity(result, args.slots)
 
 
+def kept_up_note(runs: Sequence[Run]) -> str:
+    """Whether the load generator and the gateway had room: the worst of every run."""
+    lag_p99 = max(r.load.send_lag_p99_s for r in runs) * 1000
+    lag_max = max(r.load.send_lag_max_s for r in runs) * 1000
+    own = max(r.load.cpu_s / r.load.duration_s for r in runs)
+    core = max(r.load_core_busy for r in runs)
+    gateway = max((r.gateway_cpu_s or 0.0) / r.load.duration_s for r in runs)
+    return (
+        f"headroom (worst run): load generator sent requests at most {lag_p99:.1f} ms late "
+        f"at p99 ({lag_max:.1f} ms max) using {100 * own:.0f}% of a core; load core at most "
+        f"{100 * core:.0f}% busy (every process on it); gateway at most {100 * gateway:.0f}% "
+        "of its core"
+    )
+
+
 def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> None:
     started = dt.datetime.now(dt.UTC)
     load_before = load_average()
@@ -245,6 +260,7 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         f"TTFT <= {args.slo_ms / 1000:g} s (TTFT = to the first chunk with content)",
         "no client-side timeout: requests still running "
         f"{args.drain_timeout:.0f} s after the window are counted as unfinished",
+        kept_up_note(runs),
     ]
     publish(
         result=table(medians(stats)),

@@ -22,6 +22,7 @@ from bench.lib.report import markdown_table, median
 from bench.overload.records import LoadResult, Record
 
 TARGETS = ("direct", "gateway")
+SLOW_SHED_S = 1.0  # a 429 this late waited in the queue, it was not refused on arrival
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -82,6 +83,7 @@ class Stats:
     shed: int
     shed_p50_ms: float | None
     shed_p99_ms: float | None
+    shed_slow: int  # 429s that took SLOW_SHED_S or more
     errors: int
     unfinished: int
     sim_max_waiting: float
@@ -109,6 +111,7 @@ def run_stats(run: Run, slo_s: float) -> Stats:
         shed=len(shed),
         shed_p50_ms=percentile(shed_ms, 50),
         shed_p99_ms=percentile(shed_ms, 99),
+        shed_slow=sum(1 for t in shed if t >= SLOW_SHED_S),
         errors=_count(records, "error"),
         unfinished=_count(records, "unfinished"),
         sim_max_waiting=run.sim_max_waiting,
@@ -151,7 +154,8 @@ def _count(records: Sequence[Record], kind: str) -> int:
 COLUMNS = [
     ("path", "l"), ("offered req/s", "r"), ("completed req/s", "r"), ("goodput req/s", "r"),
     ("SLO met", "r"), ("TTFT p50 s", "r"), ("TTFT p99 s", "r"), ("ok", "r"), ("shed 429", "r"),
-    ("429 p50 ms", "r"), ("429 p99 ms", "r"), ("errors", "r"), ("unfinished", "r"),
+    ("429 p50 ms", "r"), ("429 p99 ms", "r"), ("429 after >= 1 s", "r"), ("errors", "r"),
+    ("unfinished", "r"),
     ("sim max waiting", "r"), ("gateway max queue", "r"),
 ]  # fmt: skip
 
@@ -173,6 +177,7 @@ def _cells(row: Stats) -> list[str]:
         f"{row.shed:.0f}",
         _num(row.shed_p50_ms, 1),
         _num(row.shed_p99_ms, 1),
+        f"{row.shed_slow:.0f}",
         f"{row.errors:.0f}",
         f"{row.unfinished:.0f}",
         f"{row.sim_max_waiting:.0f}",

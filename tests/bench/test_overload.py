@@ -83,6 +83,7 @@ def test_run_stats_counts_goodput_in_the_window_and_every_outcome() -> None:
     assert stats.ttft_p99_s == 4.0
     assert stats.shed_p50_ms == pytest.approx(2.0)
     assert stats.shed_p99_ms == pytest.approx(2000.0)
+    assert stats.shed_slow == 1
     assert stats.gateway_max_queue == 5.0
     assert run_stats(_run("direct", records), slo_s=2.5).gateway_max_queue is None
 
