@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -153,8 +154,8 @@ class LoadRunner:
         gw_cpu = cpu_seconds(gateway.proc.pid) - gw_before
         try:
             code = proc.popen.wait(duration + self.args.drain_timeout + 60)
-        except Exception as exc:
-            raise BenchError(f"load generator did not end: {exc}") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"load generator did not end: {exc}\n{proc.log_tail()}") from exc
         self.procs.stop(proc)
         if code != 0:
             raise BenchError(f"load generator exited with {code}:\n{proc.log_tail()}")
