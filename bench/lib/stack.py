@@ -1,7 +1,8 @@
 """The system under test: the simulator and tollway gateways, started pinned and checked.
 
-The upstream is ``tollway sim --zero-delay``: vLLM's OpenAI API with no model
-time, so what is left is HTTP and Python work. A gateway gets a YAML config
+The upstream is ``tollway sim --zero-delay`` unless a benchmark asks for model
+time: vLLM's OpenAI API with no model time, so what is left is HTTP and Python
+work. A gateway gets a YAML config
 built by ``gateway_config`` (one tier, one replica: the simulator) plus
 whatever sections a benchmark adds, and starts with ``--log-level warning``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,21 +50,28 @@ def tollway_bin() -> str:
     raise BenchError("no tollway executable: run scripts/bootstrap.sh, then use .venv/bin/python")
 
 
-def start_sim(procs: Procs, tmp: Path, cpu: int) -> Server:
-    """The zero-delay simulator on ``cpu``; returns once it is started (not yet ready)."""
+def start_sim(
+    procs: Procs, tmp: Path, cpu: int, engine: Sequence[str] = ("--zero-delay",)
+) -> Server:
+    """The simulator on ``cpu``; returns once it is started (not yet ready).
+
+    ``engine``: its engine flags; zero-delay unless a benchmark needs model time.
+    """
     port = free_port()
     proc = procs.start(
         "simulator",
         pinned(cpu, [
             tollway_bin(), "sim", "--host", HOST, "--port", str(port), "--model", MODEL,
-            "--zero-delay", "--shutdown-timeout", "1",
+            *engine, "--shutdown-timeout", "1",
         ]),
         tmp / "sim.log",
     )  # fmt: skip
     return Server(proc, port)
 
 
-def gateway_config(sim: Server, keys: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+def gateway_config(
+    sim: Server, keys: list[dict[str, Any]], *, max_num_seqs: int = 256, **sections: Any
+) -> dict[str, Any]:
     """One tier serving ``MODEL`` from the simulator; ``sections`` add or replace top-level ones."""
     config: dict[str, Any] = {
         "listen": {"host": HOST, "port": 8080},  # the port is overridden by --port
@@ -75,7 +83,7 @@ def gateway_config(sim: Server, keys: list[dict[str, Any]], **sections: Any) -> 
                 "replicas": [
                     {
                         "url": f"http://{HOST}:{sim.port}",
-                        "max_num_seqs": 256,
+                        "max_num_seqs": max_num_seqs,
                         "gpu_hourly_usd": 1.0,
                     }
                 ],
