@@ -171,7 +171,7 @@ def _address(url: str) -> tuple[str | None, int | None]:
 
 
 def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
-    if ctx.span is None:
+    if ctx.span is None or not ctx.span.open:  # most requests: sampled out
         return
     address, port = _address(report.replica) if report.replica else (None, None)
     ctx.span.finish(

@@ -216,6 +216,11 @@ class RequestSpan:
         self._done = False
 
     @property
+    def open(self) -> bool:
+        """Whether ``finish`` has a span to end (not off, not an unsampled root, not ended)."""
+        return self._span is not None and not self._done
+
+    @property
     def wants_content(self) -> bool:
         """Whether ``finish`` would record a ``Content``: build one only then."""
         return self._recording and self._t.record_content and not self._done
