@@ -22,7 +22,7 @@ from gateway.pool import ReplicaState
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
 from metering.money import ratio
-from metering.pricing import Cost, TokenPrices, price_gpu, price_tokens
+from metering.pricing import Cost, GpuTariff, TokenPrices, price_tokens
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan
 from metering.usage import TokenUsage
@@ -66,6 +66,7 @@ class Meter:
             if tier.prices is not None
         }
         self.sinks = list(sinks) if self.enabled else []
+        self._tariffs: dict[str, GpuTariff] = {}  # by replica URL
 
     def finish(
         self,
@@ -95,8 +96,10 @@ class Meter:
             cost = Cost.free()  # nothing ran: no replica was reached
         else:
             meter = replica.meter
-            idle_per_busy = meter.idle_per_busy(time.monotonic())
-            cost = price_gpu(ctx.bill.gpu_seconds, meter.hourly, idle_per_busy, self.overhead)
+            tariff = self._tariffs.get(replica.url)
+            if tariff is None:
+                tariff = self._tariffs[replica.url] = GpuTariff(meter.hourly, self.overhead)
+            cost = tariff.price(ctx.bill.gpu_seconds, meter.idle_per_busy(time.monotonic()))
         report = RequestReport(
             request_id=ctx.request_id,
             tenant=ctx.tenant,

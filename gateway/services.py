@@ -97,7 +97,9 @@ class Services:
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
         burn = BurnShift(settings.routing, metrics)
-        sinks = [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger), burn_sink(burn)]
+        sinks = [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)]
+        if burn.active:  # fixed by the configuration: no call per request when it is off
+            sinks.append(burn_sink(burn))
         meter = Meter(settings, sinks)
         pipeline = Pipeline(
             auth=auth,

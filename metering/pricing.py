@@ -117,6 +117,39 @@ def price_gpu(gpu_seconds: float, hourly: Ratio, idle_per_busy: float, factor: R
     return Cost.of_nanos(marginal, round_half_even(num * fn, den * fd))
 
 
+class GpuTariff:
+    """One replica's GPU price and the overhead factor, pre-multiplied for ``price_gpu``'s sums.
+
+    ``price(gpu_seconds, idle_per_busy)`` is ``price_gpu`` with four fewer big
+    multiplications and no calls: it runs once per request.
+    """
+
+    __slots__ = ("_loaded", "_marginal")
+
+    def __init__(self, hourly: Ratio, factor: Ratio):
+        hn, hd = hourly
+        self._marginal = (hn * NANOS_PER_USD, hd * SECONDS_PER_HOUR)
+        self._loaded = (hn * NANOS_PER_USD * factor[0], hd * SECONDS_PER_HOUR * factor[1])
+
+    def price(self, gpu_seconds: float, idle_per_busy: float) -> Cost:
+        gn, gd = gpu_seconds.as_integer_ratio()
+        mn, md = self._marginal
+        ln, ld = self._loaded
+        num, den = gn * mn, gd * md
+        marginal, rest = divmod(num, den)
+        if 2 * rest > den or (2 * rest == den and marginal & 1):
+            marginal += 1
+        if idle_per_busy > 0:  # also False for NaN
+            inum, iden = idle_per_busy.as_integer_ratio()
+            num, den = gn * ln * (iden + inum), gd * ld * iden
+        else:
+            num, den = gn * ln, gd * ld
+        loaded, rest = divmod(num, den)
+        if 2 * rest > den or (2 * rest == den and loaded & 1):
+            loaded += 1
+        return Cost.of_nanos(marginal, loaded)
+
+
 def _token_nanos(prompt_tokens: int, completion_tokens: int, prices: TokenPrices) -> int:
     an, ad = ratio(prices.input_usd_per_mtok)
     bn, bd = ratio(prices.output_usd_per_mtok)

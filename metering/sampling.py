@@ -86,7 +86,7 @@ class RootSampler:
     Built only for an SDK ``Tracer`` (the only kind whose sampler and id
     generator can be read); it swaps that tracer's id generator for a
     ``HandOffIds`` around the original. Everything runs on the event loop's
-    thread, and a handed id is always consumed or cleared before returning.
+    thread. Use: ``presample()`` first; if it returns None, ``start()`` at once.
     """
 
     def __init__(self, tracer: SdkTracer):
@@ -96,28 +96,41 @@ class RootSampler:
         tracer.id_generator = self._ids
         self._flags = RANDOM_TRACE_ID if self._ids.is_trace_id_random() else 0
         self._rule = _root_rule(tracer.sampler)
+        self._armed = False
+
+    def presample(self) -> str | None:
+        """The root's ``traceparent`` if the sampler's rule drops it (nothing else is built).
+
+        None: ``start()`` must follow; when the rule kept the root, its trace id
+        is already handed to the SDK. Unknown samplers are asked in ``start()``.
+        """
+        rule = self._rule
+        if rule is None or trace.get_current_span() is not trace.INVALID_SPAN:
+            return None
+        ids = self._ids
+        trace_id = ids.inner.generate_trace_id()
+        if rule(trace_id):
+            ids.hand(trace_id)
+            self._armed = True
+            return None
+        return f"00-{trace_id:032x}-{ids.inner.generate_span_id():016x}-{self._flags:02x}"
 
     def start(
         self, name: str, kind: SpanKind, attributes: Mapping[str, Any]
     ) -> trace.Span | Unsampled:
         """A root span: a real SDK span if sampled, else the ids to propagate."""
-        tracer = self._tracer
-        if trace.get_current_span() is not trace.INVALID_SPAN:
-            return tracer.start_span(name, None, kind, attributes)  # a local parent decides
-        ids = self._ids
-        trace_id = ids.inner.generate_trace_id()
-        rule = self._rule
-        if rule is not None:
-            dropped = not rule(trace_id)
-        else:
-            result = tracer.sampler.should_sample(None, trace_id, name, kind, attributes)
-            dropped = result.decision is Decision.DROP
-        if dropped:
-            return Unsampled(trace_id, ids.inner.generate_span_id(), self._flags)
-        ids.hand(trace_id)
+        tracer, ids = self._tracer, self._ids
         try:
+            if self._armed or trace.get_current_span() is not trace.INVALID_SPAN:
+                return tracer.start_span(name, None, kind, attributes)  # decided, or a parent
+            trace_id = ids.inner.generate_trace_id()
+            result = tracer.sampler.should_sample(None, trace_id, name, kind, attributes)
+            if result.decision is Decision.DROP:
+                return Unsampled(trace_id, ids.inner.generate_span_id(), self._flags)
+            ids.hand(trace_id)
             return tracer.start_span(name, None, kind, attributes)
         finally:
+            self._armed = False
             ids.hand(0)  # never left armed, whatever start_span did
 
 

@@ -432,14 +432,18 @@ class Telemetry:
             parent = None
             if parent_headers is not None and "traceparent" in parent_headers:
                 parent = _W3C.extract(parent_headers)
+            roots = self._roots if parent is None else None
+            if roots is not None and (dropped := roots.presample()) is not None:
+                # Sampled out: no span, no attributes, only vLLM's traceparent.
+                return RequestSpan(self, None, operation, Step(None, self._failed, dropped))
             attributes: dict[str, Any] = {
                 "gen_ai.operation.name": operation,
                 "gen_ai.provider.name": PROVIDER,
                 "gen_ai.request.model": request_model,
             }
             name = f"{operation} {request_model}"
-            if parent is None and self._roots is not None:
-                root = self._roots.start(name, SpanKind.CLIENT, attributes)
+            if roots is not None:
+                root = roots.start(name, SpanKind.CLIENT, attributes)
                 if isinstance(root, Unsampled):  # dropped: no span, only its traceparent
                     vllm = Step(None, self._failed, root.traceparent)
                     return RequestSpan(self, None, operation, vllm)

@@ -1,20 +1,29 @@
 """Prices in integer nano-dollars: exact, rounded once half to even, and printed exactly.
 
-The oracle is the same formula in ``Decimal`` at 120 digits (no rounding before
-the last step) from each float's exact binary value, then quantized half to
-even: the integer path must agree with it on every input, not approximately.
+The oracle is the same formula in ``Fraction`` (exact rationals: each float's
+exact binary value, each Decimal's exact decimal value), rounded half to even
+by ``round``: the integer path must agree with it on every input, ties
+included, not approximately.
 """
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from metering.money import NANO, fmt, fmt_nanos, from_nanos, ratio, round_half_even, to_nanos
-from metering.pricing import Cost, TokenPrices, price_gpu, price_request, price_tokens
+from metering.money import fmt, fmt_nanos, from_nanos, ratio, round_half_even, to_nanos
+from metering.pricing import (
+    Cost,
+    GpuTariff,
+    TokenPrices,
+    price_gpu,
+    price_request,
+    price_tokens,
+)
 
 seconds = st.floats(min_value=0, max_value=1e5, allow_nan=False, allow_infinity=False)
 idle = st.one_of(st.just(0.0), st.floats(min_value=0, max_value=1e3, allow_nan=False))
@@ -22,22 +31,20 @@ prices = st.decimals(min_value=0, max_value=1000, places=4, allow_nan=False, all
 factors = st.decimals(min_value=1, max_value=3, places=3, allow_nan=False, allow_infinity=False)
 
 
-def oracle(value: Decimal) -> int:
-    return int(value.quantize(NANO, rounding=ROUND_HALF_EVEN).scaleb(9))
+def oracle(usd: Fraction) -> int:
+    return round(usd * 1_000_000_000)  # Fraction.__round__: half to even
 
 
 @settings(max_examples=500, deadline=None)
 @given(gpu_s=seconds, hourly=prices, idle_per_busy=idle, factor=factors)
+@example(gpu_s=1.0, hourly=Decimal("0.1185"), idle_per_busy=1.0, factor=Decimal("1.185"))  # a tie
 def test_gpu_price_is_the_exact_product_rounded_once(
     gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
 ) -> None:
     cost = price_gpu(gpu_s, ratio(hourly), idle_per_busy, ratio(factor))
-    with localcontext() as ctx:
-        ctx.prec = 120
-        exact = Decimal(gpu_s) * hourly / 3600
-        loaded = exact * (1 + Decimal(idle_per_busy)) * factor
-        assert cost.marginal_nanos == oracle(exact)
-        assert cost.loaded_nanos == oracle(loaded)
+    exact = Fraction(gpu_s) * Fraction(hourly) / 3600
+    assert cost.marginal_nanos == oracle(exact)
+    assert cost.loaded_nanos == oracle(exact * (1 + Fraction(idle_per_busy)) * Fraction(factor))
 
 
 @settings(max_examples=300, deadline=None)
@@ -52,12 +59,10 @@ def test_token_price_is_exact(
     prompt: int, completion: int, p_in: Decimal, p_out: Decimal, factor: Decimal
 ) -> None:
     cost = price_tokens(prompt, completion, TokenPrices(p_in, p_out), ratio(factor))
-    with localcontext() as ctx:
-        ctx.prec = 120
-        marginal = oracle((prompt * p_in + completion * p_out) / 1_000_000)
-        assert cost.marginal_nanos == marginal
-        # Loaded is the marginal the client saw, times the factor (as before).
-        assert cost.loaded_nanos == oracle(Decimal(marginal).scaleb(-9) * factor)
+    marginal = oracle((prompt * Fraction(p_in) + completion * Fraction(p_out)) / 1_000_000)
+    assert cost.marginal_nanos == marginal
+    # Loaded is the marginal the client saw, times the factor (as before).
+    assert cost.loaded_nanos == oracle(Fraction(marginal, 1_000_000_000) * Fraction(factor))
 
 
 def test_price_request_picks_token_prices_when_the_tier_has_them() -> None:
@@ -104,3 +109,14 @@ def test_sums_of_printed_costs_equal_sums_of_nanos(items: list[tuple[float, Deci
     costs = [price_gpu(s, ratio(h), 0.25, ratio(Decimal("1.25"))) for s, h in items]
     printed = sum(Decimal(fmt_nanos(c.marginal_nanos)) for c in costs)
     assert to_nanos(printed) == sum(c.marginal_nanos for c in costs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(gpu_s=seconds, hourly=prices, idle_per_busy=idle, factor=factors)
+def test_a_tariff_prices_as_price_gpu_does(
+    gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
+) -> None:
+    tariff = GpuTariff(ratio(hourly), ratio(factor))
+    assert tariff.price(gpu_s, idle_per_busy) == price_gpu(
+        gpu_s, ratio(hourly), idle_per_busy, ratio(factor)
+    )
