@@ -51,6 +51,7 @@ class RequestContext:
 ReportSink = Callable[[RequestReport, RequestContext], None]
 
 FREE = frozenset({"hit", "coalesced", "replay"})  # served without running the model
+_OPERATION = {endpoint: endpoint.operation for endpoint in Endpoint}  # a dict, not a property
 
 
 class Meter:
@@ -105,7 +106,7 @@ class Meter:
             tenant=ctx.tenant,
             tier=tier,
             model=ctx.decision.model,
-            operation=ctx.endpoint.operation,
+            operation=_OPERATION[ctx.endpoint],
             usage=usage,
             gpu_seconds=ctx.bill.gpu_seconds,
             cost=cost,

@@ -17,9 +17,10 @@ generator:
   always on/off, parent-based) decides the same; the span is a real SDK span.
 
 For the SDK's own samplers the first question is answered by their rule
-(``_root_rule``: a ratio sampler keeps a trace id whose low 64 bits are below
-its bound) instead of ``should_sample``, which builds a ``SamplingResult`` and
-looks up the current context; any other sampler is asked.
+(``_root_bound``: a ratio sampler keeps a trace id whose low 64 bits are below
+its bound; always-on and always-off are bounds too) instead of
+``should_sample``, which builds a ``SamplingResult`` and looks up the current
+context; any other sampler is asked.
 
 Requests that carry a ``traceparent`` take the SDK's path unchanged: the
 parent's flags decide (``parentbased_*``).
@@ -27,12 +28,13 @@ parent's flags decide (``parentbased_*``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from random import getrandbits
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     ParentBased,
@@ -42,7 +44,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import SpanKind
 
-RANDOM_TRACE_ID = 0x02  # W3C Trace Context level 2 flag, as the SDK sets it
+_LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT  # what a ratio sampler compares with its bound
 
 
 class HandOffIds(IdGenerator):
@@ -94,26 +96,32 @@ class RootSampler:
         ids = tracer.id_generator
         self._ids = ids if isinstance(ids, HandOffIds) else HandOffIds(ids)
         tracer.id_generator = self._ids
-        self._flags = RANDOM_TRACE_ID if self._ids.is_trace_id_random() else 0
-        self._rule = _root_rule(tracer.sampler)
+        self._flags = "02" if self._ids.is_trace_id_random() else "00"  # W3C RANDOM_TRACE_ID
+        self._bound = _root_bound(tracer.sampler)
+        self._random = type(self._ids.inner) is RandomIdGenerator
         self._armed = False
 
     def presample(self) -> str | None:
         """The root's ``traceparent`` if the sampler's rule drops it (nothing else is built).
 
         None: ``start()`` must follow; when the rule kept the root, its trace id
-        is already handed to the SDK. Unknown samplers are asked in ``start()``.
+        is already handed to the SDK. Unknown samplers, and a context that holds
+        anything (a current span, baggage), are left to ``start()``.
         """
-        rule = self._rule
-        if rule is None or trace.get_current_span() is not trace.INVALID_SPAN:
+        bound = self._bound
+        if bound is None or context.get_current():
             return None
         ids = self._ids
-        trace_id = ids.inner.generate_trace_id()
-        if rule(trace_id):
+        if self._random:  # the SDK's RandomIdGenerator, without its method calls
+            trace_id = getrandbits(128) or ids.inner.generate_trace_id()
+        else:
+            trace_id = ids.inner.generate_trace_id()
+        if trace_id & _LOW_64 < bound:
             ids.hand(trace_id)
             self._armed = True
             return None
-        return f"00-{trace_id:032x}-{ids.inner.generate_span_id():016x}-{self._flags:02x}"
+        span_id = getrandbits(64) if self._random else 0
+        return f"00-{trace_id:032x}-{span_id or ids.inner.generate_span_id():016x}-{self._flags}"
 
     def start(
         self, name: str, kind: SpanKind, attributes: Mapping[str, Any]
@@ -126,7 +134,7 @@ class RootSampler:
             trace_id = ids.inner.generate_trace_id()
             result = tracer.sampler.should_sample(None, trace_id, name, kind, attributes)
             if result.decision is Decision.DROP:
-                return Unsampled(trace_id, ids.inner.generate_span_id(), self._flags)
+                return Unsampled(trace_id, ids.inner.generate_span_id(), int(self._flags, 16))
             ids.hand(trace_id)
             return tracer.start_span(name, None, kind, attributes)
         finally:
@@ -134,8 +142,8 @@ class RootSampler:
             ids.hand(0)  # never left armed, whatever start_span did
 
 
-def _root_rule(sampler: Sampler) -> Callable[[int], bool] | None:
-    """Whether a root with this trace id is kept (not dropped), for the SDK's samplers.
+def _root_bound(sampler: Sampler) -> int | None:
+    """For the SDK's samplers, the bound a root's trace id (low 64 bits) must be under to be kept.
 
     None for any other sampler (it is asked). Reads ``ParentBased._root`` and
     ``StaticSampler._decision``; if a later SDK renames them, the sampler is asked.
@@ -144,9 +152,10 @@ def _root_rule(sampler: Sampler) -> Callable[[int], bool] | None:
     if type(root) is ParentBased:
         root = getattr(root, "_root", None)  # a root has no parent: its root sampler decides
     if type(root) is TraceIdRatioBased:
-        bound, limit = root.bound, TraceIdRatioBased.TRACE_ID_LIMIT
-        return lambda trace_id: trace_id & limit < bound
+        return root.bound
     if type(root) is StaticSampler:
-        kept = getattr(root, "_decision", None) is not Decision.DROP  # recorded, maybe sampled
-        return lambda trace_id: kept
+        decision = getattr(root, "_decision", None)
+        if decision is None:
+            return None
+        return 0 if decision is Decision.DROP else _LOW_64 + 1  # recorded, maybe sampled
     return None
