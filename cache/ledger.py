@@ -76,7 +76,7 @@ class UsageLedger:
         on_lost: Callable[[int], None] = _ignore_lost,
         max_queue: int = 100_000,
         batch_size: int = 500,
-        linger_s: float = 0.05,
+        linger_s: float = 0.2,
         stream_maxlen: int = 1_000_000,
         write_budget_s: float = 2.0,
         query_budget_s: float = 10.0,
@@ -181,7 +181,9 @@ class UsageLedger:
                 continue
             if len(self._queue) < self.batch_size and not self._stopping:
                 # Linger so a busy gateway writes a few large batches a second
-                # instead of a round trip per request (measured: bench/metering).
+                # instead of a round trip per request: a batch costs ~0.7 ms of
+                # CPU before its first row (redis-py, three EVALs), so 0.2 s
+                # (~400 rows at 2,000 req/s) keeps that under 2 us a request.
                 await asyncio.sleep(self.linger_s)
             taken = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             batch = self._entries(taken)

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, fields
-from decimal import Decimal
+from typing import NamedTuple
 
-from metering.money import to_nanos
 from metering.report import RequestReport
 
 METRICS = (
@@ -52,9 +50,10 @@ MARKER_TTL_S = 86_400
 
 # Applies one batch's writes for one hash tag, unless this writer's batch
 # number ARGV[2] was already applied there. Ops follow ARGV[3] (the marker TTL):
-# h key field n | s key member | e key ttl | x key maxlen "field\tvalue\t..."
-# where key is an index into KEYS. A stream entry travels as one tab-terminated
-# string: one argument instead of thirty-two is most of the writer's CPU.
+# h key field n | s key member | e key ttl | x key maxlen width "field\tvalue\t..."
+# where key is an index into KEYS. A batch's stream entries travel as one
+# tab-terminated string, an entry every ``width`` items: one argument per batch
+# instead of thirty-two per request was most of the writer's CPU.
 APPLY = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end
@@ -73,10 +72,16 @@ while i <= n do
     redis.call('EXPIRE', key, ARGV[i + 2])
     i = i + 3
   elseif op == 'x' then
-    local fields = {}
-    for item in string.gmatch(ARGV[i + 3], '([^\t]*)\t') do fields[#fields + 1] = item end
-    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(fields))
-    i = i + 4
+    local width, fields, n = tonumber(ARGV[i + 3]), {}, 0
+    for item in string.gmatch(ARGV[i + 4], '([^\t]*)\t') do
+      n = n + 1
+      fields[n] = item
+      if n == width then
+        redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(fields))
+        n = 0
+      end
+    end
+    i = i + 5
   else
     return redis.error_reply('tollway ledger: unknown op ' .. tostring(op))
   end
@@ -118,9 +123,12 @@ def clean(name: str) -> str:
 # -- one request -------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One request's figures, as integers, taken from its report when it is recorded."""
+class _Entry(NamedTuple):
+    """One request's figures, as integers, taken from its report when it is recorded.
+
+    A named tuple, not a frozen dataclass: the writer makes one per request,
+    and a frozen dataclass's ``__init__`` costs a ``setattr`` per field.
+    """
 
     at: float
     request_id: str
@@ -142,6 +150,7 @@ class _Entry:
     @classmethod
     def of(cls, report: RequestReport, at: float) -> _Entry:
         usage = report.usage
+        cost = report.cost
         return cls(
             at,
             report.request_id,
@@ -151,47 +160,37 @@ class _Entry:
             report.operation,
             clean(report.cache),
             report.status,
-            report.replica or "",
+            clean(report.replica or ""),
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.cached_prompt_tokens,
             # The header prints six decimals; sum exactly what it printed.
-            _micros(report.gpu_seconds),
-            to_nanos(report.cost.marginal),
-            to_nanos(report.cost.loaded),
-            None if report.saved is None else to_nanos(report.saved),
-        )
-
-    def metrics(self) -> tuple[int, ...]:
-        return (
-            1,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.cached_tokens,
-            self.gpu_us,
-            self.cost_nanos,
-            self.cost_loaded_nanos,
-            self.saved_nanos or 0,
+            _micros(report.gpu_seconds_text),
+            cost.marginal_nanos,
+            cost.loaded_nanos,
+            report.saved_nanos,
         )
 
     def stream_line(self) -> str:
-        """Every field as ``name\tvalue\t``, for the Lua call to split into an XADD."""
-        values = [getattr(self, name) for name in _ENTRY_FIELDS]
-        values[0] = f"{self.at:.6f}"
-        return "".join(
-            f"{name}\t{'' if value is None else str(value).replace(SEP, ' ')}\t"
-            for name, value in zip(_ENTRY_FIELDS, values, strict=True)
+        """Every field as ``name\tvalue\t`` (``STREAM_WIDTH`` items), for Lua to split."""
+        (at, request_id, tenant, tier, model, operation, cache, status, replica, prompt,
+         completion, cached, gpu_us, cost, loaded, saved) = self  # fmt: skip
+        request_id = request_id.replace(SEP, " ")  # names were cleaned on the way in
+        return (
+            f"at\t{at:.6f}\trequest_id\t{request_id}\ttenant\t{tenant}\ttier\t{tier}\t"
+            f"model\t{model}\toperation\t{operation}\tcache\t{cache}\tstatus\t{status}\t"
+            f"replica\t{replica}\tprompt_tokens\t{prompt}\tcompletion_tokens\t{completion}\t"
+            f"cached_tokens\t{cached}\tgpu_us\t{gpu_us}\tcost_nanos\t{cost}\t"
+            f"cost_loaded_nanos\t{loaded}\tsaved_nanos\t{'' if saved is None else saved}\t"
         )
 
 
-_ENTRY_FIELDS = tuple(item.name for item in fields(_Entry))
+STREAM_WIDTH = 2 * len(_Entry._fields)  # items (names and values) per stream entry
 
 
-def _micros(seconds: float) -> int:
-    """``seconds`` as the integer the header's ``f"{seconds:.6f}"`` spells, exactly."""
-    if seconds >= 0:
-        return int(f"{seconds:.6f}".replace(".", ""))
-    return int(Decimal(f"{seconds:.6f}").scaleb(6))
+def _micros(text: str) -> int:
+    """The integer microseconds a six-decimal ``f"{seconds:.6f}"`` spells, exactly."""
+    return int(text.replace(".", ""))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -228,8 +227,10 @@ class _TagWrite:
     def sadd(self, key: str, ttl: int, member: str) -> None:
         self.ops += ["s", self.key(key, ttl), member]
 
-    def xadd(self, key: str, maxlen: int, line: str) -> None:
-        self.ops += ["x", self.key(key, None), maxlen, line]
+    def xadd_many(self, key: str, maxlen: int, lines: str) -> None:
+        """One stream entry per ``STREAM_WIDTH`` tab-terminated items of ``lines``."""
+        if lines:
+            self.ops += ["x", self.key(key, None), maxlen, STREAM_WIDTH, lines]
 
     def args(self, writer: str, seq: int) -> list[str | int]:
         expiries: list[str | int] = []
@@ -241,7 +242,12 @@ class _TagWrite:
 def build_writes(
     batch: list[_Entry], *, prefix: str, ttl: int, stream_maxlen: int
 ) -> list[_TagWrite]:
-    """The batch as integer sums per hash tag: one HINCRBY per distinct field."""
+    """The batch as integer sums per hash tag: one HINCRBY per distinct field.
+
+    Entries are first summed per (hour, tenant, tier, model, cache), so the work
+    per entry is a tuple key and eight additions; the stream's lines travel as
+    one argument for the whole batch.
+    """
     by_tag: dict[str, _TagWrite] = {}
 
     def tag_write(tag: str) -> _TagWrite:
@@ -250,27 +256,43 @@ def build_writes(
             write = by_tag[tag] = _TagWrite(tag)
         return write
 
+    groups: dict[tuple[int, str, str, str, str], list[int]] = {}
+    lines: list[str] = []
+    for entry in batch:
+        key = (int(entry.at // 3600), entry.tenant, entry.tier, entry.model, entry.cache)
+        sums = groups.get(key)
+        if sums is None:
+            sums = groups[key] = [0] * len(METRICS)
+        # METRICS order, unrolled: this loop runs once per request.
+        sums[0] += 1
+        sums[1] += entry.prompt_tokens
+        sums[2] += entry.completion_tokens
+        sums[3] += entry.cached_tokens
+        sums[4] += entry.gpu_us
+        sums[5] += entry.cost_nanos
+        sums[6] += entry.cost_loaded_nanos
+        sums[7] += entry.saved_nanos or 0
+        lines.append(entry.stream_line())
+    stream = tag_write(stream_key(prefix))
+    stream.xadd_many(stream_key(prefix), stream_maxlen, "".join(lines))
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
-    stream = tag_write(stream_key(prefix))
-    for entry in batch:
-        hour = hour_of(entry.at)
-        sums = usage.setdefault((hour, entry.tenant), {})
-        dims = SEP.join((entry.tier, entry.model, entry.cache))
-        for field, amount in zip(_metric_fields(dims), entry.metrics(), strict=True):
-            sums[field] = sums.get(field, 0) + amount
+    for (hour_index, tenant, tier, model, cache), sums in groups.items():
+        hour = hour_of(hour_index * 3600)
+        fields = usage.setdefault((hour, tenant), {})
+        for field, amount in zip(_metric_fields(SEP.join((tier, model, cache))), sums, strict=True):
+            fields[field] = fields.get(field, 0) + amount
         for window in (f"day:{hour[:8]}", f"month:{hour[:6]}"):
-            counts = spend.setdefault((entry.tenant, window), [0, 0, 0])
-            counts[0] += 1
-            counts[1] += entry.cost_nanos
-            counts[2] += entry.cost_loaded_nanos
-        stream.xadd(stream_key(prefix), stream_maxlen, entry.stream_line())
-    for (hour, tenant), sums in usage.items():
+            counts = spend.setdefault((tenant, window), [0, 0, 0])
+            counts[0] += sums[0]  # requests
+            counts[1] += sums[5]  # cost_nanos
+            counts[2] += sums[6]  # cost_loaded_nanos
+    for (hour, tenant), fields in usage.items():
         write = tag_write(hour_tag(prefix, hour))
         write.sadd(f"{hour_tag(prefix, hour)}:tenants", ttl, tenant)
-        key = tenant_hash(prefix, hour, tenant)
-        for field, amount in sums.items():
-            write.hincrby(key, ttl, field, amount)
+        hash_key = tenant_hash(prefix, hour, tenant)
+        for field, amount in fields.items():
+            write.hincrby(hash_key, ttl, field, amount)
     for (tenant, window), counts in spend.items():
         tag = spend_tag(prefix, tenant)
         write = tag_write(tag)

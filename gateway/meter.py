@@ -22,7 +22,8 @@ from gateway.config import Settings
 from gateway.pool import ReplicaState
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.pricing import Cost, TokenPrices, price_request
+from metering.money import ratio
+from metering.pricing import Cost, GpuTariff, TokenPrices, price_tokens
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan
 from metering.usage import TokenUsage
@@ -52,12 +53,13 @@ class RequestContext:
 ReportSink = Callable[[RequestReport, RequestContext], None]
 
 FREE = frozenset({"hit", "coalesced", "replay"})  # served without running the model
+_OPERATION = {endpoint: endpoint.operation for endpoint in Endpoint}  # a dict, not a property
 
 
 class Meter:
     def __init__(self, settings: Settings, sinks: Sequence[ReportSink] = ()):
         self.enabled = settings.metering.enabled
-        self.overhead = Decimal(str(settings.metering.overhead_factor))
+        self.overhead = ratio(Decimal(str(settings.metering.overhead_factor)))
         self.token_prices = {
             tier.name: TokenPrices(
                 Decimal(str(tier.prices.input_usd_per_mtok)),
@@ -67,6 +69,7 @@ class Meter:
             if tier.prices is not None
         }
         self.sinks = list(sinks) if self.enabled else []
+        self._tariffs: dict[str, GpuTariff] = {}  # by replica URL
 
     def finish(
         self,
@@ -90,24 +93,22 @@ class Meter:
         tier = ctx.decision.tier
         if ctx.cache in FREE:
             cost = Cost.free()
+        elif (prices := self.token_prices.get(tier)) is not None:
+            cost = price_tokens(usage.prompt_tokens, usage.completion_tokens, prices, self.overhead)
+        elif replica is None:
+            cost = Cost.free()  # nothing ran: no replica was reached
         else:
-            idle_per_busy = replica.meter.idle_per_busy(time.monotonic()) if replica else 0.0
-            hourly = replica.meter.gpu_hourly_usd if replica else Decimal(0)
-            cost = price_request(
-                gpu_seconds=ctx.bill.gpu_seconds,
-                gpu_hourly_usd=hourly,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                token_prices=self.token_prices.get(tier),
-                idle_per_busy=idle_per_busy,
-                overhead_factor=self.overhead,
-            )
+            meter = replica.meter
+            tariff = self._tariffs.get(replica.url)
+            if tariff is None:
+                tariff = self._tariffs[replica.url] = GpuTariff(meter.hourly, self.overhead)
+            cost = tariff.price(ctx.bill.gpu_seconds, meter.idle_per_busy(time.monotonic()))
         report = RequestReport(
             request_id=ctx.request_id,
             tenant=ctx.tenant,
             tier=tier,
             model=ctx.decision.model,
-            operation=ctx.endpoint.operation,
+            operation=_OPERATION[ctx.endpoint],
             usage=usage,
             gpu_seconds=ctx.bill.gpu_seconds,
             cost=cost,

@@ -102,7 +102,9 @@ class Services:
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
         burn = BurnShift(settings.routing, metrics)
-        sinks = [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger), burn_sink(burn)]
+        sinks = [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)]
+        if burn.active:  # fixed by the configuration: no call per request when it is off
+            sinks.append(burn_sink(burn))
         meter = Meter(settings, sinks)
         pipeline = Pipeline(
             auth=auth,
@@ -183,7 +185,7 @@ def _address(url: str) -> tuple[str | None, int | None]:
 
 
 def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
-    if ctx.span is None:
+    if ctx.span is None or not ctx.span.open:  # most requests: sampled out
         return
     address, port = _address(report.replica) if report.replica else (None, None)
     ctx.span.finish(

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from metering.money import NANOS_PER_USD
 from metering.report import RequestReport
 
 PROVIDER = "vllm"
@@ -90,7 +91,7 @@ def report_attributes(report: RequestReport, response_model: str | None = None) 
         "gen_ai.response.model": response_model or report.model,
         "gen_ai.usage.input_tokens": report.usage.prompt_tokens,
         "gen_ai.usage.output_tokens": report.usage.completion_tokens,
-        "gen_ai.usage.cost.amount": float(report.cost.marginal),
+        "gen_ai.usage.cost.amount": report.cost.marginal_nanos / NANOS_PER_USD,
         "gen_ai.usage.cost.currency": "USD",
         "gen_ai.usage.cost.source": "local",
         "tollway.request_id": report.request_id,
@@ -98,15 +99,16 @@ def report_attributes(report: RequestReport, response_model: str | None = None) 
         "tollway.tier": report.tier,
         "tollway.cache": report.cache,
         "tollway.gpu_seconds": report.gpu_seconds,
-        "tollway.cost.loaded_usd": float(report.cost.loaded),
+        "tollway.cost.loaded_usd": report.cost.loaded_nanos / NANOS_PER_USD,
         "tollway.attempts": report.attempts,
     }
     if report.usage.cached_prompt_tokens:
         out["gen_ai.usage.cache_read.input_tokens"] = report.usage.cached_prompt_tokens
     if report.response_id:
         out["gen_ai.response.id"] = report.response_id
-    if report.saved is not None:
-        out["tollway.cost.saved_usd"] = float(report.saved)
+    saved = report.saved_nanos
+    if saved is not None:
+        out["tollway.cost.saved_usd"] = saved / NANOS_PER_USD
     if report.replica:
         out["tollway.replica"] = report.replica
     error = error_type(report)

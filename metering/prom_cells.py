@@ -5,8 +5,9 @@ increment (about 15 us for one request's dozen updates). The vectors here keep
 plain numbers in cells found by one dict lookup (a one-element list for a
 counter or gauge, a ``Hist`` for a histogram), so the hot path pays about
 1.5 us per request; ``Families`` turns them into metric families only when the
-registry collects. Dollars are summed as exact ``Decimal`` and become floats
-only there. Nothing here locks: every cell is written and read on one thread.
+registry collects. Dollars are summed as exact integer nano-dollars and become
+floats only there (``per_unit``: an int divided by an int is correctly
+rounded). Nothing here locks: every cell is written and read on one thread.
 
 ``Capped`` keeps label values bounded, so the number of cells is too.
 """
@@ -35,9 +36,12 @@ N = TypeVar("N", int, float, Decimal)
 class Vec(Generic[N]):
     """A counter or gauge family as plain numbers: one-element cells by label values."""
 
-    def __init__(self, typ: str, name: str, doc: str, labels: tuple[str, ...], zero: N):
+    def __init__(
+        self, typ: str, name: str, doc: str, labels: tuple[str, ...], zero: N, per_unit: int = 1
+    ):
         self.typ, self.name, self.doc, self.labels = typ, name, doc, labels
         self._zero: N = zero
+        self.per_unit = per_unit  # cells count 1/per_unit of the exported unit (nano-dollars)
         self._cells: dict[tuple[str, ...], list[N]] = {}
 
     def cell(self, *values: str) -> list[N]:
@@ -49,8 +53,10 @@ class Vec(Generic[N]):
     def family(self) -> Metric:
         kind = CounterMetricFamily if self.typ == "counter" else GaugeMetricFamily
         family = kind(self.name, self.doc, labels=self.labels)
+        per_unit = self.per_unit
         for values, cell in list(self._cells.items()):
-            family.add_metric(values, float(cell[0]))
+            value = cell[0]
+            family.add_metric(values, float(value) if per_unit == 1 else float(value / per_unit))
         return family
 
 

@@ -141,12 +141,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from metering.money import ZERO
+from metering.money import NANOS_PER_USD
 from metering.occupancy import OccupancySnapshot
 from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
 from metering.report import RequestReport
@@ -293,7 +292,7 @@ class _Series:
         self.gpu = m._gpu.cell(tier, model, tenant)
         self.marginal = m._marginal.cell(tier, model, tenant)
         self.loaded = m._loaded.cell(tier, model, tenant)
-        self.saved: list[Decimal] | None = None  # made by the first saving: no zero series
+        self.saved: list[int] | None = None  # made by the first saving: no zero series
         self.upstream = m._upstream.cell(tier)
         self.duration = m._duration.cell(tier, model, cache)
         self.ttft = m._ttft.cell(tier, model, cache)
@@ -317,8 +316,8 @@ class GatewayMetrics:
             vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0.0))
             return vec
 
-        def usd(name: str, labels: tuple[str, ...], doc: str) -> Vec[Decimal]:
-            vecs.vecs.append(vec := Vec("counter", name, doc, labels, ZERO))
+        def usd(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:  # in nano-dollars
+            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0, NANOS_PER_USD))
             return vec
 
         def hist(name: str, labels: tuple[str, ...], b: Sequence[float], doc: str) -> HistVec:
@@ -429,13 +428,14 @@ class GatewayMetrics:
         s.completion[0] += usage.completion_tokens
         s.cached[0] += usage.cached_prompt_tokens
         s.gpu[0] += report.gpu_seconds
-        s.marginal[0] += report.cost.marginal  # exact Decimal sums, floats only when exported
-        s.loaded[0] += report.cost.loaded
+        cost = report.cost  # exact integer nano-dollar sums, floats only when exported
+        s.marginal[0] += cost.marginal_nanos
+        s.loaded[0] += cost.loaded_nanos
         if report.saved is not None:
             if s.saved is None:
                 tier, model, tenant, _, cache = s.labels
                 s.saved = self._saved.cell(tier, model, tenant, cache)
-            s.saved[0] += report.saved
+            s.saved[0] += report.saved_nanos or 0
         if report.attempts > 0:
             s.upstream[0] += 1
         s.duration.observe(duration_s)

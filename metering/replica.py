@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from decimal import Decimal
 
+from metering.money import Ratio, ratio
 from metering.occupancy import OccupancyLedger, OccupancySnapshot
 from metering.utilisation import UtilisationWindow
 
@@ -14,6 +15,7 @@ class ReplicaMeter:
         self, *, gpus: float, gpu_hourly_usd: Decimal, now: float, idle_window_s: float = 300.0
     ):
         self.gpu_hourly_usd = gpu_hourly_usd
+        self.hourly: Ratio = ratio(gpu_hourly_usd)  # what pricing multiplies by, exactly
         self.ledger = OccupancyLedger(gpus, now)
         self.window = UtilisationWindow(self.ledger, window_s=idle_window_s)
 

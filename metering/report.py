@@ -1,6 +1,11 @@
 """One request's metered outcome, and how it is shown: headers and the stream's ``tollway`` object.
 
-Plain data: the gateway fills it in, telemetry and the ledger read it.
+Plain data: the gateway fills it in once per request, and every sink reads
+the same object: the response headers, Prometheus, the span and the usage
+ledger. Dollars are integer nano-dollars (``Cost``), printed with nine
+decimals without a Decimal in between; the GPU-seconds' six-decimal spelling
+is made once and shared by the header and the ledger (which sums exactly the
+microseconds the header printed).
 """
 
 from __future__ import annotations
@@ -9,11 +14,21 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from metering.money import fmt
+from metering.money import fmt_nanos, to_nanos
 from metering.pricing import Cost
 from metering.usage import TokenUsage
 
 HEADER_PREFIX = "x-tollway-"
+_H_REQUEST_ID = HEADER_PREFIX + "request-id"
+_H_TIER = HEADER_PREFIX + "tier"
+_H_MODEL = HEADER_PREFIX + "model"
+_H_PROMPT = HEADER_PREFIX + "prompt-tokens"
+_H_COMPLETION = HEADER_PREFIX + "completion-tokens"
+_H_GPU = HEADER_PREFIX + "gpu-seconds"
+_H_COST = HEADER_PREFIX + "cost-usd"
+_H_LOADED = HEADER_PREFIX + "cost-loaded-usd"
+_H_CACHED = HEADER_PREFIX + "cached-prompt-tokens"
+_H_SAVED = HEADER_PREFIX + "cost-saved-usd"
 
 
 @dataclass(slots=True)
@@ -34,30 +49,53 @@ class RequestReport:
     finish_reasons: tuple[str, ...] = ()
     response_id: str | None = None
     error_type: str | None = None
+    _gpu_text: str | None = field(default=None, init=False, repr=False, compare=False)
+    _saved_nanos: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def gpu_seconds_text(self) -> str:
+        """The GPU-seconds as the header prints them: six decimals."""
+        text = self._gpu_text
+        if text is None:
+            text = self._gpu_text = f"{self.gpu_seconds:.6f}"
+        return text
+
+    @property
+    def saved_nanos(self) -> int | None:
+        if self.saved is None:
+            return None
+        nanos = self._saved_nanos
+        if nanos is None:
+            nanos = self._saved_nanos = to_nanos(self.saved)
+        return nanos
 
     def figures(self) -> dict[str, str]:
         """The numbers, by short name: header suffixes and the stream object's keys."""
-        out = {
-            "request-id": self.request_id,
-            "tier": self.tier,
-            "model": self.model,
-            "prompt-tokens": str(self.usage.prompt_tokens),
-            "completion-tokens": str(self.usage.completion_tokens),
-            "gpu-seconds": f"{self.gpu_seconds:.6f}",
-            "cost-usd": fmt(self.cost.marginal),
-            "cost-loaded-usd": fmt(self.cost.loaded),
-        }
-        if self.usage.cached_prompt_tokens:
-            out["cached-prompt-tokens"] = str(self.usage.cached_prompt_tokens)
-        if self.saved is not None:
-            out["cost-saved-usd"] = fmt(self.saved)
-        return out
+        n = len(HEADER_PREFIX)
+        return {name[n:]: value for name, value in self.headers().items()}
 
     def headers(self) -> dict[str, str]:
-        return {HEADER_PREFIX + name: value for name, value in self.figures().items()}
+        usage = self.usage
+        out = {
+            _H_REQUEST_ID: self.request_id,
+            _H_TIER: self.tier,
+            _H_MODEL: self.model,
+            _H_PROMPT: str(usage.prompt_tokens),
+            _H_COMPLETION: str(usage.completion_tokens),
+            _H_GPU: self.gpu_seconds_text,
+            _H_COST: fmt_nanos(self.cost.marginal_nanos),
+            _H_LOADED: fmt_nanos(self.cost.loaded_nanos),
+        }
+        if usage.cached_prompt_tokens:
+            out[_H_CACHED] = str(usage.cached_prompt_tokens)
+        saved = self.saved_nanos
+        if saved is not None:
+            out[_H_SAVED] = fmt_nanos(saved)
+        return out
 
     def stream_object(self) -> dict[str, Any]:
         """The ``tollway`` object put beside ``usage`` in a stream's final data event."""
+        saved = self.saved_nanos
         return {
             "request_id": self.request_id,
             "tier": self.tier,
@@ -66,8 +104,8 @@ class RequestReport:
             "completion_tokens": self.usage.completion_tokens,
             "cached_prompt_tokens": self.usage.cached_prompt_tokens,
             "gpu_seconds": round(self.gpu_seconds, 6),
-            "cost_usd": fmt(self.cost.marginal),
-            "cost_loaded_usd": fmt(self.cost.loaded),
-            "cost_saved_usd": None if self.saved is None else fmt(self.saved),
+            "cost_usd": fmt_nanos(self.cost.marginal_nanos),
+            "cost_loaded_usd": fmt_nanos(self.cost.loaded_nanos),
+            "cost_saved_usd": None if saved is None else fmt_nanos(saved),
             "cache": self.cache,
         }

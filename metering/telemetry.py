@@ -1,4 +1,4 @@
-"""OpenTelemetry spans for each request: the SDK wiring, failure handling and ``from_env``.
+"""OpenTelemetry spans for each request: the spans, failure handling and ``from_env``.
 
 The report (``metering.report``) stays plain data and ``metering.genai`` maps it
 to GenAI-convention attributes; this module puts them on spans. One request,
@@ -21,7 +21,9 @@ joined to the client's trace when it sent a ``traceparent``::
 
 Nothing here may fail a request: each call catches its own errors, counts them
 through ``on_failure(where)`` and logs at most once a minute. With tracing off
-every call returns at once.
+every call returns at once; a root the sampler drops is decided before any
+SDK object exists and only propagates its ``traceparent`` (``metering.sampling``).
+Which exporters and sampler ``from_env`` builds is ``metering.span_export``'s.
 
 The mapping names (``Content``, ``request_attributes``, ``report_attributes``,
 ``error_type``, ``content_attributes``, ``PROVIDER``) live in ``metering.genai``
@@ -34,21 +36,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-    SpanExportResult,
-)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -59,6 +54,8 @@ from metering.genai import error_type as error_type
 from metering.genai import report_attributes as report_attributes
 from metering.genai import request_attributes as request_attributes
 from metering.report import RequestReport
+from metering.sampling import RootSampler, Unsampled
+from metering.span_export import build_provider
 
 log = logging.getLogger("tollway.telemetry")
 
@@ -100,30 +97,6 @@ class _Failures:
         )
 
 
-class _CountingExporter(SpanExporter):
-    """Passes spans on; a batch that fails to export is counted as ``export``."""
-
-    def __init__(self, inner: SpanExporter, failed: _Failures):
-        self._inner = inner
-        self._failed = failed
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self._inner.export(spans)
-        except Exception:
-            log.debug("span export raised", exc_info=True)
-            result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self._failed("export")
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
 class Step:
     """A child span (``tollway.cache_lookup``, the upstream ``POST``...) as a context manager.
 
@@ -131,11 +104,17 @@ class Step:
     class name) and propagates unchanged. Inert when tracing is off.
     """
 
-    __slots__ = ("_failed", "_span")
+    __slots__ = ("_failed", "_span", "_traceparent")
 
-    def __init__(self, span: Span | None = None, failed: _Failures | None = None):
+    def __init__(
+        self,
+        span: Span | None = None,
+        failed: _Failures | None = None,
+        traceparent: str | None = None,
+    ):
         self._span = span
         self._failed = failed or _Failures(None)
+        self._traceparent = traceparent  # an unsampled root's, written as is
 
     def __enter__(self) -> Step:
         return self
@@ -190,7 +169,9 @@ class Step:
 
     def inject_headers(self, headers: dict[str, str]) -> None:
         """Add ``traceparent`` (and ``tracestate``) naming this span to outgoing headers."""
-        if self._span is not None:
+        if self._traceparent is not None:
+            headers["traceparent"] = self._traceparent
+        elif self._span is not None:
             try:
                 _W3C.inject(headers, trace.set_span_in_context(self._span))
             except Exception as exc:  # noqa: BLE001
@@ -216,16 +197,28 @@ class RequestSpan:
         "_up",
     )
 
-    def __init__(self, telemetry: Telemetry, span: Span | None, operation: str):
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        span: Span | None,
+        operation: str,
+        propagate: Step | None = None,
+    ):
         self._t = telemetry
         self._span = span
-        self._recording = span is not None and span.is_recording()
+        self._recording = recording = span is not None and span.is_recording()
         self._operation = operation
         self._started = telemetry._clock() if span is not None else 0.0
-        self._context = trace.set_span_in_context(span) if span is not None else None
+        self._context = trace.set_span_in_context(span) if span is not None and recording else None
         self._first_chunk: float | None = None
-        self._up: Step | None = None
+        # An unsampled root (``propagate``) has no span, only the traceparent for vLLM.
+        self._up: Step | None = propagate
         self._done = False
+
+    @property
+    def open(self) -> bool:
+        """Whether ``finish`` has a span to end (not off, not an unsampled root, not ended)."""
+        return self._span is not None and not self._done
 
     @property
     def wants_content(self) -> bool:
@@ -239,7 +232,7 @@ class RequestSpan:
     def upstream(self, url: str, *, method: str = "POST", attempt: int = 0) -> Step:
         """The HTTP call to vLLM, one per attempt (0 = first try); ``url`` has no credentials."""
         if self._span is None:
-            return _INERT_STEP
+            return self._up or _INERT_STEP  # off, or an unsampled root's traceparent
         if not self._recording:
             # Sampled out: no span, yet vLLM still learns that the trace is unsampled.
             self._up = Step(trace.NonRecordingSpan(self._span.get_span_context()), self._t._failed)
@@ -396,6 +389,9 @@ class Telemetry:
         self._provider = tracer_provider
         self._owns = owns_provider
         self._tracer = tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None
+        # Roots are sampled before any SDK object exists, when the tracer is the SDK's.
+        tracer = self._tracer
+        self._roots = RootSampler(tracer) if isinstance(tracer, SdkTracer) else None
         self._failed = _Failures(on_failure)
         self._clock = clock
         self._inert = RequestSpan(self, None, "")
@@ -410,45 +406,19 @@ class Telemetry:
     ) -> Telemetry:
         """Trace only when the standard ``OTEL_*`` variables ask for an exporter.
 
-        On when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
-        is set or ``OTEL_TRACES_EXPORTER`` names ``otlp``/``console``; off when it says
-        ``none`` or ``OTEL_SDK_DISABLED=true``. OTLP goes over http/protobuf (the
-        exporter installed). Endpoint, headers, timeout, sampler and resource
-        (``OTEL_SERVICE_NAME`` wins over ``service_name``) are read by the SDK itself.
-        The global tracer provider is never touched.
+        See ``metering.span_export.build_provider`` for the variables read and
+        for the default sampling (``parentbased_traceidratio`` at 1% unless
+        ``OTEL_TRACES_SAMPLER`` says otherwise). The global tracer provider is
+        never touched.
         """
-        env = os.environ
-        off = cls(None, record_content=record_content, on_failure=on_failure)
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            return off
-        names = {n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")} - {""}
-        if not names and (
-            env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        ):
-            names = {"otlp"}
-        if "none" in names:
-            return off
-        exporters: list[SpanExporter] = []
-        for name in sorted(names):
-            if name == "otlp":
-                exporters.append(_otlp_exporter(env))
-            elif name == "console":
-                exporters.append(ConsoleSpanExporter())
-            else:
-                log.warning("OTEL_TRACES_EXPORTER=%s is not supported; ignored", name)
-        if not exporters:
-            return off
-        resource = Resource.create({})
-        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-            resource = resource.merge(Resource({"service.name": service_name}))
-        provider = SdkTracerProvider(resource=resource)
+        failed = _Failures(on_failure)
+        provider = build_provider(os.environ, service_name, failed)
+        if provider is None:
+            return cls(None, record_content=record_content, on_failure=on_failure)
         telemetry = cls(
             provider, record_content=record_content, on_failure=on_failure, owns_provider=True
         )
-        for exporter in exporters:
-            provider.add_span_processor(
-                BatchSpanProcessor(_CountingExporter(exporter, telemetry._failed))
-            )
+        telemetry._failed = failed
         return telemetry
 
     @property
@@ -471,13 +441,24 @@ class Telemetry:
             parent = None
             if parent_headers is not None and "traceparent" in parent_headers:
                 parent = _W3C.extract(parent_headers)
+            roots = self._roots if parent is None else None
+            if roots is not None and (dropped := roots.presample()) is not None:
+                # Sampled out: no span, no attributes, only vLLM's traceparent.
+                return RequestSpan(self, None, operation, Step(None, self._failed, dropped))
             attributes: dict[str, Any] = {
                 "gen_ai.operation.name": operation,
                 "gen_ai.provider.name": PROVIDER,
                 "gen_ai.request.model": request_model,
             }
             name = f"{operation} {request_model}"
-            span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attributes)
+            if roots is not None:
+                root = roots.start(name, SpanKind.CLIENT, attributes)
+                if isinstance(root, Unsampled):  # dropped: no span, only its traceparent
+                    vllm = Step(None, self._failed, root.traceparent)
+                    return RequestSpan(self, None, operation, vllm)
+                span = root
+            else:
+                span = self._tracer.start_span(name, parent, SpanKind.CLIENT, attributes)
             if request_params and span.is_recording():  # the sampler needs only the above
                 span.set_attributes(request_attributes(request_params))
             return RequestSpan(self, span, operation)
@@ -496,14 +477,3 @@ class Telemetry:
                 provider.shutdown()
             except Exception as exc:  # noqa: BLE001
                 self._failed("shutdown", exc)
-
-
-def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-    )
-    if protocol != "http/protobuf":
-        log.warning("OTLP protocol %r is not installed; exporting http/protobuf", protocol)
-    return OTLPSpanExporter()

@@ -19,12 +19,17 @@ not. Prints a Markdown table and, unless ``--no-record``, appends it to
 ``bench/RESULTS.md``. See ``bench/metering/README.md``.
 
     .venv/bin/python bench/metering/run.py [--duration 10] [--repeats 3] [--no-record]
+        [--profile [--profile-side on|off|both] [--profile-native]]
+
+``--profile`` adds a py-spy run per profiled side after the timed runs (its
+throughput is not used in the table) and puts each summary in the record.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 from bench.lib import BenchError
 from bench.lib.cpu import load_average
-from bench.lib.entry import add_load_arguments, clean_env, run_benchmark
+from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.otlp_sink import Sink, start_sink
 from bench.lib.procs import Procs, run_quiet
+from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
 from bench.lib.redis_server import start_redis
 from bench.lib.report import publish, section_head
 from bench.lib.stack import (
@@ -63,6 +69,7 @@ from bench.metering.summary import (
     progress_line,
     table,
 )
+from metering.span_export import DEFAULT_SAMPLE_RATIO
 
 KEYS = {"on": "sk-tollway-bench-metering-on", "off": "sk-tollway-bench-metering-off"}
 TENANTS = {"on": "bench-on", "off": "bench-off"}
@@ -88,12 +95,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--span-sampling",
         type=float,
-        default=1.0,
-        help="fraction of requests traced by the 'on' gateway (OTEL_TRACES_SAMPLER="
-        "parentbased_traceidratio); metrics and ledger always see every request",
+        default=None,
+        help="fraction of requests traced by the 'on' gateway (sets OTEL_TRACES_SAMPLER="
+        "parentbased_traceidratio and its ARG); default: the gateway's own default "
+        f"({DEFAULT_SAMPLE_RATIO:g}); metrics and ledger always see every request",
+    )
+    add_profile_arguments(parser)
+    parser.add_argument(
+        "--profile-side",
+        choices=("on", "off", "both"),
+        default="on",
+        help="which gateway --profile samples",
+    )
+    parser.add_argument(
+        "--profile-raw-dir",
+        type=Path,
+        default=None,
+        help="also keep py-spy's raw collapsed stacks there (pyspy-on.raw, pyspy-off.raw)",
     )
     args = parser.parse_args(argv)
-    if not 0 < args.span_sampling <= 1:
+    if args.span_sampling is not None and not 0 < args.span_sampling <= 1:
         parser.error("--span-sampling must be in (0, 1]")
     if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.settle < 0:
         parser.error("--duration, --repeats and --connections must be at least 1, --settle >= 0")
@@ -116,7 +137,7 @@ def start_stack(
     ]
     redis_section = {"url": redis.url}
     on_env = {**clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": sink.base}
-    if args.span_sampling < 1.0:
+    if args.span_sampling is not None:
         on_env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
         on_env["OTEL_TRACES_SAMPLER_ARG"] = str(args.span_sampling)
     envs = {"on": on_env, "off": clean_env()}
@@ -144,6 +165,8 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     started = dt.datetime.now(dt.UTC)
     load_before = load_average()
     wrk = Wrk(ensure_wrk(), args.load_cpu, MODEL, args.max_tokens)
+    if args.profile:
+        ensure_pyspy()
     sim, sink, gateways = start_stack(args, procs, tmp)
     print(
         f"gateways on cpu {args.gateway_cpu}: on pid {gateways['on'].proc.pid}, off pid "
@@ -173,6 +196,7 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
             print(
                 progress_line(runs[-1], args.repeats, args.gateway_cpu, args.load_cpu), flush=True
             )
+    profile_text = profile(args, procs, tmp, wrk, gateways, sim) if args.profile else None
     metered = check_metered(
         gateways["on"], gateways["off"], KEYS["on"], (TENANTS["on"], TENANTS["off"]), started
     )
@@ -189,6 +213,12 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         f"{args.connections} connections, non-streaming, unique prompts, max_tokens "
         f"{args.max_tokens}; upstream = `tollway sim --zero-delay`; each run's CPU window "
         f"stays open {args.settle:g} s after wrk stops (span batches, ledger writes)",
+        "span sampling of the on gateway: "
+        + (
+            f"{args.span_sampling:g} (OTEL_TRACES_SAMPLER=parentbased_traceidratio)"
+            if args.span_sampling is not None
+            else f"the gateway's default, parentbased_traceidratio {DEFAULT_SAMPLE_RATIO:g}"
+        ),
         f"metering's cost in gateway CPU per request: {cost:+.1f}% (target <= +{TARGET_PCT:.0f}%:"
         f" {'met' if cost <= TARGET_PCT else 'NOT met'}); per repeat: {paired}",
         f"the on gateway metered: Prometheus counted {metered.prometheus_requests:,} requests, "
@@ -208,9 +238,39 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         pinning=f"both gateways on cpu {args.gateway_cpu}; wrk, simulator, Redis and the OTLP "
         f"collector on cpu {args.load_cpu}",
         runs_detail=per_run_lines(runs, args.gateway_cpu, args.load_cpu),
-        profile_text=None,
+        profile_text=profile_text,
         no_record=args.no_record,
     )
+
+
+def profile(
+    args: argparse.Namespace,
+    procs: Procs,
+    tmp: Path,
+    wrk: Wrk,
+    gateways: dict[str, Server],
+    sim: Server,
+) -> str:
+    """py-spy each profiled side under the same load; their summaries, one after the other."""
+    texts = []
+    for name in SIDES if args.profile_side == "both" else (args.profile_side,):
+        gw = gateways[name]
+        stats, raw = under_pyspy(
+            procs, tmp, gw.proc.pid, args.load_cpu,
+            lambda gw=gw, name=name: wrk.run(  # type: ignore[misc]
+                gw.chat_url, KEYS[name], args.connections, args.duration, logs=(gw.proc, sim.proc)
+            ),
+            rate=args.profile_rate, native=args.profile_native,
+        )  # fmt: skip
+        if args.profile_raw_dir is not None:
+            args.profile_raw_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(raw, args.profile_raw_dir / f"pyspy-{name}.raw")
+        texts.append(
+            f"profiled run of '{name}' ({args.connections} conns, {args.duration} s, py-spy at "
+            f"{args.profile_rate} Hz{', native' if args.profile_native else ''}, so slower "
+            f"than unprofiled): {stats.rps:.0f} req/s\n" + summarise_profile(raw, args.profile_top)
+        )
+    return "\n\n".join(texts)
 
 
 def redis_version() -> str:

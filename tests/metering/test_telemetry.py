@@ -601,6 +601,7 @@ def test_from_env_exports_otlp_and_survives_a_dead_collector(
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")  # default samples 1%
     failures: list[str] = []
     telemetry = Telemetry.from_env(service_name="tollway-test", on_failure=failures.append)
     assert telemetry.enabled

@@ -1,0 +1,116 @@
+"""Where spans go and how many: the tracer provider built from the standard ``OTEL_*`` variables.
+
+``build_provider`` reads the environment the way the SDK documents it and
+returns ``None`` when tracing is off (no exporter asked for,
+``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``). Exporters run
+behind the SDK's ``BatchSpanProcessor`` (its thread, batches of up to 512
+every 5 s: ``OTEL_BSP_*``); a batch that fails is counted, never raised.
+
+Sampling: ``OTEL_TRACES_SAMPLER`` (and ``OTEL_TRACES_SAMPLER_ARG``) win when
+set. Unset, the gateway samples ``parentbased_traceidratio`` at
+``DEFAULT_SAMPLE_RATIO``, not the SDK's ``parentbased_always_on``: a span tree
+costs the gateway several times the CPU of everything else metering does
+(bench/RESULTS.md), and metrics and the ledger already count every request.
+Parent-based means a client that sends a sampled ``traceparent`` is always
+traced; ``OTEL_TRACES_SAMPLER=parentbased_always_on`` traces everything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+
+log = logging.getLogger("tollway.telemetry")
+
+DEFAULT_SAMPLE_RATIO = 0.01
+
+
+class CountingExporter(SpanExporter):
+    """Passes spans on; a batch that fails to export is counted as ``export``."""
+
+    def __init__(self, inner: SpanExporter, failed: Callable[[str], None]):
+        self._inner = inner
+        self._failed = failed
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception:
+            log.debug("span export raised", exc_info=True)
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._failed("export")
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def build_provider(
+    env: Mapping[str, str], service_name: str, failed: Callable[[str], None]
+) -> SdkTracerProvider | None:
+    """A provider with one batch processor per exporter the environment names, else None.
+
+    On when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+    is set or ``OTEL_TRACES_EXPORTER`` names ``otlp``/``console``. Endpoint,
+    headers, timeout and resource (``OTEL_SERVICE_NAME`` wins over
+    ``service_name``) are read by the SDK itself.
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    names = {n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")} - {""}
+    if not names and (
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
+        names = {"otlp"}
+    if "none" in names:
+        return None
+    exporters: list[SpanExporter] = []
+    for name in sorted(names):
+        if name == "otlp":
+            exporters.append(_otlp_exporter(env))
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        else:
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported; ignored", name)
+    if not exporters:
+        return None
+    resource = Resource.create({})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": service_name}))
+    provider = SdkTracerProvider(resource=resource, sampler=default_sampler(env))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(CountingExporter(exporter, failed)))
+    return provider
+
+
+def default_sampler(env: Mapping[str, str]) -> Sampler | None:
+    """The gateway's default when ``OTEL_TRACES_SAMPLER`` is unset; None lets the SDK read it."""
+    if env.get("OTEL_TRACES_SAMPLER", "").strip():
+        return None
+    return ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    if protocol != "http/protobuf":
+        log.warning("OTLP protocol %r is not installed; exporting http/protobuf", protocol)
+    return OTLPSpanExporter()

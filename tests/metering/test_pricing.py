@@ -1,0 +1,122 @@
+"""Prices in integer nano-dollars: exact, rounded once half to even, and printed exactly.
+
+The oracle is the same formula in ``Fraction`` (exact rationals: each float's
+exact binary value, each Decimal's exact decimal value), rounded half to even
+by ``round``: the integer path must agree with it on every input, ties
+included, not approximately.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from metering.money import fmt, fmt_nanos, from_nanos, ratio, round_half_even, to_nanos
+from metering.pricing import (
+    Cost,
+    GpuTariff,
+    TokenPrices,
+    price_gpu,
+    price_request,
+    price_tokens,
+)
+
+seconds = st.floats(min_value=0, max_value=1e5, allow_nan=False, allow_infinity=False)
+idle = st.one_of(st.just(0.0), st.floats(min_value=0, max_value=1e3, allow_nan=False))
+prices = st.decimals(min_value=0, max_value=1000, places=4, allow_nan=False, allow_infinity=False)
+factors = st.decimals(min_value=1, max_value=3, places=3, allow_nan=False, allow_infinity=False)
+
+
+def oracle(usd: Fraction) -> int:
+    return round(usd * 1_000_000_000)  # Fraction.__round__: half to even
+
+
+@settings(max_examples=500, deadline=None)
+@given(gpu_s=seconds, hourly=prices, idle_per_busy=idle, factor=factors)
+@example(gpu_s=1.0, hourly=Decimal("0.1185"), idle_per_busy=1.0, factor=Decimal("1.185"))  # a tie
+def test_gpu_price_is_the_exact_product_rounded_once(
+    gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
+) -> None:
+    cost = price_gpu(gpu_s, ratio(hourly), idle_per_busy, ratio(factor))
+    exact = Fraction(gpu_s) * Fraction(hourly) / 3600
+    assert cost.marginal_nanos == oracle(exact)
+    assert cost.loaded_nanos == oracle(exact * (1 + Fraction(idle_per_busy)) * Fraction(factor))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompt=st.integers(0, 10**7),
+    completion=st.integers(0, 10**7),
+    p_in=prices,
+    p_out=prices,
+    factor=factors,
+)
+def test_token_price_is_exact(
+    prompt: int, completion: int, p_in: Decimal, p_out: Decimal, factor: Decimal
+) -> None:
+    cost = price_tokens(prompt, completion, TokenPrices(p_in, p_out), ratio(factor))
+    marginal = oracle((prompt * Fraction(p_in) + completion * Fraction(p_out)) / 1_000_000)
+    assert cost.marginal_nanos == marginal
+    # Loaded is the marginal the client saw, times the factor (as before).
+    assert cost.loaded_nanos == oracle(Fraction(marginal, 1_000_000_000) * Fraction(factor))
+
+
+def test_price_request_picks_token_prices_when_the_tier_has_them() -> None:
+    by_gpu = price_request(
+        gpu_seconds=3600.0, gpu_hourly_usd=Decimal("2.10"), prompt_tokens=1_000_000,
+        completion_tokens=0, token_prices=None, idle_per_busy=1.0,
+        overhead_factor=Decimal("1.25"),
+    )  # fmt: skip
+    assert by_gpu == Cost(Decimal("2.10"), Decimal("5.25"))  # (2.10 x 2) x 1.25
+    by_tokens = price_request(
+        gpu_seconds=3600.0, gpu_hourly_usd=Decimal("2.10"), prompt_tokens=1_000_000,
+        completion_tokens=0, token_prices=TokenPrices(Decimal("0.5"), Decimal("1")),
+        idle_per_busy=1.0, overhead_factor=Decimal("1.25"),
+    )  # fmt: skip
+    assert by_tokens == Cost(Decimal("0.5"), Decimal("0.625"))
+
+
+@pytest.mark.parametrize(
+    ("num", "den", "want"),
+    [(5, 2, 2), (7, 2, 4), (-5, 2, -2), (-7, 2, -4), (1, 3, 0), (2, 3, 1), (-2, 3, -1), (0, 9, 0)],
+)
+def test_round_half_even(num: int, den: int, want: int) -> None:
+    assert round_half_even(num, den) == want
+
+
+@given(st.integers(min_value=-(10**15), max_value=10**15))
+def test_fmt_nanos_spells_what_the_decimal_did(nanos: int) -> None:
+    assert fmt_nanos(nanos) == fmt(from_nanos(nanos))
+
+
+def test_cost_keeps_nanos_and_gives_decimals_back() -> None:
+    cost = Cost(Decimal("0.000091631"), Decimal("0.000142310"))
+    assert (cost.marginal_nanos, cost.loaded_nanos) == (91_631, 142_310)
+    assert cost.marginal == Decimal("0.000091631")
+    assert cost == Cost.of_nanos(91_631, 142_310)
+    assert cost != Cost.free()
+    assert to_nanos(Cost.free().loaded) == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(seconds, prices), min_size=1, max_size=200))
+def test_sums_of_printed_costs_equal_sums_of_nanos(items: list[tuple[float, Decimal]]) -> None:
+    """Finance adds the headers; the ledger and Prometheus add the integers: the same."""
+    costs = [price_gpu(s, ratio(h), 0.25, ratio(Decimal("1.25"))) for s, h in items]
+    printed = sum(Decimal(fmt_nanos(c.marginal_nanos)) for c in costs)
+    assert to_nanos(printed) == sum(c.marginal_nanos for c in costs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(gpu_s=seconds, hourly=prices, idle_per_busy=idle, factor=factors)
+def test_a_tariff_prices_as_price_gpu_does(
+    gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
+) -> None:
+    tariff = GpuTariff(ratio(hourly), ratio(factor))
+    assert tariff.price(gpu_s, idle_per_busy) == price_gpu(
+        gpu_s, ratio(hourly), idle_per_busy, ratio(factor)
+    )

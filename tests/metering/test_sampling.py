@@ -1,0 +1,195 @@
+"""Root sampling decided once: a dropped root builds nothing yet tells vLLM; a kept one is real."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
+
+from metering.report import RequestReport
+from metering.span_export import DEFAULT_SAMPLE_RATIO, build_provider
+from metering.telemetry import Telemetry
+
+UPSTREAM = "http://10.0.0.5:8000/v1/chat/completions"
+LOW_64 = (1 << 64) - 1
+
+
+@pytest.fixture(autouse=True)
+def no_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+
+
+def traced(sampler: Sampler) -> tuple[Telemetry, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Telemetry(provider), exporter
+
+
+def one_request(telemetry: Telemetry) -> dict[str, str]:
+    """A request's span life; the headers its upstream call would carry."""
+    span = telemetry.start_request(
+        operation="chat", request_model="auto", request_params={"max_tokens": 4}
+    )
+    with span.child("tollway.route"):
+        pass
+    sent: dict[str, str] = {}
+    with span.upstream(UPSTREAM) as call:
+        call.inject_headers(sent)
+        call.set_status_code(200)
+    span.finish(RequestReport("req-1", "acme", "small", "m", "chat"))
+    return sent
+
+
+def test_a_dropped_root_makes_no_span_but_vllm_learns_the_trace_is_unsampled() -> None:
+    telemetry, exporter = traced(ParentBased(ALWAYS_OFF))
+    sent = [one_request(telemetry)["traceparent"] for _ in range(3)]
+    assert exporter.get_finished_spans() == ()
+    for header in sent:
+        version, trace_id, span_id, flags = header.split("-")
+        assert (version, flags) == ("00", "02")  # not sampled; W3C level 2: random trace id
+        assert len(trace_id) == 32
+        assert int(trace_id, 16) != 0
+        assert len(span_id) == 16
+        assert int(span_id, 16) != 0
+    assert len(set(sent)) == 3  # a trace of its own each
+
+
+def test_a_ratio_sampler_keeps_exactly_the_trace_ids_its_rule_keeps() -> None:
+    """The decision is made once: a kept root is the SDK span of the same trace id (no p^2)."""
+    sampler = ParentBased(TraceIdRatioBased(0.5))
+    telemetry, exporter = traced(sampler)
+    bound = TraceIdRatioBased(0.5).bound
+    outcomes = []
+    for _ in range(200):
+        exporter.clear()
+        _, trace_hex, _, flags = one_request(telemetry)["traceparent"].split("-")
+        trace_id = int(trace_hex, 16)
+        kept = trace_id & LOW_64 < bound
+        assert flags == ("03" if kept else "02")
+        roots = [s for s in exporter.get_finished_spans() if s.name == "chat auto"]
+        assert [s.context.trace_id for s in roots] == ([trace_id] if kept else [])
+        if kept:
+            assert {s.name for s in exporter.get_finished_spans()} == {
+                "chat auto", "tollway.route", "POST",
+            }  # fmt: skip
+        outcomes.append(kept)
+    assert any(outcomes)
+    assert not all(outcomes)
+
+
+class Sequence16(RandomIdGenerator):
+    """Trace ids from a list, in order: makes each decision predictable."""
+
+    def __init__(self, trace_ids: list[int]):
+        self.trace_ids = iter(trace_ids)
+
+    def generate_trace_id(self) -> int:
+        return next(self.trace_ids)
+
+
+def test_the_kept_span_has_the_trace_id_the_decision_was_made_on() -> None:
+    half = 1 << 63  # a 0.5 ratio keeps a trace id whose low 64 bits are under this
+    ids = [n << 64 | (n if n % 2 == 0 else half + n) for n in range(1, 9)]
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        sampler=ParentBased(TraceIdRatioBased(0.5)),
+        id_generator=Sequence16(ids),
+        shutdown_on_exit=False,
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(provider)
+    sent = [one_request(telemetry)["traceparent"] for _ in range(len(ids))]
+    roots = [s.context.trace_id for s in exporter.get_finished_spans() if s.name == "chat auto"]
+    kept = [t for t in ids if t & LOW_64 < half]
+    assert roots == kept  # one id per request: the SDK was handed the decided one
+    assert [int(h.split("-")[1], 16) for h in sent] == ids
+
+
+class Recording(Sampler):
+    """A sampler of another kind: asked through ``should_sample``, keeps odd trace ids."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        self.asked.append(trace_id)
+        keep = trace_id % 2 == 1
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP, attributes)
+
+    def get_description(self) -> str:
+        return "Recording"
+
+
+def test_another_sampler_is_asked_and_the_sdk_gets_the_same_trace_id() -> None:
+    sampler = Recording()
+    telemetry, exporter = traced(sampler)
+    for _ in range(40):
+        one_request(telemetry)
+    kept = [a for a in sampler.asked if a % 2]
+    roots = [s.context.trace_id for s in exporter.get_finished_spans() if s.name == "chat auto"]
+    assert roots
+    assert roots == sorted(set(kept), key=kept.index)  # each kept id, once, in order
+
+
+def test_a_current_span_is_the_parent_as_before() -> None:
+    telemetry, exporter = traced(ParentBased(ALWAYS_OFF))
+    outer_provider = TracerProvider(sampler=ALWAYS_ON, shutdown_on_exit=False)
+    outer = outer_provider.get_tracer("test").start_span("outer")
+    with trace.use_span(outer, end_on_exit=True):
+        sent = one_request(telemetry)
+    # ParentBased follows the sampled local parent: recorded, in the parent's trace.
+    (root,) = [s for s in exporter.get_finished_spans() if s.name == "chat auto"]
+    assert root.context.trace_id == outer.get_span_context().trace_id
+    assert sent["traceparent"].split("-")[1] == f"{outer.get_span_context().trace_id:032x}"
+
+
+def test_default_sampling_is_one_percent_parent_based() -> None:
+    provider = build_provider({"OTEL_TRACES_EXPORTER": "console"}, "t", lambda where: None)
+    assert provider is not None
+    sampler = provider.sampler
+    assert isinstance(sampler, ParentBased)
+    assert sampler.get_description() == (
+        f"ParentBased{{root:TraceIdRatioBased{{{DEFAULT_SAMPLE_RATIO}}},"
+        "remoteParentSampled:AlwaysOnSampler,remoteParentNotSampled:AlwaysOffSampler,"
+        "localParentSampled:AlwaysOnSampler,localParentNotSampled:AlwaysOffSampler}"
+    )
+    provider.shutdown()
+
+
+def test_otel_traces_sampler_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "always_on"}
+    provider = build_provider(env, "t", lambda where: None)
+    assert provider is not None
+    assert provider.sampler is ALWAYS_ON
+    provider.shutdown()
