@@ -81,7 +81,11 @@ def traced(log_dir: Path) -> Iterator[tuple[Proc, Proc, Collector]]:
     thread = threading.Thread(target=collector.server.serve_forever, daemon=True)
     thread.start()
     sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request (the default is 1%)
+    }
     gateway = start_gateway(log_dir, gateway_config([sims[0].url], [sims[1].url]), env=env)
     try:
         yield gateway, sims[0], collector
