@@ -25,6 +25,17 @@ from tests.support.redis_server import RedisServer, run_redis
 KEY = "sk-test-acme-0001"
 OTHER_KEY = "sk-test-globex-0002"
 LEDGER_KEY = "sk-test-initech-0003"  # used by one test only: its usage sums see no one else
+# A prompt the complexity router scores well above the cut points tests use (code,
+# math, reasoning and a multi-part instruction): it goes to the large tier.
+HARD = """Debug this and prove the complexity is O(n log n):
+```python
+def merge(a, b):
+    out = []
+    while a and b:
+        out.append(a.pop(0) if a[0] < b[0] else b.pop(0))
+    return out + a + b
+```
+Step by step: 1) find the bug, 2) fix it, 3) analyse the runtime with $\\sum_{i} n/2^i$."""
 FAST_SIM = [
     "--decode-base-ms", "2", "--decode-per-seq-ms", "0.1",
     "--output-tokens-min", "8", "--output-tokens-max", "24",

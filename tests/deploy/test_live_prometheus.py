@@ -21,7 +21,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import FAST_SIM, KEY, LEDGER_KEY, OTHER_KEY, gateway_config
+from tests.conftest import FAST_SIM, HARD, KEY, LEDGER_KEY, OTHER_KEY, gateway_config
 from tests.deploy.prometheus_server import PrometheusServer, run_prometheus
 from tests.deploy.promql import (
     RULES,
@@ -35,16 +35,6 @@ from tests.support.redis_server import RedisServer, run_redis
 from tests.support.tools import needs
 
 pytestmark = needs(shutil.which("prometheus") is not None, "Debian's prometheus")
-
-HARD = """Debug this and prove the complexity is O(n log n):
-```python
-def merge(a, b):
-    out = []
-    while a and b:
-        out.append(a.pop(0) if a[0] < b[0] else b.pop(0))
-    return out + a + b
-```
-Step by step: 1) find the bug, 2) fix it, 3) analyse the runtime with $\\sum_{i} n/2^i$."""
 
 
 @dataclass

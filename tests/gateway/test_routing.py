@@ -11,19 +11,10 @@ import httpx2 as httpx
 import openai
 import yaml
 
-from tests.conftest import FAST_SIM, KEY, gateway_config
+from tests.conftest import FAST_SIM, HARD, KEY, gateway_config
 from tests.support.procs import start_gateway, start_sim
 
 ROOT = Path(__file__).resolve().parents[2]
-HARD = """Debug this and prove the complexity is O(n log n):
-```python
-def merge(a, b):
-    out = []
-    while a and b:
-        out.append(a.pop(0) if a[0] < b[0] else b.pop(0))
-    return out + a + b
-```
-Step by step: 1) find the bug, 2) fix it, 3) analyse the runtime with $\\sum_{i} n/2^i$."""
 
 
 def test_auto_is_routed_by_complexity(log_dir: Path) -> None:
