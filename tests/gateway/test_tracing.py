@@ -86,7 +86,9 @@ def traced(log_dir: Path) -> Iterator[tuple[Proc, Proc, Collector]]:
         "OTEL_BSP_SCHEDULE_DELAY": "50",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request (the default is 1%)
     }
-    gateway = start_gateway(log_dir, gateway_config([sims[0].url], [sims[1].url]), env=env)
+    config = gateway_config([sims[0].url], [sims[1].url])
+    config["tiers"][0]["fallback"] = ["large"]
+    gateway = start_gateway(log_dir, config, env=env)
     try:
         yield gateway, sims[0], collector
     finally:
@@ -188,3 +190,18 @@ def test_a_queued_request_has_a_queue_wait_span(traced: tuple[Proc, Proc, Collec
         first.end_time_unix_nano - first.start_time_unix_nano
         >= attrs["tollway.queue.wait_ms"] * 1e6 * 0.9
     )
+
+
+def test_a_fallback_is_on_the_span(traced: tuple[Proc, Proc, Collector]) -> None:
+    gateway, small, collector = traced
+    small.stop()  # the small tier has no replica left: its requests go to large
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="sim-small", messages=[{"role": "user", "content": "fall back"}], max_tokens=4
+        )
+    assert raw.headers["x-tollway-fallback-from"] == "small"
+    attrs = attributes(collector.wait_for("chat sim-small"))
+    assert attrs["tollway.tier"] == "large"
+    assert attrs["tollway.fallback.from"] == "small"
+    assert attrs["tollway.fallback.reason"] == "unavailable"
+    assert attrs["gen_ai.response.model"] == "sim-large"
