@@ -114,12 +114,15 @@ class _Queue:
         self.depth += 1
 
     def peek(self) -> _Waiter | None:
+        """The waiter that goes next: the best ``rank`` among the top priority's tenants."""
         if not self.depth:
             return None
         line = self.lines[max(self.lines)]
-        vtime = self.vtime
-        tenant = min(line, key=lambda t: (vtime[t], line[t][0].enqueued))
-        return line[tenant][0]
+        return min((fifo[0] for fifo in line.values()), key=self.rank)
+
+    def rank(self, waiter: _Waiter) -> tuple[int, float, float]:
+        """Lower goes first: priority, then its tenant's virtual time, then arrival."""
+        return -waiter.priority, self.vtime[waiter.ticket.tenant], waiter.enqueued
 
     def remove(self, waiter: _Waiter) -> bool:
         line = self.lines.get(waiter.priority)
@@ -346,16 +349,10 @@ class Scheduler:
             return
         queues = self._queues_of[replica.url]
         while replica.free_slots > 0:
-            best: tuple[_Queue, _Waiter] | None = None
-            for queue in queues:
-                waiter = queue.peek()
-                if waiter is None:
-                    continue
-                if best is None or _before(queue, waiter, *best):
-                    best = (queue, waiter)
-            if best is None:
+            heads = [(q.rank(w), q, w) for q in queues if (w := q.peek()) is not None]
+            if not heads:
                 return
-            queue, waiter = best
+            _, queue, waiter = min(heads, key=lambda head: head[0])
             queue.remove(waiter)
             self._observe_depth(queue)
             if waiter.future.done():  # cancelled: its task is unwinding
@@ -416,17 +413,6 @@ class Scheduler:
     def _count_shed(self, tier: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.shed(tier, reason)
-
-
-def _before(queue: _Queue, waiter: _Waiter, best_queue: _Queue, best: _Waiter) -> bool:
-    """Whether ``waiter`` (of ``queue``) goes before ``best`` (of ``best_queue``)."""
-    if waiter.priority != best.priority:
-        return waiter.priority > best.priority
-    mine = queue.vtime[waiter.ticket.tenant]
-    theirs = best_queue.vtime[best.ticket.tenant]
-    if mine != theirs:
-        return mine < theirs
-    return waiter.enqueued < best.enqueued
 
 
 def _overloaded(
