@@ -178,9 +178,7 @@ class Scheduler:
         for queue in self._queues.values():
             for replica in queue.pool.replicas:
                 self._queues_of.setdefault(replica.url, []).append(queue)
-        self._tier_label = {
-            url: "+".join(q.pool.name for q in queues) for url, queues in self._queues_of.items()
-        }
+        self._tier_label = pools.tier_label
         self._replicas = pools.by_url
         self._readmit: dict[str, asyncio.TimerHandle] = {}
         for queue in self._queues.values():  # every tier's depth exists from the start, at 0

@@ -151,9 +151,6 @@ class TierPool:
     def available(self, now: float) -> list[ReplicaState]:
         return [r for r in self.replicas if r.available(now)]
 
-    def healthy(self) -> list[ReplicaState]:
-        return self.available(time.monotonic())
-
     def best_free(self, now: float, exclude: frozenset[int] = frozenset()) -> ReplicaState | None:
         """The least-loaded available replica with a free slot, untried ones first."""
         best: ReplicaState | None = None
@@ -188,6 +185,12 @@ class Pools:
                     state = self.by_url[replica.url] = ReplicaState(replica, meter)
                 pool.replicas.append(state)
             self.tiers[tier.name] = pool
+        # A replica's ``tier`` label: the tiers it serves joined with "+" (one vLLM
+        # process under several aliases is one replica, exported once).
+        self.tier_label = {
+            url: "+".join(p.name for p in self.tiers.values() if state in p.replicas)
+            for url, state in self.by_url.items()
+        }
 
     def __iter__(self) -> Iterator[TierPool]:
         return iter(self.tiers.values())

@@ -200,15 +200,10 @@ def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
 def replica_gpu(pools: Pools) -> list[ReplicaGpu]:
     """Each replica's GPU time for /metrics; a process serving several tiers is one replica."""
     now = time.monotonic()
-    tiers: dict[str, list[str]] = {}
-
-    for pool in pools:
-        for replica in pool.replicas:
-            tiers.setdefault(replica.url, []).append(pool.name)
     return [
         ReplicaGpu.from_occupancy(
             url,
-            "+".join(tiers[url]),
+            pools.tier_label[url],
             replica.meter.snapshot(now),
             healthy=replica.healthy,
             slots=replica.config.max_num_seqs,
