@@ -15,9 +15,9 @@ from typing import Any
 import httpx2 as httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEY, OTHER_KEY, SdkFactory, Stack, gateway_config, sim_stats
+from tests.support.metrics import scrape, value
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.watch import VllmWatcher
 
@@ -30,13 +30,7 @@ STEADY_SIM = [
 
 
 def metric(gateway: Proc, name: str, **labels: str) -> float:
-    body = httpx.get(gateway.url + "/metrics", timeout=5).text
-    total = 0.0
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return value(scrape(gateway.url), name, **labels)
 
 
 def ask(client: openai.AsyncOpenAI, model: str = "sim-small", **kwargs: Any) -> Any:

@@ -4,34 +4,15 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import httpx2 as httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, set_faults
-
-
-def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(stack.gateway.url + "/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return sum(
-        v for (n, ls), v in samples.items()
-        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
-    )  # fmt: skip
+from tests.support.metrics import scrape, value
 
 
 def test_metrics_follow_requests(stack: Stack) -> None:
-    before = scrape(stack)
+    before = scrape(stack.gateway.url)
     client = stack.client()
     costs = Decimal(0)
     for i in range(3):
@@ -41,7 +22,7 @@ def test_metrics_follow_requests(stack: Stack) -> None:
         costs += Decimal(raw.headers["x-tollway-cost-usd"])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    after = scrape(stack)
+    after = scrape(stack.gateway.url)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -60,7 +41,7 @@ def test_metrics_follow_requests(stack: Stack) -> None:
 
 
 def test_cache_lookups_are_counted(stack: Stack) -> None:
-    before = scrape(stack)
+    before = scrape(stack.gateway.url)
     client = stack.client()
     for _ in range(2):  # temperature 0: looked up; a miss, then a hit
         client.chat.completions.create(
@@ -69,7 +50,7 @@ def test_cache_lookups_are_counted(stack: Stack) -> None:
             max_tokens=4,
             temperature=0,
         )
-    after = scrape(stack)
+    after = scrape(stack.gateway.url)
     counted = {
         result: value(after, "tollway_cache_requests_total", tier="small", result=result)
         - value(before, "tollway_cache_requests_total", tier="small", result=result)
@@ -80,9 +61,9 @@ def test_cache_lookups_are_counted(stack: Stack) -> None:
 
 def test_retries_show_as_attempts(stack: Stack) -> None:
     set_faults(stack.large[0], error_rate=1.0, error_status=503)
-    before = scrape(stack)
+    before = scrape(stack.gateway.url)
     stack.client().completions.create(model="sim-large", prompt="x", max_tokens=2)
-    after = scrape(stack)
+    after = scrape(stack.gateway.url)
     attempts = value(after, "tollway_upstream_attempts_total", tier="large") - value(
         before, "tollway_upstream_attempts_total", tier="large"
     )

@@ -17,6 +17,7 @@ from gateway.errors import NoHealthyUpstream, Overloaded
 from gateway.pool import Pools, TierPool
 from gateway.scrape import VllmLoad
 from metering.prometheus import GatewayMetrics
+from tests.support.metrics import parse, value
 
 SMALL = ["http://127.0.0.1:9101", "http://127.0.0.1:9102"]
 LARGE = ["http://127.0.0.1:9201"]
@@ -355,9 +356,4 @@ def test_config_rejects_unknown_fallback_and_weights() -> None:
 
 
 def _sample(metrics: GatewayMetrics, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return value(parse(metrics.render()[0].decode()), name, **labels)

@@ -1,0 +1,29 @@
+"""Reading a Prometheus exposition in tests: every sample, then sums by name and labels."""
+
+from __future__ import annotations
+
+import httpx2 as httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(base_url: str) -> Samples:
+    """``GET {base_url}/metrics``, parsed."""
+    return parse(httpx.get(base_url + "/metrics", timeout=10).text)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        v for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+    )  # fmt: skip
