@@ -2,8 +2,11 @@
 
 Starts Redis, the simulator and one gateway, fills the response cache with
 ``--entries`` distinct ``temperature: 0`` answers of ``--tokens`` tokens each
-(every request a miss, so each stores one entry), then reads Redis's
-``used_memory`` and key count and prints bytes per entry. Both figures grow
+(every request a miss, so each stores one entry), then sums Redis's own
+``MEMORY USAGE`` (key, value and per-key overhead) over the cache's keys and
+prints it per key. (``used_memory`` deltas were tried first: the gateway's
+connection buffers and Redis's table growth swamp entries of a few hundred
+bytes, so they measured nothing.) Both figures grow
 with answer length; run it with the answer sizes you expect.
 
     .venv/bin/python bench/cachesize/run.py [--entries 2000] [--tokens 50 200 1000]
@@ -13,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
 
@@ -29,18 +32,11 @@ from bench.lib.stack import MODEL, gateway_config, start_gateway, start_sim, wai
 KEY = "sk-bench-cachesize-0001"
 
 
-def redis_info(port: int) -> dict[str, str]:
-    """``INFO memory`` and ``INFO keyspace`` as a dict, over a raw socket."""
-    with socket.create_connection((HOST, port), timeout=5) as sock:
-        sock.sendall(b"INFO\r\n")
-        data = b""
-        while True:
-            data += sock.recv(65536)
-            header, _, rest = data.partition(b"\r\n")
-            if header.startswith(b"$") and len(rest) >= int(header[1:]):
-                break
-    lines = rest.decode().splitlines()
-    return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
+def cache_entries(port: int) -> tuple[int, int]:
+    """How many response-cache keys Redis holds, and their ``MEMORY USAGE`` summed."""
+    with redis.Redis(host=HOST, port=port) as client:
+        keys = list(client.scan_iter(match="tollway:cache:*", count=1000))
+        return len(keys), sum(int(client.memory_usage(key, samples=0) or 0) for key in keys)
 
 
 async def fill(url: str, entries: int, tokens: int, tag: str) -> int:
@@ -63,7 +59,7 @@ async def fill(url: str, entries: int, tokens: int, tag: str) -> int:
 
 
 def measure(procs: Procs, tmp: Path, entries: int, token_sizes: list[int]) -> None:
-    redis = start_redis(procs, tmp, 1)
+    redis_server = start_redis(procs, tmp, 1)
     rows = []
     for tokens in token_sizes:
         engine = [
@@ -76,22 +72,22 @@ def measure(procs: Procs, tmp: Path, entries: int, token_sizes: list[int]) -> No
         sim = start_sim(procs, tmp, 1, engine)
         wait_sim(sim, 1)
         config = gateway_config(
-            sim, [{"key": KEY, "tenant": "bench"}], redis={"url": redis.url},
-            cache={"local_ttl_s": 0}, metering={"enabled": False},
+            sim, [{"key": KEY, "tenant": "bench"}], redis={"url": redis_server.url},
+            cache={"local_ttl_s": 0},  # metering stays on: with it off nothing is cached
         )  # fmt: skip
         gateway = start_gateway(procs, tmp, 0, config, name=f"gateway-{tokens}")
         wait_gateway(gateway, 0)
-        before = redis_info(redis.port)
+        with redis.Redis(host=HOST, port=redis_server.port) as client:
+            client.flushdb()
         stored = asyncio.run(fill(gateway.chat_url, entries, tokens, f"t{tokens}"))
-        after = redis_info(redis.port)
-        grown = int(after["used_memory"]) - int(before["used_memory"])
-        rows.append((tokens, stored, grown, grown / max(stored, 1)))
+        keys, used = cache_entries(redis_server.port)
+        rows.append((tokens, stored, keys, used / max(keys, 1)))
         procs.stop(gateway.proc)
         procs.stop(sim.proc)
-    print("| answer tokens | entries stored | Redis used_memory growth | bytes per entry |")
+    print("| answer tokens | misses sent | cache keys in Redis | MEMORY USAGE per key, bytes |")
     print("|---:|---:|---:|---:|")
-    for tokens, stored, grown, per in rows:
-        print(f"| {tokens} | {stored:,} | {grown / 1e6:.2f} MB | {per:,.0f} |")
+    for tokens, stored, keys, per in rows:
+        print(f"| {tokens} | {stored:,} | {keys:,} | {per:,.0f} |")
 
 
 def main() -> int:
