@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -136,6 +136,16 @@ class UsageLedger:
             return
         self._queue.append((report, at))
         self._wake.set()
+
+    def record_many(self, items: Sequence[tuple[RequestReport, float]]) -> None:
+        """``record`` for a batch of (report, Unix time) pairs: one wake-up for them all."""
+        room = 0 if self._closed else max(self.max_queue - len(self._queue), 0)
+        kept = items if len(items) <= room else items[:room]
+        if len(kept) < len(items):
+            self._lose(len(items) - len(kept))
+        if kept:
+            self._queue.extend(kept)
+            self._wake.set()
 
     def _lose(self, count: int) -> None:
         self.lost += count

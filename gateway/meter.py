@@ -2,9 +2,11 @@
 
 ``metering/`` holds the ideas (occupancy, prices, the report); this module
 collects what one request did (``RequestContext``: who, which tier, the GPU
-bill of its attempts) and hands the finished ``RequestReport`` to the sinks
-(metrics, spans, the usage ledger). A sink that fails is logged and counted;
-it never fails the request.
+bill of its attempts) and prices it. The sinks that must see the report at
+once are called with it (the request's span; the burn rate budget-aware
+routing reads); Prometheus and the usage ledger get it a moment later, a
+batch at a time, through the ``Recorder``. A sink that fails is logged; it
+never fails the request.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.types import Receive
 from gateway.admission import Ticket
 from gateway.config import Settings
 from gateway.pool import ReplicaState
+from gateway.recorder import Recorder
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
 from metering.money import ratio
@@ -57,7 +60,12 @@ _OPERATION = {endpoint: endpoint.operation for endpoint in Endpoint}  # a dict, 
 
 
 class Meter:
-    def __init__(self, settings: Settings, sinks: Sequence[ReportSink] = ()):
+    def __init__(
+        self,
+        settings: Settings,
+        sinks: Sequence[ReportSink] = (),
+        recorder: Recorder | None = None,
+    ):
         self.enabled = settings.metering.enabled
         self.overhead = ratio(Decimal(str(settings.metering.overhead_factor)))
         self.token_prices = {
@@ -68,7 +76,8 @@ class Meter:
             for tier in settings.tiers
             if tier.prices is not None
         }
-        self.sinks = list(sinks) if self.enabled else []
+        self.sinks = list(sinks) if self.enabled else []  # called at once (span, burn rate)
+        self.recorder = recorder if self.enabled else None  # counts it later, in a batch
         self._tariffs: dict[str, GpuTariff] = {}  # by replica URL
 
     def finish(
@@ -90,7 +99,9 @@ class Meter:
         attempts that failed are in ``ctx.bill``.
         """
         usage = usage or TokenUsage()
-        tier = ctx.decision.tier
+        now = time.monotonic()
+        decision = ctx.decision
+        tier = decision.tier
         if ctx.cache in FREE:
             cost = Cost.free()
         elif (prices := self.token_prices.get(tier)) is not None:
@@ -102,12 +113,12 @@ class Meter:
             tariff = self._tariffs.get(replica.url)
             if tariff is None:
                 tariff = self._tariffs[replica.url] = GpuTariff(meter.hourly, self.overhead)
-            cost = tariff.price(ctx.bill.gpu_seconds, meter.idle_per_busy(time.monotonic()))
+            cost = tariff.price(ctx.bill.gpu_seconds, meter.idle_per_busy(now))
         report = RequestReport(
             request_id=ctx.request_id,
             tenant=ctx.tenant,
             tier=tier,
-            model=ctx.decision.model,
+            model=decision.model,
             operation=_OPERATION[ctx.endpoint],
             usage=usage,
             gpu_seconds=ctx.bill.gpu_seconds,
@@ -126,4 +137,8 @@ class Meter:
                 sink(report, ctx)
             except Exception:  # a metering sink must never fail a request
                 log.exception("metering sink %r failed", sink)
+        if self.recorder is not None:
+            first = ctx.first_token_at
+            ttft = None if first is None else first - ctx.started
+            self.recorder.add((report, now - ctx.started, ttft, time.time(), decision))
         return report

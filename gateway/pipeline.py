@@ -347,9 +347,9 @@ class Pipeline:
             finish_reasons=_finish_reasons(completion),
             response_id=completion.get("id"),
         )
-        headers.update(report.headers())
         headers.update(self.budgets.spend(report))
         response = Response(data, headers=headers, media_type=JSON)
+        response.raw_headers += report.raw_headers()  # tier and model are in ``headers``
         entry = self.caching.keep(plan, completion, report)
         if entry is not None:  # Redis after the answer is sent, off the client's clock
             response.background = BackgroundTask(self.caching.persist, plan, entry)

@@ -170,7 +170,9 @@ def _usage_row(row: UsageRow) -> dict[str, Any]:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus exposition. Async on purpose: it reads the occupancy ledgers on the loop."""
-    body, content_type = _services(request).metrics.render()
+    services = _services(request)
+    services.recorder.drain()  # every request answered so far is counted
+    body, content_type = services.metrics.render()
     return Response(body, media_type=content_type)
 
 

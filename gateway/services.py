@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from gateway.idempotent import IdempotencyLayer
 from gateway.meter import Meter, ReportSink, RequestContext
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
+from gateway.recorder import Consumer, Finished, Recorder
 from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
@@ -47,6 +49,7 @@ class Services:
     redis: RedisClient
     ledger: UsageLedger
     budgets: BudgetGuard
+    recorder: Recorder
     health: HealthChecker | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -102,10 +105,11 @@ class Services:
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
         burn = BurnShift(settings.routing, metrics)
-        sinks = [prometheus_sink(metrics), telemetry_sink, ledger_sink(ledger)]
+        recorder = Recorder([prometheus_consumer(metrics), ledger_consumer(ledger)])
+        sinks: list[ReportSink] = [telemetry_sink]
         if burn.active:  # fixed by the configuration: no call per request when it is off
-            sinks.append(burn_sink(burn))
-        meter = Meter(settings, sinks)
+            sinks.append(burn_sink(burn))  # at once: the next request's route reads it
+        meter = Meter(settings, sinks, recorder)
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
@@ -124,7 +128,7 @@ class Services:
         pipeline.idempotency = IdempotencyLayer(idempotency_store, settings.idempotency, meter)
         return cls(
             settings, auth, routes, pools, scheduler, upstream, pipeline, metrics, telemetry,
-            redis, ledger, budgets,
+            redis, ledger, budgets, recorder,
         )  # fmt: skip
 
     def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
@@ -135,6 +139,7 @@ class Services:
     async def start(self) -> None:
         await self.redis.start()
         await self.ledger.start()
+        await self.recorder.start()
         await self.upstream.start()
         self.health = HealthChecker(
             self.pools, self.settings.health, self.upstream.session, self.scheduler.refresh
@@ -148,20 +153,21 @@ class Services:
         self.scheduler.close()
         await self.upstream.close()
         await self.budgets.stop()
+        await self.recorder.stop()  # hands the last requests to the ledger and the metrics
         await self.ledger.stop()  # writes what is queued, within its grace period
         await self.redis.close()
         self.telemetry.shutdown()
 
 
-def prometheus_sink(metrics: GatewayMetrics) -> ReportSink:
-    def sink(report: RequestReport, ctx: RequestContext) -> None:
-        now = time.monotonic()
-        ttft = None if ctx.first_token_at is None else ctx.first_token_at - ctx.started
-        metrics.observe_request(report, duration_s=now - ctx.started, ttft_s=ttft)
-        if ctx.decision.routed:
-            metrics.observe_route(ctx.decision.tier, ctx.decision.score)
+def prometheus_consumer(metrics: GatewayMetrics) -> Consumer:
+    def consume(batch: Sequence[Finished]) -> None:
+        observe, observe_route = metrics.observe_request, metrics.observe_route
+        for report, duration_s, ttft_s, _, decision in batch:
+            observe(report, duration_s=duration_s, ttft_s=ttft_s)
+            if decision.routed:
+                observe_route(decision.tier, decision.score)
 
-    return sink
+    return consume
 
 
 def burn_sink(burn: BurnShift) -> ReportSink:
@@ -171,11 +177,11 @@ def burn_sink(burn: BurnShift) -> ReportSink:
     return sink
 
 
-def ledger_sink(ledger: UsageLedger) -> ReportSink:
-    def sink(report: RequestReport, ctx: RequestContext) -> None:
-        ledger.record(report, time.time())
+def ledger_consumer(ledger: UsageLedger) -> Consumer:
+    def consume(batch: Sequence[Finished]) -> None:
+        ledger.record_many([(finished[0], finished[3]) for finished in batch])
 
-    return sink
+    return consume
 
 
 @functools.lru_cache(maxsize=1024)

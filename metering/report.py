@@ -29,6 +29,20 @@ _H_COST = HEADER_PREFIX + "cost-usd"
 _H_LOADED = HEADER_PREFIX + "cost-loaded-usd"
 _H_CACHED = HEADER_PREFIX + "cached-prompt-tokens"
 _H_SAVED = HEADER_PREFIX + "cost-saved-usd"
+# The figures' names as the ASGI response wants them: encoded once, not per request.
+_B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU, _B_COST, _B_LOADED, _B_CACHED, _B_SAVED = (
+    name.encode("latin-1")
+    for name in (
+        _H_REQUEST_ID,
+        _H_PROMPT,
+        _H_COMPLETION,
+        _H_GPU,
+        _H_COST,
+        _H_LOADED,
+        _H_CACHED,
+        _H_SAVED,
+    )
+)
 
 
 @dataclass(slots=True)
@@ -75,22 +89,33 @@ class RequestReport:
         return {name[n:]: value for name, value in self.headers().items()}
 
     def headers(self) -> dict[str, str]:
+        """Every ``x-tollway-*`` header of the report: tier and model, then ``raw_headers``."""
+        out = {_H_TIER: self.tier, _H_MODEL: self.model}
+        for name, value in self.raw_headers():
+            out[name.decode("latin-1")] = value.decode("latin-1")
+        return out
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The figures' headers, encoded for the response (the hot path's form).
+
+        Tier and model are not among them: a routed response carries those
+        already (``headers()`` has all of them).
+        """
         usage = self.usage
-        out = {
-            _H_REQUEST_ID: self.request_id,
-            _H_TIER: self.tier,
-            _H_MODEL: self.model,
-            _H_PROMPT: str(usage.prompt_tokens),
-            _H_COMPLETION: str(usage.completion_tokens),
-            _H_GPU: self.gpu_seconds_text,
-            _H_COST: fmt_nanos(self.cost.marginal_nanos),
-            _H_LOADED: fmt_nanos(self.cost.loaded_nanos),
-        }
+        cost = self.cost
+        out = [
+            (_B_REQUEST_ID, self.request_id.encode("latin-1")),
+            (_B_PROMPT, b"%d" % usage.prompt_tokens),
+            (_B_COMPLETION, b"%d" % usage.completion_tokens),
+            (_B_GPU, self.gpu_seconds_text.encode("latin-1")),
+            (_B_COST, fmt_nanos(cost.marginal_nanos).encode("latin-1")),
+            (_B_LOADED, fmt_nanos(cost.loaded_nanos).encode("latin-1")),
+        ]
         if usage.cached_prompt_tokens:
-            out[_H_CACHED] = str(usage.cached_prompt_tokens)
+            out.append((_B_CACHED, b"%d" % usage.cached_prompt_tokens))
         saved = self.saved_nanos
         if saved is not None:
-            out[_H_SAVED] = fmt_nanos(saved)
+            out.append((_B_SAVED, fmt_nanos(saved).encode("latin-1")))
         return out
 
     def stream_object(self) -> dict[str, Any]:

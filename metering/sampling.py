@@ -38,13 +38,23 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     ParentBased,
+    ParentBasedTraceIdRatio,
     Sampler,
     StaticSampler,
     TraceIdRatioBased,
+    _AlwaysOff,
+    _AlwaysOn,
+    _ParentBasedAlwaysOff,
+    _ParentBasedAlwaysOn,
 )
 from opentelemetry.trace import SpanKind
 
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT  # what a ratio sampler compares with its bound
+# The SDK's own classes, as ``OTEL_TRACES_SAMPLER`` builds them: these only set up
+# their parent's fields, so their rule is their parent's. Subclasses of anyone else's
+# may decide otherwise: they are asked.
+_PARENT_BASED = (ParentBased, ParentBasedTraceIdRatio, _ParentBasedAlwaysOff, _ParentBasedAlwaysOn)
+_STATIC = (StaticSampler, _AlwaysOff, _AlwaysOn)
 
 
 class HandOffIds(IdGenerator):
@@ -149,11 +159,11 @@ def _root_bound(sampler: Sampler) -> int | None:
     ``StaticSampler._decision``; if a later SDK renames them, the sampler is asked.
     """
     root: object = sampler
-    if type(root) is ParentBased:
+    if type(root) in _PARENT_BASED:
         root = getattr(root, "_root", None)  # a root has no parent: its root sampler decides
     if type(root) is TraceIdRatioBased:
         return root.bound
-    if type(root) is StaticSampler:
+    if type(root) in _STATIC:
         decision = getattr(root, "_decision", None)
         if decision is None:
             return None

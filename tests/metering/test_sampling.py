@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
 from metering.report import RequestReport
+from metering.sampling import _root_bound
 from metering.span_export import DEFAULT_SAMPLE_RATIO, build_provider
 from metering.telemetry import Telemetry
 
@@ -193,3 +194,33 @@ def test_otel_traces_sampler_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert provider is not None
     assert provider.sampler is ALWAYS_ON
     provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("name", "bound"),
+    [
+        ("parentbased_traceidratio", TraceIdRatioBased(0.25).bound),
+        ("traceidratio", TraceIdRatioBased(0.25).bound),
+        ("always_off", 0),
+        ("parentbased_always_off", 0),
+        ("always_on", LOW_64 + 1),
+        ("parentbased_always_on", LOW_64 + 1),
+    ],
+)
+def test_samplers_named_by_otel_traces_sampler_are_decided_by_their_rule(
+    monkeypatch: pytest.MonkeyPatch, name: str, bound: int
+) -> None:
+    # The SDK builds some of these as its own subclasses (ParentBasedTraceIdRatio...):
+    # a dropped root must still cost no SDK call, whichever way sampling was configured.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    sampler = TracerProvider(shutdown_on_exit=False).sampler
+    assert _root_bound(sampler) == bound
+
+
+def test_a_sampler_subclassed_by_someone_else_is_asked() -> None:
+    class Mine(TraceIdRatioBased):
+        pass
+
+    assert _root_bound(Mine(0.5)) is None
+    assert _root_bound(ParentBased(Mine(0.5))) is None

@@ -1,0 +1,76 @@
+"""Finished requests, counted off the request path, a batch at a time.
+
+A request must be priced before it is answered (its headers carry the
+price), but counting it can wait a moment: the Prometheus cells and the
+usage ledger's queue. ``Recorder.add``
+is all the request path pays: one tuple appended to a list. A background
+task hands what has gathered to every consumer every ``linger_s`` (0.1 s),
+one loop per consumer over the whole batch.
+
+The work per request is the same, but done in a tight loop it costs a
+fraction of the same steps spread over each request's path, where their code
+and data are cold (bench/RESULTS.md, the metering runs of 2026-11-23).
+
+``GET /metrics`` drains first, so a scrape counts every request answered
+before it; ``stop()`` drains last, before the ledger stops. The usage ledger
+adds its own batching (``cache.ledger``), so ``/v1/usage`` lags the answers
+by up to about 0.3 s. Everything runs on the event loop's thread: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from metering.report import RequestReport
+from router.table import Decision
+
+log = logging.getLogger("tollway.recorder")
+
+# One finished request: its report, arrival-to-last-byte seconds, arrival-to-first-token
+# seconds (None without a first token), Unix time it finished, and its routing decision.
+Finished = tuple[RequestReport, float, float | None, float, Decision]
+Consumer = Callable[[Sequence[Finished]], None]
+
+
+class Recorder:
+    def __init__(self, consumers: Sequence[Consumer], *, linger_s: float = 0.1):
+        self.consumers = list(consumers)
+        self.linger_s = linger_s
+        self._pending: list[Finished] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, finished: Finished) -> None:
+        """Queue one finished request; never blocks, never raises."""
+        self._pending.append(finished)
+
+    def drain(self) -> None:
+        """Hand everything queued to every consumer now; a failing consumer loses only its part."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        for consume in self.consumers:
+            try:
+                consume(batch)
+            except Exception:  # a consumer's bug must not stop the others, nor the loop
+                log.exception("recording %d finished requests in %r failed", len(batch), consume)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tollway-recorder")
+
+    async def stop(self) -> None:
+        """Stop the task and drain what is left (before the ledger stops, so it writes it)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.drain()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.linger_s)
+            self.drain()
