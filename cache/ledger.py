@@ -35,14 +35,14 @@ from redis.asyncio import Redis
 
 from cache import ledger_write as keys
 from cache.ledger_rows import GroupBy, UsageRow, group_rows, hours_between, totals
-from cache.ledger_write import APPLY, _Entry, _TagWrite, build_writes, clean
+from cache.ledger_write import APPLY, _TagWrite, build_writes, clean
 from cache.redis_client import RedisClient
 from metering.budget import WindowSpend, utc
 from metering.money import from_nanos
 from metering.pricing import Cost
 from metering.report import RequestReport
 
-__all__ = ["GroupBy", "LedgerUnavailable", "UsageLedger", "UsageRow", "_Entry", "totals"]
+__all__ = ["GroupBy", "LedgerUnavailable", "UsageLedger", "UsageRow", "totals"]
 
 log = logging.getLogger("tollway.ledger")
 
@@ -196,43 +196,36 @@ class UsageLedger:
                 # (~400 rows at 2,000 req/s) keeps that under 2 us a request.
                 await asyncio.sleep(self.linger_s)
             taken = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            batch = self._entries(taken)
             self._busy = True
             try:
-                await self._write_batch(batch)
+                await self._write_batch(taken)
             except asyncio.CancelledError:
-                self._lose(len(batch))
+                self._lose(len(taken))
                 raise
             except Exception:
                 # A bug, not an outage: keep the writer alive for the next batch.
-                log.exception("the ledger writer failed on a batch of %d", len(batch))
-                self._lose(len(batch))
+                log.exception("the ledger writer failed on a batch of %d", len(taken))
+                self._lose(len(taken))
             finally:
                 self._busy = False
 
-    def _entries(self, taken: list[tuple[RequestReport, float]]) -> list[_Entry]:
-        entries = []
-        for report, at in taken:
-            try:
-                entries.append(_Entry.of(report, at))
-            except (ArithmeticError, ValueError, TypeError):
-                log.exception("cannot record request %s in the ledger", report.request_id)
-                self._lose(1)
-        return entries
-
-    async def _write_batch(self, batch: list[_Entry]) -> None:
+    async def _write_batch(self, taken: list[tuple[RequestReport, float]]) -> None:
         """Write, retry once after the client's backoff, else count the batch lost."""
-        if not batch:
+        bad: list[RequestReport] = []
+        writes = self._build(taken, bad.append)
+        for report in bad:
+            log.error("cannot record request %s in the ledger: %r", report.request_id, report)
+        self._lose(len(bad))
+        if len(bad) == len(taken):
             return
-        writes = self._build(batch)
         seq = next(self._seq)
         for attempt in range(2):
             if attempt:
                 await asyncio.sleep(self.retry_delay_s)
             if await self._apply(writes, seq):
-                self.written += len(batch)
+                self.written += len(taken) - len(bad)
                 return
-        self._lose(len(batch))
+        self._lose(len(taken) - len(bad))
 
     async def _apply(self, writes: list[_TagWrite], seq: int) -> bool:
         """One pipeline: one Lua call per hash tag. False if Redis failed (nothing raised)."""
@@ -246,10 +239,18 @@ class UsageLedger:
 
         return await self.redis.call("ledger.write", apply, False, budget_s=self.write_budget_s)
 
-    def _build(self, batch: list[_Entry]) -> list[_TagWrite]:
+    def _build(
+        self,
+        batch: list[tuple[RequestReport, float]],
+        on_bad: Callable[[RequestReport], None] = lambda report: None,
+    ) -> list[_TagWrite]:
         """The batch as integer sums per hash tag: one HINCRBY per distinct field."""
         return build_writes(
-            batch, prefix=self.prefix, ttl=self.retention_s, stream_maxlen=self.stream_maxlen
+            batch,
+            prefix=self.prefix,
+            ttl=self.retention_s,
+            stream_maxlen=self.stream_maxlen,
+            on_bad=on_bad,
         )
 
     # -- reading -----------------------------------------------------------

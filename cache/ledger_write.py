@@ -1,9 +1,9 @@
 """The usage ledger's write side: the Redis key schema and how a batch becomes writes.
 
-Owns the keys, the per-request ``_Entry`` (a report's figures as integers),
-and ``build_writes``, which turns a batch of entries into one ``_TagWrite``
-per hash tag, each applied by one call of the ``APPLY`` Lua script. The
-queue and the writer task that call these live in ``cache.ledger``.
+Owns the keys and ``build_writes``, which turns a batch of (report, time)
+pairs into one ``_TagWrite`` per hash tag, each applied by one call of the
+``APPLY`` Lua script. The queue and the writer task that call these live in
+``cache.ledger``.
 
 Key schema (``P`` is the prefix, default ``tollway``; times are UTC)::
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 from metering.report import RequestReport
 
@@ -50,10 +50,12 @@ MARKER_TTL_S = 86_400
 
 # Applies one batch's writes for one hash tag, unless this writer's batch
 # number ARGV[2] was already applied there. Ops follow ARGV[3] (the marker TTL):
-# h key field n | s key member | e key ttl | x key maxlen width "field\tvalue\t..."
+# h key field n | s key member | e key ttl | x key maxlen width name1..nameW "v1\tv2\t..."
 # where key is an index into KEYS. A batch's stream entries travel as one
-# tab-terminated string, an entry every ``width`` items: one argument per batch
-# instead of thirty-two per request was most of the writer's CPU.
+# tab-terminated string of values, an entry every ``width`` of them, paired
+# here with the ``width`` field names sent once: one argument per batch instead
+# of thirty-two per request, and no field names repeated per request, was most
+# of the writer's CPU.
 APPLY = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end
@@ -73,15 +75,16 @@ while i <= n do
     i = i + 3
   elseif op == 'x' then
     local width, fields, n = tonumber(ARGV[i + 3]), {}, 0
-    for item in string.gmatch(ARGV[i + 4], '([^\t]*)\t') do
+    for j = 1, width do fields[2 * j - 1] = ARGV[i + 3 + j] end
+    for value in string.gmatch(ARGV[i + 4 + width], '([^\t]*)\t') do
       n = n + 1
-      fields[n] = item
+      fields[2 * n] = value
       if n == width then
         redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(fields))
         n = 0
       end
     end
-    i = i + 5
+    i = i + 5 + width
   else
     return redis.error_reply('tollway ledger: unknown op ' .. tostring(op))
   end
@@ -122,70 +125,26 @@ def clean(name: str) -> str:
 
 # -- one request -------------------------------------------------------------
 
-
-class _Entry(NamedTuple):
-    """One request's figures, as integers, taken from its report when it is recorded.
-
-    A named tuple, not a frozen dataclass: the writer makes one per request,
-    and a frozen dataclass's ``__init__`` costs a ``setattr`` per field.
-    """
-
-    at: float
-    request_id: str
-    tenant: str
-    tier: str
-    model: str
-    operation: str
-    cache: str
-    status: int
-    replica: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    gpu_us: int
-    cost_nanos: int
-    cost_loaded_nanos: int
-    saved_nanos: int | None
-
-    @classmethod
-    def of(cls, report: RequestReport, at: float) -> _Entry:
-        usage = report.usage
-        cost = report.cost
-        return cls(
-            at,
-            report.request_id,
-            clean(report.tenant),
-            clean(report.tier),
-            clean(report.model),
-            report.operation,
-            clean(report.cache),
-            report.status,
-            clean(report.replica or ""),
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_prompt_tokens,
-            # The header prints six decimals; sum exactly what it printed.
-            _micros(report.gpu_seconds_text),
-            cost.marginal_nanos,
-            cost.loaded_nanos,
-            report.saved_nanos,
-        )
-
-    def stream_line(self) -> str:
-        """Every field as ``name\tvalue\t`` (``STREAM_WIDTH`` items), for Lua to split."""
-        (at, request_id, tenant, tier, model, operation, cache, status, replica, prompt,
-         completion, cached, gpu_us, cost, loaded, saved) = self  # fmt: skip
-        request_id = request_id.replace(SEP, " ")  # names were cleaned on the way in
-        return (
-            f"at\t{at:.6f}\trequest_id\t{request_id}\ttenant\t{tenant}\ttier\t{tier}\t"
-            f"model\t{model}\toperation\t{operation}\tcache\t{cache}\tstatus\t{status}\t"
-            f"replica\t{replica}\tprompt_tokens\t{prompt}\tcompletion_tokens\t{completion}\t"
-            f"cached_tokens\t{cached}\tgpu_us\t{gpu_us}\tcost_nanos\t{cost}\t"
-            f"cost_loaded_nanos\t{loaded}\tsaved_nanos\t{'' if saved is None else saved}\t"
-        )
-
-
-STREAM_WIDTH = 2 * len(_Entry._fields)  # items (names and values) per stream entry
+# A request's stream entry: these fields, in this order (the values are written
+# by ``build_writes``, the names once per batch).
+STREAM_FIELDS = (
+    "at",
+    "request_id",
+    "tenant",
+    "tier",
+    "model",
+    "operation",
+    "cache",
+    "status",
+    "replica",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "gpu_us",
+    "cost_nanos",
+    "cost_loaded_nanos",
+    "saved_nanos",
+)
 
 
 def _micros(text: str) -> int:
@@ -227,10 +186,11 @@ class _TagWrite:
     def sadd(self, key: str, ttl: int, member: str) -> None:
         self.ops += ["s", self.key(key, ttl), member]
 
-    def xadd_many(self, key: str, maxlen: int, lines: str) -> None:
-        """One stream entry per ``STREAM_WIDTH`` tab-terminated items of ``lines``."""
-        if lines:
-            self.ops += ["x", self.key(key, None), maxlen, STREAM_WIDTH, lines]
+    def xadd_many(self, key: str, maxlen: int, values: str) -> None:
+        """One stream entry per ``len(STREAM_FIELDS)`` tab-terminated ``values``."""
+        if values:
+            width = len(STREAM_FIELDS)
+            self.ops += ["x", self.key(key, None), maxlen, width, *STREAM_FIELDS, values]
 
     def args(self, writer: str, seq: int) -> list[str | int]:
         expiries: list[str | int] = []
@@ -240,13 +200,19 @@ class _TagWrite:
 
 
 def build_writes(
-    batch: list[_Entry], *, prefix: str, ttl: int, stream_maxlen: int
+    batch: Sequence[tuple[RequestReport, float]],
+    *,
+    prefix: str,
+    ttl: int,
+    stream_maxlen: int,
+    on_bad: Callable[[RequestReport], None],
 ) -> list[_TagWrite]:
     """The batch as integer sums per hash tag: one HINCRBY per distinct field.
 
-    Entries are first summed per (hour, tenant, tier, model, cache), so the work
-    per entry is a tuple key and eight additions; the stream's lines travel as
-    one argument for the whole batch.
+    Requests are first summed per (hour, tenant, tier, model, cache), so the
+    work per request is one tuple key, eight additions and its stream values
+    as one f-string; names are cleaned once per group. A report whose figures
+    cannot be written (a NaN) goes to ``on_bad`` and is left out.
     """
     by_tag: dict[str, _TagWrite] = {}
 
@@ -258,29 +224,48 @@ def build_writes(
 
     groups: dict[tuple[int, str, str, str, str], list[int]] = {}
     lines: list[str] = []
-    for entry in batch:
-        key = (int(entry.at // 3600), entry.tenant, entry.tier, entry.model, entry.cache)
+    for report, at in batch:
+        tokens, cost = report.usage, report.cost
+        try:
+            # The header prints six decimals; sum exactly what it printed.
+            gpu_us = _micros(report.gpu_seconds_text)
+            key = (int(at // 3600), report.tenant, report.tier, report.model, report.cache)
+            prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
+            cached, saved = tokens.cached_prompt_tokens, report.saved_nanos
+            marginal, loaded = cost.marginal_nanos, cost.loaded_nanos
+        except (ArithmeticError, ValueError, TypeError, AttributeError):
+            on_bad(report)
+            continue
         sums = groups.get(key)
         if sums is None:
             sums = groups[key] = [0] * len(METRICS)
         # METRICS order, unrolled: this loop runs once per request.
         sums[0] += 1
-        sums[1] += entry.prompt_tokens
-        sums[2] += entry.completion_tokens
-        sums[3] += entry.cached_tokens
-        sums[4] += entry.gpu_us
-        sums[5] += entry.cost_nanos
-        sums[6] += entry.cost_loaded_nanos
-        sums[7] += entry.saved_nanos or 0
-        lines.append(entry.stream_line())
+        sums[1] += prompt
+        sums[2] += completion
+        sums[3] += cached
+        sums[4] += gpu_us
+        sums[5] += marginal
+        sums[6] += loaded
+        sums[7] += saved or 0
+        # STREAM_FIELDS order.
+        lines.append(
+            f"{at:.6f}\t{report.request_id.replace(SEP, ' ')}\t{clean(report.tenant)}\t"
+            f"{clean(report.tier)}\t{clean(report.model)}\t{report.operation}\t"
+            f"{clean(report.cache)}\t{report.status}\t{clean(report.replica or '')}\t"
+            f"{prompt}\t{completion}\t{cached}\t{gpu_us}\t{marginal}\t{loaded}\t"
+            f"{'' if saved is None else saved}\t"
+        )
     stream = tag_write(stream_key(prefix))
     stream.xadd_many(stream_key(prefix), stream_maxlen, "".join(lines))
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
-    for (hour_index, tenant, tier, model, cache), sums in groups.items():
+    for (hour_index, raw_tenant, tier, model, cache), sums in groups.items():
         hour = hour_of(hour_index * 3600)
+        tenant = clean(raw_tenant)
         fields = usage.setdefault((hour, tenant), {})
-        for field, amount in zip(_metric_fields(SEP.join((tier, model, cache))), sums, strict=True):
+        dims = SEP.join((clean(tier), clean(model), clean(cache)))
+        for field, amount in zip(_metric_fields(dims), sums, strict=True):
             fields[field] = fields.get(field, 0) + amount
         for window in (f"day:{hour[:8]}", f"month:{hour[:6]}"):
             counts = spend.setdefault((tenant, window), [0, 0, 0])

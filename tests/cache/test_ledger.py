@@ -13,7 +13,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from cache.ledger import GroupBy, LedgerUnavailable, UsageLedger, UsageRow, _Entry, totals
+from cache.ledger import GroupBy, LedgerUnavailable, UsageLedger, UsageRow, totals
+from cache.ledger_write import STREAM_FIELDS
 from cache.redis_client import RedisClient
 from metering.money import from_nanos, to_nanos, usd
 from metering.pricing import Cost
@@ -187,7 +188,9 @@ async def test_each_request_is_in_the_stream(populated: UsageLedger, redis_url: 
         entries = client.xrange(populated.stream_key())
     assert len(entries) == 5
     fields = entries[0][1]
+    assert tuple(fields) == STREAM_FIELDS  # every field, named, in order
     assert fields["tenant"] == "acme"
+    assert (fields["tier"], fields["model"], fields["status"]) == ("small", "m-small", "200")
     assert fields["cost_nanos"] == str(to_nanos(Decimal("0.1")))
     assert fields["saved_nanos"] == ""
     assert float(fields["at"]) == pytest.approx(ts(T0))
@@ -260,8 +263,8 @@ async def test_a_retried_batch_counts_once(make_ledger: MakeLedger, redis_url: s
     assert (await query(ledger, "tenant"))["acme"].cost_usd == 2
 
 
-def _entry(rep: RequestReport) -> _Entry:
-    return _Entry.of(rep, ts(T0))
+def _entry(rep: RequestReport) -> tuple[RequestReport, float]:
+    return rep, ts(T0)
 
 
 async def test_keys_written_together_share_a_cluster_slot(
@@ -269,7 +272,7 @@ async def test_keys_written_together_share_a_cluster_slot(
 ) -> None:
     ledger = await make_ledger(redis_url, start=False)
     batch = [_entry(report(tenant, tier)) for tenant in ("a", "b") for tier in ("x", "y")]
-    batch.append(_Entry.of(report("a"), ts(T0 + timedelta(hours=5))))
+    batch.append((report("a"), ts(T0 + timedelta(hours=5))))
     writes = ledger._build(batch)
     assert len(writes) == 5  # the stream, two hours, two tenants' spend
     for write in writes:
