@@ -55,7 +55,7 @@ from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient, UpstreamReply
 from gateway.upstream_errors import upstream_failure
 from metering.telemetry import INERT, Content, Telemetry
-from metering.usage import TokenUsage
+from metering.usage import TokenUsage, usage_in
 from router.table import Decision, RouteTable, UnknownModel
 
 log = logging.getLogger("tollway.pipeline")
@@ -332,26 +332,33 @@ class Pipeline:
             response.headers.update(report.headers())
             response.headers.update(self.budgets.spend(report))
             return response
-        completion = _json_object(data)
-        if ctx.content is not None:
-            ctx.content = Content(ctx.content.input, completion.get("choices") or ())
-        if completion.get("model") != ctx.decision.model:
-            # vLLM names its first --served-model-name whatever alias was asked for.
-            completion["model"] = ctx.decision.model
-            data = orjson.dumps(completion)
+        traced = ctx.span is not None and ctx.span.open  # a span reads the answer's details
+        usage = None
+        if not (traced or plan.decision.store or ctx.content) and _names(data, ctx.decision.model):
+            usage = usage_in(data)  # relayed unread: only its usage is parsed
+        completion = None
+        if usage is None:
+            completion = _json_object(data)
+            if ctx.content is not None:
+                ctx.content = Content(ctx.content.input, completion.get("choices") or ())
+            if completion.get("model") != ctx.decision.model:
+                # vLLM names its first --served-model-name whatever alias was asked for.
+                completion["model"] = ctx.decision.model
+                data = orjson.dumps(completion)
+            usage = TokenUsage.from_openai(completion.get("usage"))
         report = self.meter.finish(
             ctx,
             replica=reply.replica,
-            usage=TokenUsage.from_openai(completion.get("usage")),
+            usage=usage,
             status=200,
-            finish_reasons=_finish_reasons(completion),
-            response_id=completion.get("id"),
+            finish_reasons=_finish_reasons(completion) if traced and completion else (),
+            response_id=completion.get("id") if traced and completion else None,
         )
         headers.update(self.budgets.spend(report))
         response = Response(data, headers=headers, media_type=JSON)
         response.raw_headers += report.raw_headers()  # tier and model are in ``headers``
-        entry = self.caching.keep(plan, completion, report)
-        if entry is not None:  # Redis after the answer is sent, off the client's clock
+        if completion is not None and (entry := self.caching.keep(plan, completion, report)):
+            # Redis after the answer is sent, off the client's clock
             response.background = BackgroundTask(self.caching.persist, plan, entry)
         return response
 
@@ -471,6 +478,16 @@ def _json_object(data: bytes) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise UpstreamError("The upstream answered 200 with a body that is not a JSON object.")
     return parsed
+
+
+@functools.lru_cache(maxsize=256)  # the tiers' model names
+def _model_key(model: str) -> bytes:
+    return b'"model":' + orjson.dumps(model)
+
+
+def _names(body: bytes, model: str) -> bool:
+    """Whether the completion's first ``"model"`` key is ``model``, as vLLM spells JSON."""
+    return body.find(_model_key(model)) == body.find(b'"model":') >= 0
 
 
 def _finish_reasons(completion: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from metering.money import fmt_nanos, to_nanos
+from metering.money import NANOS_PER_USD, fmt_nanos, to_nanos
 from metering.pricing import Cost
 from metering.usage import TokenUsage
 
@@ -45,6 +45,13 @@ _B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU, _B_COST, _B_LOADED, _B_CACHED, 
 )
 
 
+def _nanos_bytes(nanos: int) -> bytes:
+    """``fmt_nanos(nanos)`` as header bytes, formatted as bytes directly."""
+    if nanos < 0:
+        return fmt_nanos(nanos).encode("latin-1")
+    return b"%d.%09d" % divmod(nanos, NANOS_PER_USD)
+
+
 @dataclass(slots=True)
 class RequestReport:
     request_id: str
@@ -60,8 +67,8 @@ class RequestReport:
     replica: str | None = None
     attempts: int = 0
     status: int = 200
-    finish_reasons: tuple[str, ...] = ()
-    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()  # these two only span attributes read: a
+    response_id: str | None = None  # non-streamed answer fills them only when traced
     error_type: str | None = None
     _gpu_text: str | None = field(default=None, init=False, repr=False, compare=False)
     _saved_nanos: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -108,14 +115,13 @@ class RequestReport:
             (_B_PROMPT, b"%d" % usage.prompt_tokens),
             (_B_COMPLETION, b"%d" % usage.completion_tokens),
             (_B_GPU, self.gpu_seconds_text.encode("latin-1")),
-            (_B_COST, fmt_nanos(cost.marginal_nanos).encode("latin-1")),
-            (_B_LOADED, fmt_nanos(cost.loaded_nanos).encode("latin-1")),
+            (_B_COST, _nanos_bytes(cost.marginal_nanos)),
+            (_B_LOADED, _nanos_bytes(cost.loaded_nanos)),
         ]
         if usage.cached_prompt_tokens:
             out.append((_B_CACHED, b"%d" % usage.cached_prompt_tokens))
-        saved = self.saved_nanos
-        if saved is not None:
-            out.append((_B_SAVED, fmt_nanos(saved).encode("latin-1")))
+        if self.saved is not None:
+            out.append((_B_SAVED, _nanos_bytes(self.saved_nanos or 0)))
         return out
 
     def stream_object(self) -> dict[str, Any]:

@@ -4,12 +4,21 @@ Streams: the gateway asks vLLM for ``include_usage`` and
 ``continuous_usage_stats``, so every chunk carries the cumulative usage so far
 and a stream the client aborts is still billed for what was generated.
 ``StreamUsage`` keeps the latest figures.
+
+Whole responses: ``usage_in`` reads the ``usage`` object out of a response's
+bytes without parsing the rest, for answers the gateway relays unread (not
+stored, not traced): parsing the whole completion, and freeing it, cost more
+than any other step of metering a request (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
+
+_USAGE_KEY = b'"usage":'
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,30 @@ class TokenUsage:
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         return cls(prompt, completion, cached if isinstance(cached, int) else 0)
+
+
+def usage_in(body: bytes) -> TokenUsage | None:
+    """The ``usage`` of a JSON completion, parsed alone; None when it is not found plainly.
+
+    Takes the last ``"usage":`` (inside a JSON string every quote is escaped,
+    so these bytes are a key) and parses from there to the closing brace that
+    balances the braces before it (usage objects hold numbers, null and nested
+    objects, no strings with braces; one that did would fail to parse). None
+    (absent, ``null``, an odd shape) means: parse the whole body instead.
+    """
+    at = body.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
+    start = at + len(_USAGE_KEY)
+    end = body.find(b"}", start)
+    while end >= 0 and body.count(b"{", start, end) > body.count(b"}", start, end) + 1:
+        end = body.find(b"}", end + 1)
+    if end < 0:
+        return None
+    try:
+        return TokenUsage.from_openai(orjson.loads(body[start : end + 1]))
+    except orjson.JSONDecodeError:
+        return None
 
 
 class StreamUsage:

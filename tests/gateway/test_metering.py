@@ -175,3 +175,32 @@ def test_metering_can_be_switched_off(log_dir: Path) -> None:
         gateway.stop()
         for sim in sims:
             sim.stop()
+
+
+def test_an_answer_naming_the_replicas_canonical_model_is_renamed_and_metered(
+    log_dir: Path,
+) -> None:
+    # vLLM answers with its first --served-model-name whatever name was asked for.
+    # The gateway reads only the usage of an answer it relays unread; one that
+    # names another model is parsed, renamed and metered all the same.
+    small = start_sim(log_dir, ["sim-canonical", "sim-small"], *FAST_SIM)
+    large = start_sim(log_dir, ["sim-large"], *FAST_SIM)
+    gateway = start_gateway(log_dir, gateway_config([small.url], [large.url]))
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        for model, sim in (("sim-small", small), ("sim-large", large)):
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=MESSAGES, max_tokens=8
+            )
+            completion = raw.parse()
+            assert completion.model == model
+            assert completion.usage is not None
+            assert int(raw.headers["x-tollway-prompt-tokens"]) == completion.usage.prompt_tokens
+            done = completion.usage.completion_tokens
+            assert int(raw.headers["x-tollway-completion-tokens"]) == done > 0
+            assert Decimal(raw.headers["x-tollway-cost-usd"]) > 0
+            assert sim_stats(sim)["completion_tokens"] == done  # its first request
+    finally:
+        gateway.stop()
+        small.stop()
+        large.stop()
