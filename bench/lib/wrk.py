@@ -5,7 +5,10 @@ answer it) and prints one ``TOLLWAY_BENCH {json}`` line from its ``done()``
 hook with exact microsecond percentiles; with ``Wrk.same_body`` it sends one
 fixed deterministic body instead (every request a cache hit). A run
 with any error (non-2xx, socket error, timeout) raises: a benchmark of errors
-is worthless.
+is worthless. ``Wrk.run`` is one run start to end; ``Wrk.start`` and
+``Wrk.collect`` split it, so several runs can load several targets at once
+(from this one thread: no threads, since children are started with a
+``preexec_fn``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +93,39 @@ class WrkStats:
 
 
 @dataclass(frozen=True)
+class WrkRun:
+    """A running wrk, from ``Wrk.start``: its stdout and stderr are pipes read at the end."""
+
+    url: str
+    argv: list[str]
+    popen: subprocess.Popen[str]
+    deadline: float  # time.monotonic() by which it must have finished
+
+    def wait(self) -> tuple[str, str]:
+        """wrk's (stdout, stderr) once it exits; killed and raised if it outlives the deadline."""
+        try:
+            stdout, stderr = self.popen.communicate(
+                timeout=max(0.0, self.deadline - time.monotonic())
+            )
+        except subprocess.TimeoutExpired as exc:
+            self.stop()
+            raise BenchError(f"wrk did not finish: {shlex.join(self.argv)}") from exc
+        except BaseException:  # Ctrl-C, SIGTERM: leave no wrk behind, as subprocess.run does
+            self.stop()
+            raise
+        return stdout, stderr
+
+    def stop(self) -> None:
+        """Kill it if it still runs (a run abandoned because another one failed); close pipes."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@dataclass(frozen=True)
 class Wrk:
     """``wrk -t1`` pinned to ``cpu``, posting chat completions for ``model``."""
 
@@ -123,38 +160,51 @@ class Wrk:
         logs: Sequence[Proc] = (),
     ) -> WrkStats:
         """One run; raises with wrk's output and the tails of ``logs`` on any error."""
+        return self.collect(self.start(url, key, connections, duration, stream=stream), logs=logs)
+
+    def start(
+        self, url: str, key: str, connections: int, duration: float, *, stream: bool = False
+    ) -> WrkRun:
+        """Start one run and return at once; ``collect`` waits for it and reads its result."""
         argv = self.argv(url, key, connections, duration, stream)
-        try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=duration + 60,
-                check=False,
-                preexec_fn=die_with_parent,  # safe: this process runs no threads
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"wrk did not finish: {shlex.join(argv)}") from exc
-        if done.returncode != 0:
-            raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith(PREFIX)), None)
-        if line is None:
-            raise BenchError(f"no TOLLWAY_BENCH line from wrk's done() hook:\n{done.stdout}")
-        stats: dict[str, Any] = json.loads(line.removeprefix(PREFIX))
-        non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", done.stdout)
-        socket_errors = re.search(r"Socket errors:.*", done.stdout)
-        failed = {k: stats[k] for k in ERROR_KEYS if stats[k]}
-        if non2xx or failed or socket_errors:
-            tails = "".join(f"\n{proc.name} log:\n{proc.log_tail()}" for proc in logs)
-            raise BenchError(
-                f"{url}: errors during the run {failed or ''}"
-                f"{' / ' + non2xx.group(0) if non2xx else ''}"
-                f"{' / ' + socket_errors.group(0) if socket_errors else ''}; "
-                "the numbers would be meaningless.\n"
-                f"wrk output:\n{done.stdout}{tails}"
-            )
-        if stats["sent"] < stats["requests"]:
-            raise BenchError(f"{url}: fewer prompts built than responses counted: {stats}")
-        if stats["requests"] == 0:
-            raise BenchError(f"{url}: wrk completed no requests:\n{done.stdout}")
-        return WrkStats.parse(stats)
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=die_with_parent,  # safe: this process runs no threads
+        )
+        return WrkRun(url, argv, popen, time.monotonic() + duration + 60)
+
+    def collect(self, run: WrkRun, *, logs: Sequence[Proc] = ()) -> WrkStats:
+        """Wait for a started run; raises with wrk's output and the tails of ``logs`` on errors."""
+        stdout, stderr = run.wait()
+        if run.popen.returncode != 0:
+            raise BenchError(f"wrk failed ({run.popen.returncode}):\n{stdout}\n{stderr}")
+        return parse_output(run.url, stdout, logs)
+
+
+def parse_output(url: str, stdout: str, logs: Sequence[Proc]) -> WrkStats:
+    """The stats of a run that exited 0; raises on any error it reports (see the module doc)."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith(PREFIX)), None)
+    if line is None:
+        raise BenchError(f"no TOLLWAY_BENCH line from wrk's done() hook:\n{stdout}")
+    stats: dict[str, Any] = json.loads(line.removeprefix(PREFIX))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", stdout)
+    socket_errors = re.search(r"Socket errors:.*", stdout)
+    failed = {k: stats[k] for k in ERROR_KEYS if stats[k]}
+    if non2xx or failed or socket_errors:
+        tails = "".join(f"\n{proc.name} log:\n{proc.log_tail()}" for proc in logs)
+        raise BenchError(
+            f"{url}: errors during the run {failed or ''}"
+            f"{' / ' + non2xx.group(0) if non2xx else ''}"
+            f"{' / ' + socket_errors.group(0) if socket_errors else ''}; "
+            "the numbers would be meaningless.\n"
+            f"wrk output:\n{stdout}{tails}"
+        )
+    if stats["sent"] < stats["requests"]:
+        raise BenchError(f"{url}: fewer prompts built than responses counted: {stats}")
+    if stats["requests"] == 0:
+        raise BenchError(f"{url}: wrk completed no requests:\n{stdout}")
+    return WrkStats.parse(stats)

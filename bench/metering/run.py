@@ -11,15 +11,18 @@ gateway core:
   Redis URL (unused).
 
 The same 16-connection non-streaming wrk load (unique prompts) goes to each,
-alternating, ``--repeats`` times; the result is the gateway's CPU time per
-request (utime+stime from /proc/PID/stat) and requests/s, medians, and the
-overhead (on - off) / off against the target (<= 10%). Afterwards it checks
+``--repeats`` rounds: in mode ``together`` (the default) both gateways are
+loaded at the same time, each by its own wrk, so host noise hits both alike;
+in mode ``alternate`` one after the other (on-off, off-on, ...). The result is
+the gateway's CPU time per request (utime+stime from /proc/PID/stat) and
+requests/s, medians, and metering's cost, the median of the rounds'
+(on - off) / off, against the target (<= 10%). Afterwards it checks
 that "on" really metered (Prometheus, ledger, spans received) and "off" did
 not. Prints a Markdown table and, unless ``--no-record``, appends it to
 ``bench/RESULTS.md``. See ``bench/metering/README.md``.
 
-    .venv/bin/python bench/metering/run.py [--duration 10] [--repeats 3] [--no-record]
-        [--profile [--profile-side on|off|both] [--profile-native]]
+    .venv/bin/python bench/metering/run.py [--mode together|alternate] [--duration S]
+        [--repeats N] [--no-record] [--profile [--profile-side on|off|both] [--profile-native]]
 
 ``--profile`` adds a py-spy run per profiled side after the timed runs (its
 throughput is not used in the table) and puts each summary in the record.
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 from bench.lib import BenchError
 from bench.lib.cpu import load_average
 from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env, run_benchmark
-from bench.lib.measure import measure
+from bench.lib.measure import Target, load_together, measure, measure_together
 from bench.lib.otlp_sink import Sink, start_sink
 from bench.lib.procs import Procs, run_quiet
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
@@ -59,14 +62,15 @@ from bench.lib.stack import (
 from bench.lib.wrk import Wrk, ensure_wrk
 from bench.metering.checks import check_metered, check_spans
 from bench.metering.summary import (
+    MODES,
     SIDES,
-    TARGET_PCT,
     Run,
     contention_note,
-    overhead_pct,
-    paired_pcts,
+    cost_note,
+    mode_note,
     per_run_lines,
     progress_line,
+    round_line,
     table,
 )
 from metering.span_export import DEFAULT_SAMPLE_RATIO
@@ -74,16 +78,26 @@ from metering.span_export import DEFAULT_SAMPLE_RATIO
 KEYS = {"on": "sk-tollway-bench-metering-on", "off": "sk-tollway-bench-metering-off"}
 TENANTS = {"on": "bench-on", "off": "bench-off"}
 COST_HEADER = "x-tollway-cost-usd"
+DEFAULTS = {"together": (5, 6), "alternate": (3, 10)}  # mode: (--repeats, --duration)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     add_load_arguments(
         parser,
-        repeats=3,
-        repeats_help="runs per side, alternating",
+        repeats=0,  # set by --mode below
+        repeats_help="rounds (a run of each side per round); default by --mode",
         load_help="wrk, simulator, Redis and the collector",
         gateway_help="both gateways",
+    )
+    parser.set_defaults(repeats=None, duration=None)
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="together",
+        help="together: each round loads both gateways at once on the gateway core (default "
+        "5 rounds x 6 s); alternate: one side after the other, on-off, off-on, ... (default "
+        "3 x 10 s per side); --repeats and --duration override either",
     )
     parser.add_argument(
         "--settle",
@@ -114,6 +128,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also keep py-spy's raw collapsed stacks there (pyspy-on.raw, pyspy-off.raw)",
     )
     args = parser.parse_args(argv)
+    repeats, duration = DEFAULTS[args.mode]
+    args.repeats = repeats if args.repeats is None else args.repeats
+    args.duration = duration if args.duration is None else args.duration
     if args.span_sampling is not None and not 0 < args.span_sampling <= 1:
         parser.error("--span-sampling must be in (0, 1]")
     if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.settle < 0:
@@ -174,28 +191,18 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         f"{args.load_cpu}; load average {load_before}",
         flush=True,
     )
-    print(f"warming up ({args.warmup:.0f} s per side) ...", flush=True)
-    for name in SIDES:
-        gw = gateways[name]
-        wrk.run(gw.chat_url, KEYS[name], args.connections, args.warmup, logs=(gw.proc, sim.proc))
+    warm_up(args, wrk, gateways, sim)
     print(
-        f"measuring: {args.repeats} x {args.duration:.0f} s per side (+ {args.settle:g} s "
-        f"settle), {args.connections} connections",
+        f"measuring ({args.mode}): {args.repeats} rounds x {args.duration:.0f} s "
+        f"(+ {args.settle:g} s settle), {args.connections} connections per gateway",
         flush=True,
     )
     runs: list[Run] = []
     for repeat in range(args.repeats):
-        order = SIDES if repeat % 2 == 0 else SIDES[::-1]  # on off, off on, ...: cancels drift
-        for name in order:
-            sample = measure(
-                wrk, gateways[name].chat_url, KEYS[name], args.connections, args.duration,
-                gateway=gateways[name].proc, upstream=sim.proc,
-                cores=(args.gateway_cpu, args.load_cpu), settle_s=args.settle,
-            )  # fmt: skip
-            runs.append(Run(name, repeat, sample))
-            print(
-                progress_line(runs[-1], args.repeats, args.gateway_cpu, args.load_cpu), flush=True
-            )
+        runs += measure_round(args, wrk, gateways, sim, repeat)
+        for run in runs[-len(SIDES) :]:
+            print(progress_line(run, args.repeats, args.gateway_cpu, args.load_cpu), flush=True)
+        print(round_line(runs, repeat), flush=True)
     profile_text = profile(args, procs, tmp, wrk, gateways, sim) if args.profile else None
     metered = check_metered(
         gateways["on"], gateways["off"], KEYS["on"], (TENANTS["on"], TENANTS["off"]), started
@@ -203,36 +210,21 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     procs.stop(gateways["on"].proc)  # a graceful stop flushes the last spans
     spans = sink.stats()
     check_spans(spans)
-    load_after = load_average()
-    result = table(runs, args.gateway_cpu)
-    paired = ", ".join(f"{p:+.1f}%" for p in paired_pcts(runs))
-    cost = overhead_pct(runs, args.gateway_cpu)
     notes = [
-        f"load average (1/5/15 min): {load_before} before, {load_after} after",
-        f"medians of {args.repeats} runs of {args.duration} s per side, alternating; "
-        f"{args.connections} connections, non-streaming, unique prompts, max_tokens "
-        f"{args.max_tokens}; upstream = `tollway sim --zero-delay`; each run's CPU window "
-        f"stays open {args.settle:g} s after wrk stops (span batches, ledger writes)",
-        "span sampling of the on gateway: "
-        + (
-            f"{args.span_sampling:g} (OTEL_TRACES_SAMPLER=parentbased_traceidratio)"
-            if args.span_sampling is not None
-            else f"the gateway's default, parentbased_traceidratio {DEFAULT_SAMPLE_RATIO:g}"
-        ),
-        f"metering's cost in gateway CPU per request: {cost:+.1f}% (target <= +{TARGET_PCT:.0f}%:"
-        f" {'met' if cost <= TARGET_PCT else 'NOT met'}); per repeat: {paired}",
+        f"load average (1/5/15 min): {load_before} before, {load_average()} after",
+        *run_notes(args, runs),
         f"the on gateway metered: Prometheus counted {metered.prometheus_requests:,} requests, "
         f"the ledger {metered.ledger_requests:,} (tenant {TENANTS['on']}), the collector "
         f"received {spans['spans']:,} spans in {spans['exports']:,} exports "
         f"({spans['spans'] / metered.prometheus_requests:.1f} per request); the off gateway: "
         "none of these",
-        contention_note(runs, args.gateway_cpu),
+        contention_note(runs, args.gateway_cpu, args.mode),
     ]
     failure = metered.failure_note()
     if failure:
         notes.append(failure)
     publish(
-        result=result,
+        result=table(runs, args.gateway_cpu),
         notes=notes,
         head=section_head("metering (on vs off)", started, command, [redis_version()]),
         pinning=f"both gateways on cpu {args.gateway_cpu}; wrk, simulator, Redis and the OTLP "
@@ -241,6 +233,60 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         profile_text=profile_text,
         no_record=args.no_record,
     )
+
+
+def warm_up(args: argparse.Namespace, wrk: Wrk, gateways: dict[str, Server], sim: Server) -> None:
+    """Each side's code paths warm, under the load the timed rounds will put on them."""
+    if args.mode == "together":
+        print(f"warming up ({args.warmup:.0f} s, both gateways at once) ...", flush=True)
+        targets = [Target(gateways[n].chat_url, KEYS[n], gateways[n].proc) for n in SIDES]
+        load_together(wrk, targets, args.connections, args.warmup, upstream=sim.proc)
+        return
+    print(f"warming up ({args.warmup:.0f} s per side) ...", flush=True)
+    for name in SIDES:
+        gw = gateways[name]
+        wrk.run(gw.chat_url, KEYS[name], args.connections, args.warmup, logs=(gw.proc, sim.proc))
+
+
+def measure_round(
+    args: argparse.Namespace, wrk: Wrk, gateways: dict[str, Server], sim: Server, repeat: int
+) -> list[Run]:
+    """One round: both sides at once (together) or one after the other (alternate)."""
+    order = SIDES if repeat % 2 == 0 else SIDES[::-1]  # on off, off on, ...: cancels drift
+    cores = (args.gateway_cpu, args.load_cpu)
+    if args.mode == "together":  # the order only decides which wrk starts a moment first
+        targets = [Target(gateways[n].chat_url, KEYS[n], gateways[n].proc) for n in order]
+        samples = measure_together(
+            wrk, targets, args.connections, args.duration,
+            upstream=sim.proc, cores=cores, settle_s=args.settle,
+        )  # fmt: skip
+        return [Run(name, repeat, sample) for name, sample in zip(order, samples, strict=True)]
+    runs = []
+    for name in order:
+        sample = measure(
+            wrk, gateways[name].chat_url, KEYS[name], args.connections, args.duration,
+            gateway=gateways[name].proc, upstream=sim.proc, cores=cores, settle_s=args.settle,
+        )  # fmt: skip
+        runs.append(Run(name, repeat, sample))
+    return runs
+
+
+def run_notes(args: argparse.Namespace, runs: list[Run]) -> list[str]:
+    """How the rounds ran, with what sampling, and the headline with its spread."""
+    sampling = (
+        f"{args.span_sampling:g} (OTEL_TRACES_SAMPLER=parentbased_traceidratio)"
+        if args.span_sampling is not None
+        else f"the gateway's default, parentbased_traceidratio {DEFAULT_SAMPLE_RATIO:g}"
+    )
+    return [
+        mode_note(args.mode, args.gateway_cpu),
+        f"{args.repeats} rounds of {args.duration} s per side; {args.connections} connections "
+        f"per gateway, non-streaming, unique prompts, max_tokens {args.max_tokens}; upstream = "
+        f"`tollway sim --zero-delay`; each round's CPU window stays open {args.settle:g} s after "
+        "wrk stops (span batches, ledger writes); the on/off rows are medians per side",
+        f"span sampling of the on gateway: {sampling}",
+        cost_note(runs, args.gateway_cpu),
+    ]
 
 
 def profile(
