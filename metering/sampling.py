@@ -33,7 +33,6 @@ from random import getrandbits
 from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
@@ -48,6 +47,8 @@ from opentelemetry.sdk.trace.sampling import (
     _ParentBasedAlwaysOn,
 )
 from opentelemetry.trace import SpanKind
+
+from metering.lite_span import LiteTracer
 
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT  # what a ratio sampler compares with its bound
 # The SDK's own classes, as ``OTEL_TRACES_SAMPLER`` builds them: these only set up
@@ -101,7 +102,7 @@ class RootSampler:
     thread. Use: ``presample()`` first; if it returns None, ``start()`` at once.
     """
 
-    def __init__(self, tracer: SdkTracer):
+    def __init__(self, tracer: LiteTracer):
         self._tracer = tracer
         ids = tracer.id_generator
         self._ids = ids if isinstance(ids, HandOffIds) else HandOffIds(ids)

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from metering.genai import PROVIDER as PROVIDER
@@ -53,6 +53,7 @@ from metering.genai import content_attributes as content_attributes
 from metering.genai import error_type as error_type
 from metering.genai import report_attributes as report_attributes
 from metering.genai import request_attributes as request_attributes
+from metering.lite_span import LiteTracer
 from metering.report import RequestReport
 from metering.sampling import RootSampler, Unsampled
 from metering.span_export import build_provider
@@ -388,10 +389,14 @@ class Telemetry:
     ):
         self._provider = tracer_provider
         self._owns = owns_provider
-        self._tracer = tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None
-        # Roots are sampled before any SDK object exists, when the tracer is the SDK's.
-        tracer = self._tracer
-        self._roots = RootSampler(tracer) if isinstance(tracer, SdkTracer) else None
+        tracer = tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None
+        # The SDK's tracer makes light spans (metering.lite_span), and its roots are
+        # sampled before any span object exists (metering.sampling).
+        self._tracer: LiteTracer | Tracer | None = (
+            LiteTracer(tracer) if isinstance(tracer, SdkTracer) else tracer
+        )
+        lite = self._tracer
+        self._roots = RootSampler(lite) if isinstance(lite, LiteTracer) else None
         self._failed = _Failures(on_failure)
         self._clock = clock
         self._inert = RequestSpan(self, None, "")

@@ -1,0 +1,115 @@
+"""Light spans: what the SDK's processors receive is what the SDK's own spans would give them."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from metering.lite_span import LiteSpan, LiteTracer
+
+
+def both(
+    sampler: Sampler = ALWAYS_ON, limits: SpanLimits | None = None
+) -> tuple[LiteTracer, trace.Tracer, InMemorySpanExporter]:
+    """A light tracer and the SDK's own, on one provider and one exporter."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        sampler=sampler,
+        resource=Resource.create({"service.name": "lite-test"}),
+        span_limits=limits,
+        shutdown_on_exit=False,
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sdk = provider.get_tracer("lite-test-scope", "1.0")
+    assert not isinstance(sdk, LiteTracer)
+    return LiteTracer(sdk), sdk, exporter  # type: ignore[arg-type]
+
+
+def life(tracer: LiteTracer | trace.Tracer) -> None:
+    root = tracer.start_span("root", None, SpanKind.CLIENT, {"a": 1, "tags": ["x", "y"]})
+    child = tracer.start_span("child", trace.set_span_in_context(root), SpanKind.INTERNAL)
+    child.set_attribute("b", "two")
+    child.set_status(Status(StatusCode.ERROR, "broke"))
+    child.end()
+    root.set_attributes({"c": 3.5})
+    root.end()
+
+
+def test_the_exported_spans_match_the_sdks_own() -> None:
+    lite, sdk, exporter = both()
+    life(lite)
+    life(sdk)
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["child", "root", "child", "root"]
+    mine, theirs = spans[:2], spans[2:]
+    for a, b in zip(mine, theirs, strict=True):
+        assert dict(a.attributes or {}) == dict(b.attributes or {})
+        assert (a.kind, a.status.status_code, a.status.description) == (
+            b.kind,
+            b.status.status_code,
+            b.status.description,
+        )
+        assert a.resource == b.resource
+        assert a.instrumentation_scope == b.instrumentation_scope
+        assert a.context.trace_flags == b.context.trace_flags
+        assert a.start_time is not None
+        assert a.end_time is not None
+        assert a.end_time >= a.start_time
+    child, root = mine
+    assert child.parent is not None
+    assert child.parent.span_id == root.context.span_id
+    assert child.context.trace_id == root.context.trace_id
+    assert root.parent is None
+
+
+def test_limits_apply_once_at_the_end() -> None:
+    lite, _, exporter = both(limits=SpanLimits(max_span_attribute_length=4))
+    span = lite.start_span("s", None, SpanKind.INTERNAL, None)
+    span.set_attribute("long", "abcdefgh")
+    span.end()
+    (done,) = exporter.get_finished_spans()
+    assert (done.attributes or {})["long"] == "abcd"
+
+
+def test_an_ended_span_changes_no_more_and_is_exported_once() -> None:
+    lite, _, exporter = both()
+    span = lite.start_span("s", None, SpanKind.INTERNAL, None)
+    assert isinstance(span, LiteSpan)
+    span.set_status(StatusCode.OK)
+    span.set_status(Status(StatusCode.ERROR))  # OK sticks, as in the SDK
+    span.set_status(StatusCode.UNSET)
+    span.end()
+    span.set_attribute("late", 1)
+    span.end()
+    assert not span.is_recording()
+    (done,) = exporter.get_finished_spans()
+    assert done.status.status_code is StatusCode.OK
+    assert "late" not in (done.attributes or {})
+
+
+def test_an_exception_leaving_the_span_is_recorded() -> None:
+    lite, _, exporter = both()
+    with pytest.raises(ValueError, match="bad"), lite.start_span("s", None, SpanKind.INTERNAL):
+        raise ValueError("bad")
+    (done,) = exporter.get_finished_spans()
+    assert done.status.status_code is StatusCode.ERROR
+    (event,) = done.events
+    assert event.name == "exception"
+    assert (event.attributes or {})["exception.type"] == "ValueError"
+
+
+def test_a_dropped_span_is_not_recorded_yet_carries_ids() -> None:
+    lite, _, exporter = both(sampler=ALWAYS_OFF)
+    span = lite.start_span("s", None, SpanKind.INTERNAL, None)
+    assert not isinstance(span, LiteSpan)
+    assert not span.is_recording()
+    assert span.get_span_context().is_valid
+    assert not span.get_span_context().trace_flags.sampled
+    span.end()
+    assert exporter.get_finished_spans() == ()
