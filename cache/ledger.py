@@ -213,11 +213,12 @@ class UsageLedger:
         """Write, retry once after the client's backoff, else count the batch lost."""
         bad: list[RequestReport] = []
         writes = self._build(taken, bad.append)
-        for report in bad:
-            log.error("cannot record request %s in the ledger: %r", report.request_id, report)
-        self._lose(len(bad))
-        if len(bad) == len(taken):
-            return
+        if bad:
+            for report in bad:
+                log.error("cannot record request %s in the ledger: %r", report.request_id, report)
+            self._lose(len(bad))
+            if len(bad) == len(taken):
+                return
         seq = next(self._seq)
         for attempt in range(2):
             if attempt:

@@ -15,7 +15,10 @@ the difference.
 
 What is left out: processors' ``on_start`` (called with the SDK's live span;
 the batch and simple processors do nothing there), the SDK's tracer
-configurator (``_is_enabled``) and its experimental self-metrics.
+configurator (``_is_enabled``) and its experimental self-metrics. Two of the
+tracer's fields are private (``_span_limits``, ``_instrumentation_scope``):
+if an SDK release renames them, ending a span fails, which the caller counts
+as a telemetry failure, and tests/metering/test_lite_span.py fails.
 """
 
 from __future__ import annotations
