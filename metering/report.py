@@ -54,6 +54,8 @@ def _nanos_bytes(nanos: int) -> bytes:
 
 @dataclass(slots=True)
 class RequestReport:
+    # gateway/meter.py builds this positionally (one call per request): keep the order.
+
     request_id: str
     tenant: str
     tier: str
