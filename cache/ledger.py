@@ -131,11 +131,7 @@ class UsageLedger:
 
         The report is read later, by the writer: it must not change after this.
         """
-        if self._closed or len(self._queue) >= self.max_queue:
-            self._lose(1)
-            return
-        self._queue.append((report, at))
-        self._wake.set()
+        self.record_many(((report, at),))
 
     def record_many(self, items: Sequence[tuple[RequestReport, float]]) -> None:
         """``record`` for a batch of (report, Unix time) pairs: one wake-up for them all."""

@@ -137,13 +137,7 @@ STREAM_FIELDS = (
     "cache",
     "status",
     "replica",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "gpu_us",
-    "cost_nanos",
-    "cost_loaded_nanos",
-    "saved_nanos",
+    *METRICS[1:],  # the request's own figures, as the hashes sum them
 )
 
 

@@ -54,18 +54,12 @@ def measure(
     stream: bool = False,
     settle_s: float = 0.0,
 ) -> Sample:
-    cores_before = cpu_times(cores)
-    gw_before = cpu_seconds(gateway.pid)
-    up_before = cpu_seconds(upstream.pid)
-    stats = wrk.run(url, key, connections, duration, stream=stream, logs=(gateway, upstream))
-    gw_run_cpu = cpu_seconds(gateway.pid) - gw_before
-    cores_after = cpu_times(cores)
-    if settle_s > 0:
-        time.sleep(settle_s)
-    gw_cpu = cpu_seconds(gateway.pid) - gw_before
-    up_cpu = cpu_seconds(upstream.pid) - up_before
-    busy = {c: busy_fraction(cores_before[c], cores_after[c]) for c in cores}
-    return Sample(stats, gw_cpu, gw_run_cpu, up_cpu, busy)
+    """One gateway under one wrk: ``measure_together`` with a single target."""
+    (sample,) = measure_together(
+        wrk, [Target(url, key, gateway)], connections, duration,
+        upstream=upstream, cores=cores, stream=stream, settle_s=settle_s,
+    )  # fmt: skip
+    return sample
 
 
 @dataclass(frozen=True)
