@@ -98,7 +98,7 @@ class UsageLedger:
         self.writer_id = uuid.uuid4().hex[:16]
         self.lost = 0
         self.written = 0
-        self._queue: deque[tuple[RequestReport, float]] = deque()
+        self._queue: deque[RequestReport] = deque()
         self._wake = asyncio.Event()
         self._seq = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -126,15 +126,15 @@ class UsageLedger:
     def queued(self) -> int:
         return len(self._queue)
 
-    def record(self, report: RequestReport, at: float) -> None:
-        """Queue one finished request (``at``: Unix time). Never blocks, never raises.
+    def record(self, report: RequestReport) -> None:
+        """Queue one finished request (dated by its ``finished_at``). Never blocks, never raises.
 
         The report is read later, by the writer: it must not change after this.
         """
-        self.record_many(((report, at),))
+        self.record_many((report,))
 
-    def record_many(self, items: Sequence[tuple[RequestReport, float]]) -> None:
-        """``record`` for a batch of (report, Unix time) pairs: one wake-up for them all."""
+    def record_many(self, items: Sequence[RequestReport]) -> None:
+        """``record`` for a batch of reports: one wake-up for them all."""
         room = 0 if self._closed else max(self.max_queue - len(self._queue), 0)
         kept = items if len(items) <= room else items[:room]
         if len(kept) < len(items):
@@ -205,7 +205,7 @@ class UsageLedger:
             finally:
                 self._busy = False
 
-    async def _write_batch(self, taken: list[tuple[RequestReport, float]]) -> None:
+    async def _write_batch(self, taken: list[RequestReport]) -> None:
         """Write, retry once after the client's backoff, else count the batch lost."""
         bad: list[RequestReport] = []
         writes = self._build(taken, bad.append)
@@ -238,7 +238,7 @@ class UsageLedger:
 
     def _build(
         self,
-        batch: list[tuple[RequestReport, float]],
+        batch: list[RequestReport],
         on_bad: Callable[[RequestReport], None] = lambda report: None,
     ) -> list[_TagWrite]:
         """The batch as integer sums per hash tag: one HINCRBY per distinct field."""

@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
+from itertools import groupby, repeat
+from operator import attrgetter, floordiv, itemgetter
 
 from metering.report import RequestReport
 
@@ -139,11 +141,25 @@ STREAM_FIELDS = (
     "replica",
     *METRICS[1:],  # the request's own figures, as the hashes sum them
 )
-
-
-def _micros(text: str) -> int:
-    """The integer microseconds a six-decimal ``f"{seconds:.6f}"`` spells, exactly."""
-    return int(text.replace(".", ""))
+# The same fields read off a report, and their spelling: one C-level ``%`` per request.
+_ENTRY = attrgetter(
+    "finished_at", "request_id", "tenant", "tier", "model", "operation", "cache", "status",
+    "replica", "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
+    "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
+)  # fmt: skip
+_LINE = "%.6f\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
+# What the hashes sum per group, in METRICS order after "requests".
+_FIGURES = tuple(
+    attrgetter(name)
+    for name in (
+        "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
+        "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
+    )
+)  # fmt: skip
+_AT = attrgetter("finished_at")
+_GROUP = attrgetter("tenant", "tier", "model", "cache")
+_KEY = itemgetter(0)
+_REPORT = itemgetter(1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -194,7 +210,7 @@ class _TagWrite:
 
 
 def build_writes(
-    batch: Sequence[tuple[RequestReport, float]],
+    batch: Sequence[RequestReport],
     *,
     prefix: str,
     ttl: int,
@@ -203,11 +219,19 @@ def build_writes(
 ) -> list[_TagWrite]:
     """The batch as integer sums per hash tag: one HINCRBY per distinct field.
 
-    Requests are first summed per (hour, tenant, tier, model, cache), so the
-    work per request is one tuple key, eight additions and its stream values
-    as one f-string; names are cleaned once per group. A report whose figures
-    cannot be written (a NaN) goes to ``on_bad`` and is left out.
+    The work per request runs in C: each stream entry is one ``%`` of the
+    report's fields, and the reports are grouped by (hour, tenant, tier, model,
+    cache) with a sort, each group's figures summed by ``map``s. A batch that
+    does not spell cleanly that way (a tab in a request id, a figure that is not
+    a number) takes ``_entries_one_by_one``, which leaves out and reports
+    (``on_bad``) what cannot be written.
     """
+    try:
+        values = "".join(map(_LINE.__mod__, map(_ENTRY, batch)))
+    except (ValueError, TypeError, AttributeError):
+        values = None
+    if values is None or values.count(SEP) != len(batch) * len(STREAM_FIELDS):
+        values, batch = _entries_one_by_one(batch, on_bad)
     by_tag: dict[str, _TagWrite] = {}
 
     def tag_write(tag: str) -> _TagWrite:
@@ -216,46 +240,17 @@ def build_writes(
             write = by_tag[tag] = _TagWrite(tag)
         return write
 
-    groups: dict[tuple[int, str, str, str, str], list[int]] = {}
-    lines: list[str] = []
-    for report, at in batch:
-        tokens, cost = report.usage, report.cost
-        try:
-            # The header prints six decimals; sum exactly what it printed.
-            gpu_us = _micros(report.gpu_seconds_text)
-            key = (int(at // 3600), report.tenant, report.tier, report.model, report.cache)
-            prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
-            cached, saved = tokens.cached_prompt_tokens, report.saved_nanos
-            marginal, loaded = cost.marginal_nanos, cost.loaded_nanos
-        except (ArithmeticError, ValueError, TypeError, AttributeError):
-            on_bad(report)
-            continue
-        sums = groups.get(key)
-        if sums is None:
-            sums = groups[key] = [0] * len(METRICS)
-        # METRICS order, unrolled: this loop runs once per request.
-        sums[0] += 1
-        sums[1] += prompt
-        sums[2] += completion
-        sums[3] += cached
-        sums[4] += gpu_us
-        sums[5] += marginal
-        sums[6] += loaded
-        sums[7] += saved or 0
-        # STREAM_FIELDS order.
-        lines.append(
-            f"{at:.6f}\t{report.request_id.replace(SEP, ' ')}\t{clean(report.tenant)}\t"
-            f"{clean(report.tier)}\t{clean(report.model)}\t{report.operation}\t"
-            f"{clean(report.cache)}\t{report.status}\t{clean(report.replica or '')}\t"
-            f"{prompt}\t{completion}\t{cached}\t{gpu_us}\t{marginal}\t{loaded}\t"
-            f"{'' if saved is None else saved}\t"
-        )
     stream = tag_write(stream_key(prefix))
-    stream.xadd_many(stream_key(prefix), stream_maxlen, "".join(lines))
+    stream.xadd_many(stream_key(prefix), stream_maxlen, values)
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
-    for (hour_index, raw_tenant, tier, model, cache), sums in groups.items():
-        hour = hour_of(hour_index * 3600)
+    keys = zip(map(floordiv, map(_AT, batch), repeat(3600)), map(_GROUP, batch), strict=True)
+    for (hour_index, (raw_tenant, tier, model, cache)), group in groupby(
+        sorted(zip(keys, batch, strict=True), key=_KEY), key=_KEY
+    ):
+        rows = list(map(_REPORT, group))
+        sums = [len(rows), *(sum(map(figure, rows)) for figure in _FIGURES)]
+        hour = hour_of(int(hour_index) * 3600)
         tenant = clean(raw_tenant)
         fields = usage.setdefault((hour, tenant), {})
         dims = SEP.join((clean(tier), clean(model), clean(cache)))
@@ -278,3 +273,23 @@ def build_writes(
         for metric, amount in zip(SPEND_METRICS, counts, strict=True):
             write.hincrby(f"{tag}:{window}", ttl, metric, amount)
     return list(by_tag.values())
+
+
+def _entries_one_by_one(
+    batch: Sequence[RequestReport], on_bad: Callable[[RequestReport], None]
+) -> tuple[str, list[RequestReport]]:
+    """The stream values entry by entry: tabs in text become spaces; what fails is left out."""
+    lines: list[str] = []
+    kept: list[RequestReport] = []
+    for report in batch:
+        try:
+            fields = _ENTRY(report)
+            line = _LINE % tuple(f.replace(SEP, " ") if isinstance(f, str) else f for f in fields)
+            hour = int(report.finished_at // 3600)
+            sum(f(report) for f in _FIGURES) + hour  # every figure a number
+        except (ArithmeticError, ValueError, TypeError, AttributeError):
+            on_bad(report)
+            continue
+        lines.append(line)
+        kept.append(report)
+    return "".join(lines), kept

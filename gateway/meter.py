@@ -25,11 +25,11 @@ from gateway.pool import ReplicaState
 from gateway.recorder import Recorder
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.money import ratio
+from metering.money import ratio, to_nanos
 from metering.pricing import Cost, GpuTariff, TokenPrices, price_tokens
-from metering.report import RequestReport
+from metering.report import FREE, RequestReport
 from metering.telemetry import Content, RequestSpan
-from metering.usage import TokenUsage
+from metering.usage import NO_USAGE, TokenUsage
 from router.table import Decision
 
 log = logging.getLogger("tollway.meter")
@@ -55,7 +55,6 @@ class RequestContext:
 
 ReportSink = Callable[[RequestReport, RequestContext], None]
 
-FREE = frozenset({"hit", "coalesced", "replay"})  # served without running the model
 _OPERATION = {endpoint: endpoint.operation for endpoint in Endpoint}  # a dict, not a property
 
 
@@ -65,6 +64,7 @@ class Meter:
         settings: Settings,
         sinks: Sequence[ReportSink] = (),
         recorder: Recorder | None = None,
+        on_span: ReportSink | None = None,
     ):
         self.enabled = settings.metering.enabled
         self.overhead = ratio(Decimal(str(settings.metering.overhead_factor)))
@@ -76,7 +76,8 @@ class Meter:
             for tier in settings.tiers
             if tier.prices is not None
         }
-        self.sinks = list(sinks) if self.enabled else []  # called at once (span, burn rate)
+        self.sinks = list(sinks) if self.enabled else []  # called at once (the burn rate)
+        self.on_span = on_span if self.enabled else None  # only for a request with a span
         self.recorder = recorder if self.enabled else None  # counts it later, in a batch
         self._tariffs: dict[str, GpuTariff] = {}  # by replica URL
 
@@ -98,24 +99,28 @@ class Meter:
         nothing (``saved`` says what they would have cost); retries and
         attempts that failed are in ``ctx.bill``.
         """
-        usage = usage or TokenUsage()
+        if usage is None:
+            usage = NO_USAGE
         now = time.monotonic()
         decision = ctx.decision
         tier = decision.tier
-        if ctx.cache in FREE:
-            cost = Cost.free()
+        bill = ctx.bill
+        gpu_us = round(bill.gpu_seconds * 1_000_000)  # what the header prints, and is priced
+        cache = ctx.cache
+        if cache in FREE:
+            cost = Cost.FREE
         elif (prices := self.token_prices.get(tier)) is not None:
             cost = price_tokens(usage.prompt_tokens, usage.completion_tokens, prices, self.overhead)
         elif replica is None:
-            cost = Cost.free()  # nothing ran: no replica was reached
+            cost = Cost.FREE  # nothing ran: no replica was reached
         else:
             meter = replica.meter
             tariff = self._tariffs.get(replica.url)
             if tariff is None:
                 tariff = self._tariffs[replica.url] = GpuTariff(meter.hourly, self.overhead)
-            cost = tariff.price(ctx.bill.gpu_seconds, meter.idle_per_busy(now))
-        bill = ctx.bill
-        # Positional, in field order: a keyword call of sixteen arguments cost
+            cost = tariff.price(gpu_us, meter.idle_per_busy(now))
+        first = ctx.first_token_at
+        # Positional, in field order: a keyword call of nineteen arguments cost
         # three times as much, once per request.
         report = RequestReport(
             ctx.request_id,
@@ -124,24 +129,32 @@ class Meter:
             decision.model,
             _OPERATION[ctx.endpoint],
             usage,
-            bill.gpu_seconds,
+            gpu_us,
             cost,
-            ctx.cache,
-            saved,
-            replica.url if replica else None,
+            cache,
+            0 if saved is None else to_nanos(saved),
+            replica.url if replica else "",
             bill.attempts,
             status,
+            time.time(),
+            now - ctx.started,
+            None if first is None else first - ctx.started,
             tuple(finish_reasons) if finish_reasons else (),
             response_id,
             error_type,
         )
+        span = ctx.span
+        if span is not None and span.traced and self.on_span is not None:
+            self._call(self.on_span, report, ctx)  # a sampled request's span
         for sink in self.sinks:
-            try:
-                sink(report, ctx)
-            except Exception:  # a metering sink must never fail a request
-                log.exception("metering sink %r failed", sink)
+            self._call(sink, report, ctx)
         if self.recorder is not None:
-            first = ctx.first_token_at
-            ttft = None if first is None else first - ctx.started
-            self.recorder.add((report, now - ctx.started, ttft, time.time(), decision))
+            self.recorder.add(report)
         return report
+
+    @staticmethod
+    def _call(sink: ReportSink, report: RequestReport, ctx: RequestContext) -> None:
+        try:
+            sink(report, ctx)
+        except Exception:  # a metering sink must never fail a request
+            log.exception("metering sink %r failed", sink)

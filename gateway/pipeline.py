@@ -78,8 +78,10 @@ class Pipeline:
         idempotency: IdempotencyLayer | None,
         burn: BurnShift,
         max_body_bytes: int,
+        count_route: Callable[[str, float | None], None] | None = None,
     ):
         self.burn = burn
+        self.count_route = count_route  # routed-alias decisions, by tier and score
         self.caching = caching
         self.idempotency = idempotency
         self.telemetry = telemetry
@@ -332,7 +334,7 @@ class Pipeline:
             response.headers.update(report.headers())
             response.headers.update(self.budgets.spend(report))
             return response
-        traced = ctx.span is not None and ctx.span.open  # a span reads the answer's details
+        traced = ctx.span is not None and ctx.span.traced  # a span reads the answer's details
         usage = None
         if not (traced or plan.decision.store or ctx.content) and _names(data, ctx.decision.model):
             usage = usage_in(data)  # relayed unread: only its usage is parsed
@@ -417,12 +419,15 @@ class Pipeline:
         base = self.routes.cut_points
         cuts, shift = (None, 0.0) if base is None else self.burn.cut_points(tenant, base)
         try:
-            return self.routes.resolve(model, body, cuts), shift
+            decision = self.routes.resolve(model, body, cuts)
         except UnknownModel:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it.",
                 param="model",
             ) from None
+        if decision.routed and self.count_route is not None:
+            self.count_route(decision.tier, decision.score)
+        return decision, shift
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes

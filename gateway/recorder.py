@@ -3,7 +3,7 @@
 A request must be priced before it is answered (its headers carry the
 price), but counting it can wait a moment: the Prometheus cells and the
 usage ledger's queue. ``Recorder.add``
-is all the request path pays: one tuple appended to a list. A background
+is all the request path pays: one report appended to a list. A background
 task hands what has gathered to every consumer every ``linger_s`` (0.1 s),
 one loop per consumer over the whole batch.
 
@@ -25,26 +25,22 @@ import logging
 from collections.abc import Callable, Sequence
 
 from metering.report import RequestReport
-from router.table import Decision
 
 log = logging.getLogger("tollway.recorder")
 
-# One finished request: its report, arrival-to-last-byte seconds, arrival-to-first-token
-# seconds (None without a first token), Unix time it finished, and its routing decision.
-Finished = tuple[RequestReport, float, float | None, float, Decision]
-Consumer = Callable[[Sequence[Finished]], None]
+Consumer = Callable[[Sequence[RequestReport]], None]
 
 
 class Recorder:
     def __init__(self, consumers: Sequence[Consumer], *, linger_s: float = 0.1):
         self.consumers = list(consumers)
         self.linger_s = linger_s
-        self._pending: list[Finished] = []
+        self._pending: list[RequestReport] = []
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, finished: Finished) -> None:
-        """Queue one finished request; never blocks, never raises."""
-        self._pending.append(finished)
+    def add(self, report: RequestReport) -> None:
+        """Queue one finished request's report; never blocks, never raises."""
+        self._pending.append(report)
 
     def drain(self) -> None:
         """Hand everything queued to every consumer now; a failing consumer loses only its part."""

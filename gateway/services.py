@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,7 +24,7 @@ from gateway.idempotent import IdempotencyLayer
 from gateway.meter import Meter, ReportSink, RequestContext
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
-from gateway.recorder import Consumer, Finished, Recorder
+from gateway.recorder import Recorder
 from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
@@ -105,11 +104,11 @@ class Services:
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
         burn = BurnShift(settings.routing, metrics)
-        recorder = Recorder([prometheus_consumer(metrics), ledger_consumer(ledger)])
-        sinks: list[ReportSink] = [telemetry_sink]
+        recorder = Recorder([metrics.observe_requests, ledger.record_many])
+        sinks: list[ReportSink] = []
         if burn.active:  # fixed by the configuration: no call per request when it is off
             sinks.append(burn_sink(burn))  # at once: the next request's route reads it
-        meter = Meter(settings, sinks, recorder)
+        meter = Meter(settings, sinks, recorder, on_span=telemetry_sink)
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
@@ -124,6 +123,7 @@ class Services:
             idempotency=None,
             burn=burn,
             max_body_bytes=settings.limits.max_body_bytes,
+            count_route=metrics.observe_route,
         )
         pipeline.idempotency = IdempotencyLayer(idempotency_store, settings.idempotency, meter)
         return cls(
@@ -133,8 +133,10 @@ class Services:
 
     def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
         """A request answered with an error before it reached any replica (401, 400, 404...)."""
-        report = RequestReport(request_id, "none", "none", "none", "none", status=status)
-        self.metrics.observe_request(report, duration_s=duration_s, ttft_s=None)
+        report = RequestReport(
+            request_id, "none", "none", "none", "none", status=status, duration_s=duration_s
+        )
+        self.metrics.observe_requests([report])
 
     async def start(self) -> None:
         await self.redis.start()
@@ -159,29 +161,11 @@ class Services:
         self.telemetry.shutdown()
 
 
-def prometheus_consumer(metrics: GatewayMetrics) -> Consumer:
-    def consume(batch: Sequence[Finished]) -> None:
-        observe, observe_route = metrics.observe_request, metrics.observe_route
-        for report, duration_s, ttft_s, _, decision in batch:
-            observe(report, duration_s=duration_s, ttft_s=ttft_s)
-            if decision.routed:
-                observe_route(decision.tier, decision.score)
-
-    return consume
-
-
 def burn_sink(burn: BurnShift) -> ReportSink:
     def sink(report: RequestReport, ctx: RequestContext) -> None:
         burn.record(report)
 
     return sink
-
-
-def ledger_consumer(ledger: UsageLedger) -> Consumer:
-    def consume(batch: Sequence[Finished]) -> None:
-        ledger.record_many([(finished[0], finished[3]) for finished in batch])
-
-    return consume
 
 
 @functools.lru_cache(maxsize=1024)

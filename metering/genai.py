@@ -106,9 +106,8 @@ def report_attributes(report: RequestReport, response_model: str | None = None) 
         out["gen_ai.usage.cache_read.input_tokens"] = report.usage.cached_prompt_tokens
     if report.response_id:
         out["gen_ai.response.id"] = report.response_id
-    saved = report.saved_nanos
-    if saved is not None:
-        out["tollway.cost.saved_usd"] = saved / NANOS_PER_USD
+    if report.free:
+        out["tollway.cost.saved_usd"] = report.saved_nanos / NANOS_PER_USD
     if report.replica:
         out["tollway.replica"] = report.replica
     error = error_type(report)

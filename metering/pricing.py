@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import ClassVar
 
 from metering.money import NANOS_PER_USD, Ratio, from_nanos, ratio, round_half_even, to_nanos
 
 SECONDS_PER_HOUR = 3600
+MICROS_PER_SECOND = 1_000_000
 PER_MTOK = 1_000_000
 DEFAULT_OVERHEAD = Decimal("1.25")
 
@@ -48,6 +50,7 @@ class Cost:
 
     __slots__ = ("loaded_nanos", "marginal_nanos")
 
+    FREE: ClassVar[Cost]  # nothing charged (set below)
     marginal_nanos: int
     loaded_nanos: int
 
@@ -64,7 +67,7 @@ class Cost:
 
     @classmethod
     def free(cls) -> Cost:
-        return _FREE
+        return cls.FREE
 
     @property
     def marginal(self) -> Decimal:
@@ -89,7 +92,7 @@ class Cost:
         return f"Cost(marginal={self.marginal!s}, loaded={self.loaded!s})"
 
 
-_FREE = Cost.of_nanos(0, 0)
+Cost.FREE = Cost.of_nanos(0, 0)
 
 
 def gpu_cost(gpu_seconds: float, gpu_hourly_usd: Decimal) -> Decimal:
@@ -118,32 +121,33 @@ def price_gpu(gpu_seconds: float, hourly: Ratio, idle_per_busy: float, factor: R
 
 
 class GpuTariff:
-    """One replica's GPU price and the overhead factor, pre-multiplied for ``price_gpu``'s sums.
+    """One replica's GPU price and the overhead factor, pre-multiplied for the hot path.
 
-    ``price(gpu_seconds, idle_per_busy)`` is ``price_gpu`` with four fewer big
-    multiplications and no calls: it runs once per request.
+    ``price(gpu_us, idle_per_busy)`` is ``price_gpu`` of ``gpu_us / 1e6``
+    GPU-seconds (what the header prints, so a reader can redo the sum) with
+    fewer big multiplications and no calls: it runs once per request.
     """
 
     __slots__ = ("_loaded", "_marginal")
 
     def __init__(self, hourly: Ratio, factor: Ratio):
         hn, hd = hourly
-        self._marginal = (hn * NANOS_PER_USD, hd * SECONDS_PER_HOUR)
-        self._loaded = (hn * NANOS_PER_USD * factor[0], hd * SECONDS_PER_HOUR * factor[1])
+        per = SECONDS_PER_HOUR * MICROS_PER_SECOND  # hourly price -> per micro-GPU-second
+        self._marginal = (hn * NANOS_PER_USD, hd * per)
+        self._loaded = (hn * NANOS_PER_USD * factor[0], hd * per * factor[1])
 
-    def price(self, gpu_seconds: float, idle_per_busy: float) -> Cost:
-        gn, gd = gpu_seconds.as_integer_ratio()
+    def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
         mn, md = self._marginal
         ln, ld = self._loaded
-        num, den = gn * mn, gd * md
+        num, den = gpu_us * mn, md
         marginal, rest = divmod(num, den)
         if 2 * rest > den or (2 * rest == den and marginal & 1):
             marginal += 1
         if idle_per_busy > 0:  # also False for NaN
             inum, iden = idle_per_busy.as_integer_ratio()
-            num, den = gn * ln * (iden + inum), gd * ld * iden
+            num, den = gpu_us * ln * (iden + inum), ld * iden
         else:
-            num, den = gn * ln, gd * ld
+            num, den = gpu_us * ln, ld
         loaded, rest = divmod(num, den)
         if 2 * rest > den or (2 * rest == den and loaded & 1):
             loaded += 1

@@ -15,8 +15,10 @@ rounded). Nothing here locks: every cell is written and read on one thread.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from functools import partial
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client.metrics_core import (
@@ -71,6 +73,13 @@ class Hist:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: list[float]) -> None:
+        """``observe`` each value: bucketed and counted in C, one addition per bucket hit."""
+        counts = self.counts
+        for bucket, n in Counter(map(partial(bisect_left, self.bounds), values)).items():
+            counts[bucket] += n
+        self.sum += sum(values)
 
 
 class HistVec:

@@ -2,8 +2,8 @@
 
 ``GatewayMetrics`` owns its own ``CollectorRegistry`` (never the process-wide
 default), so several gateways, or tests, can live in one process. The
-gateway calls ``observe_request`` once per finished request with its
-``RequestReport``, ``observe_attempt`` once per upstream try, and the other
+gateway hands ``observe_requests`` its finished requests' ``RequestReport``s a
+batch at a time, calls ``observe_attempt`` once per upstream try, and the other
 methods from the scheduler, cache and ledger; ``render()`` is the body of
 ``GET /metrics``. Dashboards, alert rules and the autoscaler query the names
 below, so they are an interface: rename nothing without migrating those.
@@ -141,6 +141,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import groupby
+from operator import attrgetter, is_not
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -148,7 +151,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from metering.money import NANOS_PER_USD
 from metering.occupancy import OccupancySnapshot
 from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
-from metering.report import RequestReport
+from metering.report import FREE, MICROS, RequestReport
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +268,21 @@ class _ReplicaCollector:
         )
 
 
+# A report's labels, and its figures, read by C-level getters (``observe_requests``).
+_LABELS = attrgetter("tier", "model", "tenant", "status", "cache")
+_PROMPT = attrgetter("usage.prompt_tokens")
+_COMPLETION = attrgetter("usage.completion_tokens")
+_CACHED = attrgetter("usage.cached_prompt_tokens")
+_GPU_US = attrgetter("gpu_us")
+_MARGINAL = attrgetter("cost.marginal_nanos")
+_LOADED = attrgetter("cost.loaded_nanos")
+_SAVED = attrgetter("saved_nanos")
+_ATTEMPTS = attrgetter("attempts")
+_DURATION = attrgetter("duration_s")
+_TTFT = attrgetter("ttft_s")
+_NOT_NONE = partial(is_not, None)
+
+
 class _Series:
     """Every cell one (tier, model, tenant, status, cache) request touches, found in one lookup."""
 
@@ -312,8 +330,8 @@ class GatewayMetrics:
             vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0))
             return vec
 
-        def seconds(name: str, labels: tuple[str, ...], doc: str) -> Vec[float]:
-            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0.0))
+        def micros(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:  # micro-seconds
+            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0, MICROS))
             return vec
 
         def usd(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:  # in nano-dollars
@@ -342,7 +360,7 @@ class GatewayMetrics:
         self._cached_tokens = count(
             "tollway_cached_prompt_tokens_total", tok, "Prompt tokens from vLLM's prefix cache."
         )
-        self._gpu = seconds("tollway_gpu_seconds_total", req, "GPU-seconds attributed to requests.")
+        self._gpu = micros("tollway_gpu_seconds_total", req, "GPU-seconds attributed to requests.")
         self._marginal = usd(
             "tollway_cost_marginal_usd_total", req, "Marginal cost: GPU-seconds or tokens, priced."
         )
@@ -414,33 +432,35 @@ class GatewayMetrics:
         self.registry.register(vecs)
         self.registry.register(self._replicas)
 
-    def observe_request(
-        self, report: RequestReport, *, duration_s: float, ttft_s: float | None
-    ) -> None:
-        """Count one finished request: one dict lookup, then plain additions."""
-        key = (report.tier, report.model, report.tenant, report.status, report.cache)
-        s = self._series.get(key)
-        if s is None:
-            s = self._new_series(key)
-        s.requests[0] += 1
-        usage = report.usage
-        s.prompt[0] += usage.prompt_tokens
-        s.completion[0] += usage.completion_tokens
-        s.cached[0] += usage.cached_prompt_tokens
-        s.gpu[0] += report.gpu_seconds
-        cost = report.cost  # exact integer nano-dollar sums, floats only when exported
-        s.marginal[0] += cost.marginal_nanos
-        s.loaded[0] += cost.loaded_nanos
-        if report.saved is not None:
-            if s.saved is None:
-                tier, model, tenant, _, cache = s.labels
-                s.saved = self._saved.cell(tier, model, tenant, cache)
-            s.saved[0] += report.saved_nanos or 0
-        if report.attempts > 0:
-            s.upstream[0] += 1
-        s.duration.observe(duration_s)
-        if ttft_s is not None:
-            s.ttft.observe(ttft_s)
+    def observe_requests(self, reports: Sequence[RequestReport]) -> None:
+        """Count a batch of finished requests: sums per label set, not additions per request.
+
+        The batch is sorted and grouped by its labels, and each group's figures
+        are summed by ``map``s over the reports' fields: the work per request
+        runs in C, the Python per label set (bench/RESULTS.md, 2026-11-23).
+        """
+        for key, group in groupby(sorted(reports, key=_LABELS), key=_LABELS):
+            rows = list(group)
+            s = self._series.get(key)
+            if s is None:
+                s = self._new_series(key)
+            s.requests[0] += len(rows)
+            s.prompt[0] += sum(map(_PROMPT, rows))
+            s.completion[0] += sum(map(_COMPLETION, rows))
+            s.cached[0] += sum(map(_CACHED, rows))
+            s.gpu[0] += sum(map(_GPU_US, rows))
+            s.marginal[0] += sum(map(_MARGINAL, rows))
+            s.loaded[0] += sum(map(_LOADED, rows))
+            if key[4] in FREE:  # the cache status: a saving, even of nothing
+                if s.saved is None:
+                    tier, model, tenant, _, cache = s.labels
+                    s.saved = self._saved.cell(tier, model, tenant, cache)
+                s.saved[0] += sum(map(_SAVED, rows))
+            s.upstream[0] += sum(map(bool, map(_ATTEMPTS, rows)))
+            s.duration.observe_many(list(map(_DURATION, rows)))
+            ttfts = list(filter(_NOT_NONE, map(_TTFT, rows)))
+            if ttfts:
+                s.ttft.observe_many(ttfts)
 
     def _new_series(self, key: tuple[str, str, str, int, str]) -> _Series:
         tier, model, tenant, status, cache = key

@@ -2,21 +2,30 @@
 
 Plain data: the gateway fills it in once per request, and every sink reads
 the same object: the response headers, Prometheus, the span and the usage
-ledger. Dollars are integer nano-dollars (``Cost``), printed with nine
-decimals without a Decimal in between; the GPU-seconds' six-decimal spelling
-is made once and shared by the header and the ledger (which sums exactly the
-microseconds the header printed).
+ledger. Every figure is an integer: tokens, GPU time in micro-GPU-seconds
+(``gpu_us``, what the header's six decimals print) and dollars in nano-dollars
+(``Cost``, the nine decimals), so headers, Prometheus and the ledger all sum
+exactly what was printed, and a batch of reports can be summed and formatted
+by C-level ``map``s over their fields (``metering.prometheus``,
+``cache.ledger_write``) instead of a Python loop per request.
+
+Text fields must not hold tabs (the ledger's separator): the gateway's names
+come from the validated configuration and request ids from
+``gateway.request_id``; the ledger checks each batch anyway.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from metering.money import NANOS_PER_USD, fmt_nanos, to_nanos
+from metering.money import NANOS_PER_USD, fmt_nanos, from_nanos
 from metering.pricing import Cost
-from metering.usage import TokenUsage
+from metering.usage import NO_USAGE, TokenUsage
+
+MICROS = 1_000_000  # gpu_us per GPU-second
+FREE = frozenset({"hit", "coalesced", "replay"})  # cache statuses served without the model
 
 HEADER_PREFIX = "x-tollway-"
 _H_REQUEST_ID = HEADER_PREFIX + "request-id"
@@ -52,6 +61,12 @@ def _nanos_bytes(nanos: int) -> bytes:
     return b"%d.%09d" % divmod(nanos, NANOS_PER_USD)
 
 
+def fmt_micros(micros: int) -> str:
+    """Micro-units with six decimals, as the GPU-seconds header prints them."""
+    whole, frac = divmod(micros, MICROS)
+    return f"{whole}.{frac:06d}"
+
+
 @dataclass(slots=True)
 class RequestReport:
     # gateway/meter.py builds this positionally (one call per request): keep the order.
@@ -61,36 +76,39 @@ class RequestReport:
     tier: str
     model: str
     operation: str
-    usage: TokenUsage = field(default_factory=TokenUsage)
-    gpu_seconds: float = 0.0
-    cost: Cost = field(default_factory=Cost.free)
+    usage: TokenUsage = NO_USAGE
+    gpu_us: int = 0  # micro-GPU-seconds, every attempt's share
+    cost: Cost = Cost.FREE
     cache: str = "miss"  # miss | hit | bypass | coalesced | replay
-    saved: Decimal | None = None  # what a hit or replay would have cost
-    replica: str | None = None
+    saved_nanos: int = 0  # what a free answer (``cache`` in FREE) would have cost
+    replica: str = ""  # the last attempt's vLLM replica; "" when none was reached
     attempts: int = 0
     status: int = 200
+    finished_at: float = 0.0  # Unix time
+    duration_s: float = 0.0  # arrival to last byte
+    ttft_s: float | None = None  # arrival to first token (streams)
     finish_reasons: tuple[str, ...] = ()  # these two only span attributes read: a
     response_id: str | None = None  # non-streamed answer fills them only when traced
     error_type: str | None = None
-    _gpu_text: str | None = field(default=None, init=False, repr=False, compare=False)
-    _saved_nanos: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def gpu_seconds(self) -> float:
+        return self.gpu_us / MICROS
 
     @property
     def gpu_seconds_text(self) -> str:
         """The GPU-seconds as the header prints them: six decimals."""
-        text = self._gpu_text
-        if text is None:
-            text = self._gpu_text = f"{self.gpu_seconds:.6f}"
-        return text
+        return fmt_micros(self.gpu_us)
 
     @property
-    def saved_nanos(self) -> int | None:
-        if self.saved is None:
-            return None
-        nanos = self._saved_nanos
-        if nanos is None:
-            nanos = self._saved_nanos = to_nanos(self.saved)
-        return nanos
+    def free(self) -> bool:
+        """Served without running the model: a cache hit, a coalesced answer, a replay."""
+        return self.cache in FREE
+
+    @property
+    def saved(self) -> Decimal | None:
+        """What a free answer would have cost (None for any other)."""
+        return from_nanos(self.saved_nanos) if self.cache in FREE else None
 
     def figures(self) -> dict[str, str]:
         """The numbers, by short name: header suffixes and the stream object's keys."""
@@ -111,24 +129,31 @@ class RequestReport:
         already (``headers()`` has all of them).
         """
         usage = self.usage
-        cost = self.cost
+        marginal, loaded = self.cost.marginal_nanos, self.cost.loaded_nanos
         out = [
             (_B_REQUEST_ID, self.request_id.encode("latin-1")),
-            (_B_PROMPT, b"%d" % usage.prompt_tokens),
-            (_B_COMPLETION, b"%d" % usage.completion_tokens),
-            (_B_GPU, self.gpu_seconds_text.encode("latin-1")),
-            (_B_COST, _nanos_bytes(cost.marginal_nanos)),
-            (_B_LOADED, _nanos_bytes(cost.loaded_nanos)),
+            (_B_PROMPT, b"%d" % usage[0]),
+            (_B_COMPLETION, b"%d" % usage[1]),
+            (_B_GPU, b"%d.%06d" % divmod(self.gpu_us, MICROS)),
+            (
+                _B_COST,
+                _nanos_bytes(marginal)
+                if marginal < 0
+                else b"%d.%09d" % divmod(marginal, NANOS_PER_USD),
+            ),
+            (
+                _B_LOADED,
+                _nanos_bytes(loaded) if loaded < 0 else b"%d.%09d" % divmod(loaded, NANOS_PER_USD),
+            ),
         ]
-        if usage.cached_prompt_tokens:
-            out.append((_B_CACHED, b"%d" % usage.cached_prompt_tokens))
-        if self.saved is not None:
-            out.append((_B_SAVED, _nanos_bytes(self.saved_nanos or 0)))
+        if usage[2]:
+            out.append((_B_CACHED, b"%d" % usage[2]))
+        if self.cache in FREE:
+            out.append((_B_SAVED, _nanos_bytes(self.saved_nanos)))
         return out
 
     def stream_object(self) -> dict[str, Any]:
         """The ``tollway`` object put beside ``usage`` in a stream's final data event."""
-        saved = self.saved_nanos
         return {
             "request_id": self.request_id,
             "tier": self.tier,
@@ -136,9 +161,9 @@ class RequestReport:
             "prompt_tokens": self.usage.prompt_tokens,
             "completion_tokens": self.usage.completion_tokens,
             "cached_prompt_tokens": self.usage.cached_prompt_tokens,
-            "gpu_seconds": round(self.gpu_seconds, 6),
+            "gpu_seconds": self.gpu_seconds,  # six decimals: whole micro-GPU-seconds
             "cost_usd": fmt_nanos(self.cost.marginal_nanos),
             "cost_loaded_usd": fmt_nanos(self.cost.loaded_nanos),
-            "cost_saved_usd": None if saved is None else fmt_nanos(saved),
+            "cost_saved_usd": fmt_nanos(self.saved_nanos) if self.cache in FREE else None,
             "cache": self.cache,
         }

@@ -196,6 +196,7 @@ class RequestSpan:
         "_started",
         "_t",
         "_up",
+        "traced",
     )
 
     def __init__(
@@ -207,6 +208,7 @@ class RequestSpan:
     ):
         self._t = telemetry
         self._span = span
+        self.traced = span is not None  # a span to finish (sampled or not); fixed from here
         self._recording = recording = span is not None and span.is_recording()
         self._operation = operation
         self._started = telemetry._clock() if span is not None else 0.0

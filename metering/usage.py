@@ -13,16 +13,16 @@ than any other step of metering a request (bench/RESULTS.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 _USAGE_KEY = b'"usage":'
 
 
-@dataclass(frozen=True, slots=True)
-class TokenUsage:
+class TokenUsage(NamedTuple):
+    """Immutable, and a tuple: made once per request, so it must be cheap to make."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
@@ -33,16 +33,24 @@ class TokenUsage:
 
     @classmethod
     def from_openai(cls, usage: Any) -> TokenUsage | None:
-        """Parse an OpenAI/vLLM ``usage`` object; None when absent or malformed."""
+        """Parse an OpenAI/vLLM ``usage`` object; None when absent or malformed.
+
+        Counts must be JSON integers (``true`` is not a count).
+        """
         if not isinstance(usage, dict):
             return None
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
-        if not isinstance(prompt, int) or not isinstance(completion, int):
+        if type(prompt) is not int or type(completion) is not int:
             return None
         details = usage.get("prompt_tokens_details")
+        if details is None:  # vLLM without prefix caching: the common answer
+            return cls(prompt, completion)
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        return cls(prompt, completion, cached if isinstance(cached, int) else 0)
+        return cls(prompt, completion, cached if type(cached) is int else 0)
+
+
+NO_USAGE = TokenUsage()
 
 
 def usage_in(body: bytes) -> TokenUsage | None:

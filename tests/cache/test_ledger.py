@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,10 +46,11 @@ def report(
     prompt: int = 10,
     completion: int = 20,
     cached: int = 0,
-    gpu_seconds: float = 0.5,
+    gpu_us: float = 500_000,  # a float only to test a NaN
     cost: str = "0.000125",
     loaded: str = "0.0002",
     saved: str | None = None,
+    at: datetime = T0,
 ) -> RequestReport:
     return RequestReport(
         request_id=f"req-{random.random()}",
@@ -57,16 +59,21 @@ def report(
         model=model,
         operation="chat",
         usage=TokenUsage(prompt, completion, cached),
-        gpu_seconds=gpu_seconds,
+        gpu_us=gpu_us,  # type: ignore[arg-type]
         cost=Cost(usd(cost), usd(loaded)),
         cache=cache,
-        saved=None if saved is None else usd(saved),
+        saved_nanos=0 if saved is None else to_nanos(usd(saved)),
         replica="http://replica-1",
+        finished_at=ts(at),
     )
 
 
 def ts(moment: datetime) -> float:
     return moment.timestamp()
+
+
+def record(ledger: UsageLedger, rep: RequestReport, at: float) -> None:
+    ledger.record(dataclasses.replace(rep, finished_at=at))
 
 
 @pytest.fixture
@@ -106,14 +113,16 @@ async def query(
 @pytest.fixture
 async def populated(make_ledger: MakeLedger, redis_url: str) -> UsageLedger:
     ledger = await make_ledger(redis_url)
-    ledger.record(report("acme", "small", "m-small", cost="0.1", loaded="0.2"), ts(T0))
-    ledger.record(report("acme", "large", "m-large", cost="1", loaded="2"), ts(T0))
-    ledger.record(
+    record(ledger, report("acme", "small", "m-small", cost="0.1", loaded="0.2"), ts(T0))
+    record(ledger, report("acme", "large", "m-large", cost="1", loaded="2"), ts(T0))
+    record(
+        ledger,
         report("acme", "small", "m-small", cache="hit", cost="0", loaded="0", saved="0.1"),
         ts(T0 + timedelta(hours=1)),
     )
-    ledger.record(report("globex", "large", "m-large", cost="3", loaded="4"), ts(T0))
-    ledger.record(
+    record(ledger, report("globex", "large", "m-large", cost="3", loaded="4"), ts(T0))
+    record(
+        ledger,
         report("globex", "small", "m-small", cost="0.5", loaded="0.75"),
         ts(T0 + timedelta(days=1)),
     )
@@ -192,7 +201,7 @@ async def test_each_request_is_in_the_stream(populated: UsageLedger, redis_url: 
     assert fields["tenant"] == "acme"
     assert (fields["tier"], fields["model"], fields["status"]) == ("small", "m-small", "200")
     assert fields["cost_nanos"] == str(to_nanos(Decimal("0.1")))
-    assert fields["saved_nanos"] == ""
+    assert fields["saved_nanos"] == "0"  # a miss saved nothing
     assert float(fields["at"]) == pytest.approx(ts(T0))
     assert fields["request_id"].startswith("req-")
 
@@ -212,17 +221,18 @@ async def test_totals_equal_the_exact_sum_of_1000_random_requests(
     ledger = await make_ledger(redis_url, batch_size=97)
     cost_nanos = loaded_nanos = saved_nanos = gpu_us = tokens = 0
     for _ in range(1000):
+        cache = rng.choice(["miss", "hit", "bypass"])
         rep = report(
             rng.choice(["acme", "globex", "initech"]),
             rng.choice(["small", "large"]),
             rng.choice(["m-a", "m-b", "org/m-c:v1"]),
-            cache=rng.choice(["miss", "hit", "bypass"]),
+            cache=cache,
             prompt=rng.randrange(10_000),
             completion=rng.randrange(4_000),
-            gpu_seconds=rng.uniform(0, 30),
+            gpu_us=rng.randrange(30_000_000),
             cost=str(from_nanos(rng.randrange(50_000_000))),
             loaded=str(from_nanos(rng.randrange(90_000_000))),
-            saved=str(from_nanos(rng.randrange(1000))) if rng.random() < 0.3 else None,
+            saved=str(from_nanos(rng.randrange(1000))) if cache == "hit" else None,
         )
         headers = rep.headers()
         # The sums the client could add up from the headers it received.
@@ -231,7 +241,7 @@ async def test_totals_equal_the_exact_sum_of_1000_random_requests(
         saved_nanos += to_nanos(Decimal(headers.get("x-tollway-cost-saved-usd", "0")))
         gpu_us += int(Decimal(headers["x-tollway-gpu-seconds"]) * 1_000_000)
         tokens += rep.usage.total_tokens
-        ledger.record(rep, ts(T0) + rng.uniform(0, 3 * 86_400))
+        record(ledger, rep, ts(T0) + rng.uniform(0, 3 * 86_400))
     assert await ledger.flush(within_s=10)
     assert ledger.lost == 0
     for group_by in ("tenant", "tier", "model", "day", "cache"):
@@ -263,8 +273,8 @@ async def test_a_retried_batch_counts_once(make_ledger: MakeLedger, redis_url: s
     assert (await query(ledger, "tenant"))["acme"].cost_usd == 2
 
 
-def _entry(rep: RequestReport) -> tuple[RequestReport, float]:
-    return rep, ts(T0)
+def _entry(rep: RequestReport) -> RequestReport:
+    return rep  # dated T0
 
 
 async def test_keys_written_together_share_a_cluster_slot(
@@ -272,7 +282,7 @@ async def test_keys_written_together_share_a_cluster_slot(
 ) -> None:
     ledger = await make_ledger(redis_url, start=False)
     batch = [_entry(report(tenant, tier)) for tenant in ("a", "b") for tier in ("x", "y")]
-    batch.append((report("a"), ts(T0 + timedelta(hours=5))))
+    batch.append(report("a", at=T0 + timedelta(hours=5)))
     writes = ledger._build(batch)
     assert len(writes) == 5  # the stream, two hours, two tenants' spend
     for write in writes:
@@ -287,7 +297,7 @@ async def test_record_never_blocks_and_drops_when_the_queue_is_full(
     rep = report()
     began = time.perf_counter()
     for _ in range(1500):
-        ledger.record(rep, ts(T0))
+        record(ledger, rep, ts(T0))
     elapsed = time.perf_counter() - began
     assert elapsed < 1.0, f"1500 record() calls took {elapsed:.3f} s"
     assert ledger.queued == 1000
@@ -301,10 +311,10 @@ async def test_record_never_blocks_and_drops_when_the_queue_is_full(
 async def test_stop_writes_what_is_queued(make_ledger: MakeLedger, redis_url: str) -> None:
     ledger = await make_ledger(redis_url)
     for _ in range(50):
-        ledger.record(report(), ts(T0))
+        record(ledger, report(), ts(T0))
     await ledger.stop()
     assert ledger.written == 50
-    ledger.record(report(), ts(T0))  # after stop: counted lost, not raised
+    record(ledger, report(), ts(T0))  # after stop: counted lost, not raised
     assert ledger.lost == 1
 
 
@@ -323,7 +333,7 @@ async def test_redis_down_counts_writes_lost_and_they_resume_when_it_returns(
         server.stop()
         began = time.perf_counter()
         for _ in range(20):
-            ledger.record(report(), ts(T0))
+            record(ledger, report(), ts(T0))
             await asyncio.sleep(0)
         assert time.perf_counter() - began < 0.5
         assert await ledger.flush(within_s=5)
@@ -337,7 +347,7 @@ async def test_redis_down_counts_writes_lost_and_they_resume_when_it_returns(
         server.start()  # same port, empty
         await asyncio.sleep(0.15)  # past the client's backoff
         for _ in range(3):
-            ledger.record(report(), ts(T0))
+            record(ledger, report(), ts(T0))
         assert await ledger.flush(within_s=5)
         assert (await query(ledger, "tenant"))["acme"].requests == 3
         assert ledger.lost == 20
@@ -347,7 +357,7 @@ async def test_a_batch_is_retried_once_before_it_is_lost(make_ledger: MakeLedger
     with run_redis() as server:
         ledger = await make_ledger(server.url, backoff_s=0.1, retry_delay_s=1.0, call_budget_s=0.05)
         server.stop()
-        ledger.record(report(), ts(T0))
+        record(ledger, report(), ts(T0))
         deadline = time.monotonic() + 5
         while ledger.redis.failures == 0:
             assert time.monotonic() < deadline
@@ -362,8 +372,8 @@ async def test_a_report_that_cannot_be_recorded_is_lost_not_raised(
     make_ledger: MakeLedger, redis_url: str
 ) -> None:
     ledger = await make_ledger(redis_url)
-    ledger.record(report(gpu_seconds=float("nan")), ts(T0))
-    ledger.record(report(), ts(T0))
+    record(ledger, report(gpu_us=float("nan")), ts(T0))
+    record(ledger, report(), ts(T0))
     assert await ledger.flush()
     assert (ledger.lost, ledger.written) == (1, 1)
     assert (await query(ledger, "tenant"))["acme"].requests == 1

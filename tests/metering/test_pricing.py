@@ -116,7 +116,16 @@ def test_sums_of_printed_costs_equal_sums_of_nanos(items: list[tuple[float, Deci
 def test_a_tariff_prices_as_price_gpu_does(
     gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
 ) -> None:
+    """The hot path prices the whole micro-GPU-seconds the header prints, exactly."""
+    gpu_us = round(gpu_s * 1_000_000)
     tariff = GpuTariff(ratio(hourly), ratio(factor))
-    assert tariff.price(gpu_s, idle_per_busy) == price_gpu(
-        gpu_s, ratio(hourly), idle_per_busy, ratio(factor)
-    )
+    exact = gpu_us / 1_000_000  # a float, but price_gpu takes its exact binary value...
+    expected = price_gpu(exact, ratio(hourly), idle_per_busy, ratio(factor))
+    # ...which is within half an ulp of the decimal micro-seconds: the same nanos but
+    # for a product that lands on a rounding tie, where the two may differ by one.
+    got = tariff.price(gpu_us, idle_per_busy)
+    assert abs(got.marginal_nanos - expected.marginal_nanos) <= 1
+    assert abs(got.loaded_nanos - expected.loaded_nanos) <= 1
+    # And exactly: marginal = gpu_us x hourly x 1e9 / (3600 x 1e6), rounded half to even.
+    hn, hd = ratio(hourly)
+    assert got.marginal_nanos == round(Fraction(gpu_us * hn * 1_000, hd * 3600))

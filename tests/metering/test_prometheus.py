@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 import metering.prometheus
+from metering.money import to_nanos
 from metering.occupancy import OccupancyLedger
 from metering.pricing import Cost
 from metering.prometheus import GatewayMetrics, ReplicaGpu
@@ -29,6 +30,12 @@ BASE = RequestReport(
 
 def report(**changes: Any) -> RequestReport:
     return dataclasses.replace(BASE, **changes)
+
+
+def observe(
+    m: GatewayMetrics, rep: RequestReport, *, duration_s: float, ttft_s: float | None
+) -> None:
+    m.observe_requests([dataclasses.replace(rep, duration_s=duration_s, ttft_s=ttft_s)])
 
 
 def usd(marginal: str, loaded: str) -> Cost:
@@ -56,18 +63,20 @@ ACME = {"tier": "small", "model": "llama-8b", "tenant": "acme"}
 def test_request_counters_sum_tokens_gpu_and_dollars() -> None:
     m = GatewayMetrics()
     for _ in range(2):
-        m.observe_request(
+        observe(
+            m,
             report(
                 usage=TokenUsage(100, 20, 64),
-                gpu_seconds=0.25,
+                gpu_us=250_000,
                 cost=usd("0.000100000", "0.000300000"),
                 attempts=1,
             ),
             duration_s=0.4,
             ttft_s=0.1,
         )
-    m.observe_request(
-        report(tenant="globex", status=500, usage=TokenUsage(7, 0), gpu_seconds=0.5),
+    observe(
+        m,
+        report(tenant="globex", status=500, usage=TokenUsage(7, 0), gpu_us=500_000),
         duration_s=0.2,
         ttft_s=None,
     )
@@ -106,21 +115,29 @@ def test_request_counters_sum_tokens_gpu_and_dollars() -> None:
 def test_dollars_are_summed_exactly_then_converted() -> None:
     m = GatewayMetrics()
     for _ in range(3):
-        m.observe_request(report(cost=usd("0.1", "0.1")), duration_s=0.1, ttft_s=None)
+        observe(m, report(cost=usd("0.1", "0.1")), duration_s=0.1, ttft_s=None)
     # float addition would give 0.30000000000000004
     assert scrape(m)["tollway_cost_marginal_usd_total"] == [(ACME, 0.3)]
 
 
 def test_savings_are_counted_by_cache_result() -> None:
     m = GatewayMetrics()
-    m.observe_request(report(cache="miss"), duration_s=1.0, ttft_s=0.2)
-    m.observe_request(
-        report(cache="hit", saved=Decimal("0.000250000")), duration_s=0.01, ttft_s=0.01
+    observe(m, report(cache="miss"), duration_s=1.0, ttft_s=0.2)
+    observe(
+        m,
+        report(cache="hit", saved_nanos=to_nanos(Decimal("0.000250000"))),
+        duration_s=0.01,
+        ttft_s=0.01,
     )
-    m.observe_request(
-        report(cache="hit", saved=Decimal("0.000050000")), duration_s=0.01, ttft_s=0.01
+    observe(
+        m,
+        report(cache="hit", saved_nanos=to_nanos(Decimal("0.000050000"))),
+        duration_s=0.01,
+        ttft_s=0.01,
     )
-    m.observe_request(report(cache="replay", saved=Decimal(0)), duration_s=0.01, ttft_s=None)
+    observe(
+        m, report(cache="replay", saved_nanos=to_nanos(Decimal(0))), duration_s=0.01, ttft_s=None
+    )
     s = scrape(m)
 
     assert s["tollway_cost_saved_usd_total"] == rows(
@@ -137,7 +154,7 @@ def test_savings_are_counted_by_cache_result() -> None:
 def test_latency_histograms_are_cumulative_with_inclusive_bounds() -> None:
     m = GatewayMetrics()
     for duration, ttft in [(0.05, 0.05), (0.3, None), (500.0, 0.2)]:
-        m.observe_request(report(), duration_s=duration, ttft_s=ttft)
+        observe(m, report(), duration_s=duration, ttft_s=ttft)
     s = scrape(m)
     labels = {"tier": "small", "model": "llama-8b", "cache": "miss"}
 
@@ -165,10 +182,10 @@ def test_retry_inflation_is_attempts_over_upstream_requests() -> None:
     m.observe_attempt("small", "http://a:8000", "connect_error")
     m.observe_attempt("small", "http://b:8000", "status_5xx")
     m.observe_attempt("small", "http://a:8000", "ok")
-    m.observe_request(report(attempts=3), duration_s=1.0, ttft_s=0.5)
+    observe(m, report(attempts=3), duration_s=1.0, ttft_s=0.5)
     m.observe_attempt("small", "http://a:8000", "ok")
-    m.observe_request(report(attempts=1), duration_s=1.0, ttft_s=0.5)
-    m.observe_request(report(cache="hit", attempts=0), duration_s=0.01, ttft_s=0.01)
+    observe(m, report(attempts=1), duration_s=1.0, ttft_s=0.5)
+    observe(m, report(cache="hit", attempts=0), duration_s=0.01, ttft_s=0.01)
     s = scrape(m)
 
     assert s["tollway_upstream_attempts_total"] == rows(
@@ -183,9 +200,7 @@ def test_retry_inflation_is_attempts_over_upstream_requests() -> None:
 
 def test_empty_labels_become_none() -> None:
     m = GatewayMetrics()
-    m.observe_request(
-        report(tenant="", tier="", model="", status=401), duration_s=0.001, ttft_s=None
-    )
+    observe(m, report(tenant="", tier="", model="", status=401), duration_s=0.001, ttft_s=None)
     none = {"tier": "none", "model": "none", "tenant": "none"}
     assert scrape(m)["tollway_requests_total"] == rows(
         ({**none, "status": "401", "cache": "miss"}, 1.0)
@@ -195,8 +210,8 @@ def test_empty_labels_become_none() -> None:
 def test_tenants_and_models_past_the_cap_are_other() -> None:
     m = GatewayMetrics(max_tenants=2, max_models=1)
     for tenant in ["a", "b", "c", "a", "d", "c"]:
-        m.observe_request(report(tenant=tenant), duration_s=0.1, ttft_s=None)
-    m.observe_request(report(tenant="a", model="random-name"), duration_s=0.1, ttft_s=None)
+        observe(m, report(tenant=tenant), duration_s=0.1, ttft_s=None)
+    observe(m, report(tenant="a", model="random-name"), duration_s=0.1, ttft_s=None)
     s = scrape(m)
 
     def row(tenant: str, model: str, n: float) -> tuple[dict[str, str], float]:
@@ -210,13 +225,13 @@ def test_tenants_and_models_past_the_cap_are_other() -> None:
         row("other", "llama-8b", 3.0),
     )
     for n in range(1000):  # values past the cap are not remembered either
-        m.observe_request(report(tenant=f"t{n}"), duration_s=0.1, ttft_s=None)
+        observe(m, report(tenant=f"t{n}"), duration_s=0.1, ttft_s=None)
     assert len(m._series) == 2  # (a, llama-8b) and (b, llama-8b): nothing capped is kept
 
 
 def test_instances_do_not_share_values() -> None:
     first, second = GatewayMetrics(), GatewayMetrics()
-    first.observe_request(report(), duration_s=0.1, ttft_s=None)
+    observe(first, report(), duration_s=0.1, ttft_s=None)
     first.redis_failure("get")
     second.redis_failure("get")
     second.redis_failure("get")
@@ -327,7 +342,9 @@ def test_queue_cache_and_fail_open_counters() -> None:
 
 def test_exposition_matches_the_documented_names_and_types() -> None:
     m = GatewayMetrics()
-    m.observe_request(report(cache="hit", saved=Decimal("0.1")), duration_s=0.1, ttft_s=0.1)
+    observe(
+        m, report(cache="hit", saved_nanos=to_nanos(Decimal("0.1"))), duration_s=0.1, ttft_s=0.1
+    )
     m.observe_attempt("small", "http://a:8000", "ok")
     m.observe_queue("small", 1)
     m.observe_burn("gateway", 2.5)

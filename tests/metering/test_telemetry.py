@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from metering.money import usd
+from metering.money import to_nanos, usd
 from metering.pricing import Cost
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan, Telemetry, request_attributes
@@ -98,7 +98,7 @@ def make_report(**changes: Any) -> RequestReport:
         model="qwen2.5-1.5b-instruct",
         operation="chat",
         usage=TokenUsage(prompt_tokens=120, completion_tokens=30, cached_prompt_tokens=64),
-        gpu_seconds=0.5,
+        gpu_us=500_000,
         cost=Cost(usd("0.000250000"), usd("0.000400000")),
         replica="http://10.0.0.5:8000",
         attempts=1,
@@ -284,10 +284,10 @@ def test_streamed_request(spans: Spans) -> None:
 def test_cache_hit_costs_nothing_and_names_no_server(spans: Spans) -> None:
     report = make_report(
         cost=Cost.free(),
-        gpu_seconds=0.0,
+        gpu_us=0,
         cache="hit",
-        saved=usd("0.000250000"),
-        replica=None,
+        saved_nanos=to_nanos(usd("0.000250000")),
+        replica="",
         attempts=0,
         usage=TokenUsage(120, 30),
     )
@@ -322,7 +322,7 @@ def test_failure_sets_error_type_and_status(spans: Spans) -> None:
         response_id=None,
         usage=TokenUsage(),
         cost=Cost.free(),
-        gpu_seconds=0.0,
+        gpu_us=0,
         attempts=3,
     )
     run_lifecycle(spans.telemetry, report, upstream_status=503)
