@@ -1,0 +1,95 @@
+"""The HTTP/1.1 protocol the gateway serves with: uvicorn's httptools one, header lines in one pass.
+
+uvicorn checks each response header line with two regular expressions, lowers
+its name and compares it with three special names, one line at a time: about
+a microsecond a line, and a metered answer carries fourteen of them
+(bench/RESULTS.md, 2026-11-23). ``OnePassCycle.send`` does the same checks on
+all the lines at once: one search over the names, one over the values, the
+special names found by a set intersection, the lines joined in C. It handles
+the common start of a response; anything else (uppercase names, a
+``connection`` or ``transfer-encoding`` header, a repeated ``content-length``,
+a paused or closed transport, access logging, every body message) is
+uvicorn's own code, unchanged, so the bytes on the wire are the same.
+
+uvicorn is pinned (pyproject.toml): ``OnePassProtocol`` hooks its
+``_start_asgi_task``, and ``tests/gateway/test_http_server.py`` fails if the
+hook stops being called.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+_NAME = itemgetter(0)
+_VALUE = itemgetter(1)
+_CONTENT_LENGTH = b"content-length"
+_SPECIAL = frozenset({_CONTENT_LENGTH, b"transfer-encoding", b"connection"})
+_HANDLED = frozenset({_CONTENT_LENGTH})  # the other special names go to uvicorn's loop
+_LINE_END = b"\r\n"
+_NAME_VALUE = b": "
+
+
+class OnePassCycle(RequestResponseCycle):
+    """A request-response cycle whose response head is checked and written in one pass."""
+
+    async def send(self, message: Any) -> None:
+        if (
+            self.response_started
+            or message["type"] != "http.response.start"
+            or self.access_log
+            or self.disconnected
+            or self.flow.write_paused
+        ):
+            await super().send(message)
+            return
+        headers = self.default_headers + list(message.get("headers", ()))
+        names = list(map(_NAME, headers))
+        joined = b"".join(names)
+        special = _SPECIAL.intersection(names)
+        if (
+            not headers
+            or not joined.islower()
+            or not special <= _HANDLED
+            or names.count(_CONTENT_LENGTH) > 1
+            or HEADER_RE.search(joined)
+            or HEADER_VALUE_RE.search(b"\t".join(map(_VALUE, headers)))  # a tab is allowed
+        ):
+            await super().send(message)  # its checks, its errors, its exact behaviour
+            return
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status_code = message["status"]
+        if special and self.chunked_encoding is None:  # a content-length header
+            self.expected_content_length = int(headers[names.index(_CONTENT_LENGTH)][1].decode())
+            self.chunked_encoding = False
+        content = [STATUS_LINE[status_code], _LINE_END.join(map(_NAME_VALUE.join, headers))]
+        content.append(_LINE_END)
+        if not self.keep_alive:
+            content.append(b"connection: close\r\n")
+        if (
+            self.chunked_encoding is None
+            and self.scope["method"] != "HEAD"
+            and status_code not in (204, 304)
+        ):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(_LINE_END)
+        self.transport.write(b"".join(content))
+
+
+class OnePassProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, whose cycles write their response head in one pass."""
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if type(cycle) is RequestResponseCycle:
+            cycle.__class__ = OnePassCycle  # same fields, one method more specific
+        super()._start_asgi_task(cycle, app)

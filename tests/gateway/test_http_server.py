@@ -1,0 +1,175 @@
+"""OnePassCycle writes the same response head as uvicorn's own cycle, and the server uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from gateway.http_server import OnePassCycle, OnePassProtocol
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class Flow:
+    write_paused = False
+
+
+def cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool) -> Any:
+    scope = {"type": "http", "method": method, "path": "/", "headers": []}
+    return kind(
+        scope=scope,  # type: ignore[arg-type]
+        transport=Transport(),  # type: ignore[arg-type]
+        flow=Flow(),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test.access"),
+        access_log=False,
+        default_headers=[(b"server", b"uvicorn"), (b"date", b"Sun, 22 Nov 2026 00:00:00 GMT")],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: None,
+    )
+
+
+async def start_both(
+    headers: list[tuple[bytes, bytes]], status: int, method: str, keep_alive: bool
+) -> list[tuple[Any, Any]]:
+    """Each cycle's outcome: (written bytes and state) or the exception it raised."""
+    outcomes = []
+    for kind in (RequestResponseCycle, OnePassCycle):
+        c = cycle(kind, method, keep_alive)
+        message = {"type": "http.response.start", "status": status, "headers": headers}
+        try:
+            await c.send(message)
+        except Exception as exc:  # noqa: BLE001 - compared below
+            outcomes.append((type(exc), str(exc)))
+            continue
+        state = (c.response_started, c.chunked_encoding, c.keep_alive)
+        outcomes.append((b"".join(c.transport.written), (state, c.expected_content_length)))
+    return outcomes
+
+
+NAMES = st.sampled_from(
+    [
+        b"content-type",
+        b"content-length",
+        b"x-tollway-cost-usd",
+        b"x-request-id",
+        b"X-Upper",
+        b"connection",
+        b"transfer-encoding",
+        b"bad name",
+        b"bad:name",
+        b"x-\x01",
+    ]
+)
+VALUES = st.sampled_from(
+    [b"12", b"0", b"application/json", b"0.000123456", b"close", b"chunked", b"a\tb", b"a\nb", b""]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    headers=st.lists(st.tuples(NAMES, VALUES), max_size=8),
+    status=st.sampled_from([200, 204, 304, 404, 429, 500]),
+    method=st.sampled_from(["GET", "POST", "HEAD"]),
+    keep_alive=st.booleans(),
+)
+def test_the_head_on_the_wire_is_uvicorns(
+    headers: list[tuple[bytes, bytes]], status: int, method: str, keep_alive: bool
+) -> None:
+    ours, theirs = asyncio.run(start_both(headers, status, method, keep_alive))[::-1]
+    assert ours == theirs
+
+
+def test_a_metered_answer_takes_the_one_pass() -> None:
+    headers = [
+        (b"content-length", b"321"),
+        (b"content-type", b"application/json"),
+        (b"x-tollway-tier", b"small"),
+        (b"x-tollway-cost-usd", b"0.000012345"),
+    ]
+    c = cycle(OnePassCycle, "POST", True)
+    sent: list[bool] = []
+    original = RequestResponseCycle.send
+
+    async def spy(self: Any, message: Any) -> None:  # uvicorn's own send, if ever reached
+        sent.append(True)
+        await original(self, message)
+
+    RequestResponseCycle.send = spy  # type: ignore[method-assign]
+    try:
+        asyncio.run(c.send({"type": "http.response.start", "status": 200, "headers": headers}))
+    finally:
+        RequestResponseCycle.send = original  # type: ignore[method-assign]
+    assert sent == []
+    head = b"".join(c.transport.written)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nserver: uvicorn\r\n")
+    assert b"\r\nx-tollway-cost-usd: 0.000012345\r\n\r\n" in head
+    assert (c.expected_content_length, c.chunked_encoding) == (321, False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_the_server_runs_its_requests_in_one_pass_cycles() -> None:
+    seen: list[type] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(type(send.__self__))  # the cycle serving this request
+        headers = [(b"content-type", b"text/plain"), (b"x-tollway-tier", b"small")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=OnePassProtocol, lifespan="off", log_level="error"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+            await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):  # keep-alive: later requests reuse the connection
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    assert response.status == 200
+                    assert response.headers["x-tollway-tier"] == "small"
+                    assert await response.read() == b"ok"  # chunked, decoded
+    finally:
+        server.should_exit = True
+        await task
+    assert seen == [OnePassCycle] * 3
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_body_without_length_is_chunked_except_for_head(method: str) -> None:
+    ours, theirs = asyncio.run(
+        start_both([(b"content-type", b"text/event-stream")], 200, method, True)
+    )[::-1]
+    assert ours == theirs
+    assert (b"transfer-encoding: chunked" in ours[0]) == (method == "GET")
