@@ -75,8 +75,8 @@ class UsageLedger:
         retention_days: int = 400,
         on_lost: Callable[[int], None] = _ignore_lost,
         max_queue: int = 100_000,
-        batch_size: int = 500,
-        linger_s: float = 0.2,
+        batch_size: int = 5000,
+        linger_s: float = 1.0,
         stream_maxlen: int = 1_000_000,
         write_budget_s: float = 2.0,
         query_budget_s: float = 10.0,
@@ -186,10 +186,10 @@ class UsageLedger:
                 await self._wake.wait()
                 continue
             if len(self._queue) < self.batch_size and not self._stopping:
-                # Linger so a busy gateway writes a few large batches a second
-                # instead of a round trip per request: a batch costs ~0.7 ms of
-                # CPU before its first row (redis-py, three EVALs), so 0.2 s
-                # (~400 rows at 2,000 req/s) keeps that under 2 us a request.
+                # Linger so a busy gateway writes one large batch a second instead
+                # of a round trip per request: a batch costs ~0.5 ms of CPU before
+                # its first row (redis-py, three EVALs), so at 1 s (~1,000 rows at
+                # 1,000 req/s) that is under a microsecond a request (bench/RESULTS.md).
                 await asyncio.sleep(self.linger_s)
             taken = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             self._busy = True

@@ -14,7 +14,8 @@ and data are cold (bench/RESULTS.md, the metering runs of 2026-11-23).
 ``GET /metrics`` drains first, so a scrape counts every request answered
 before it; ``stop()`` drains last, before the ledger stops. The usage ledger
 adds its own batching (``cache.ledger``), so ``/v1/usage`` lags the answers
-by up to about 0.3 s. Everything runs on the event loop's thread: no locks.
+by up to about ``ledger.write_interval_s`` (1 s) more. Everything runs on the event
+loop's thread: no locks.
 """
 
 from __future__ import annotations

@@ -88,7 +88,10 @@ class Services:
             cluster=settings.redis.cluster,
         )
         ledger = UsageLedger(
-            redis, retention_days=settings.ledger.retention_days, on_lost=metrics.ledger_write_lost
+            redis,
+            retention_days=settings.ledger.retention_days,
+            on_lost=metrics.ledger_write_lost,
+            linger_s=settings.ledger.write_interval_s,
         )
         budgets = BudgetGuard(settings.budgets, ledger)
         cache = ResponseCache(

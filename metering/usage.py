@@ -13,11 +13,20 @@ than any other step of metering a request (bench/RESULTS.md).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
 
 _USAGE_KEY = b'"usage":'
+# vLLM's usage object as its JSONResponse spells it when no details are set: read
+# by one match, two ints. Any other spelling (details, spaces) is parsed as JSON.
+_VLLM_USAGE = re.compile(
+    rb'"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)'
+    rb'(?:,"prompt_tokens_details":null)?(?:,"completion_tokens_details":null)?\}'
+)
 
 
 class TokenUsage(NamedTuple):
@@ -51,13 +60,16 @@ class TokenUsage(NamedTuple):
 
 
 NO_USAGE = TokenUsage()
+# TokenUsage((prompt, completion, cached)) without the Python-level ``__new__``: the hot path's.
+_usage: Callable[[tuple[int, int, int]], TokenUsage] = partial(tuple.__new__, TokenUsage)
 
 
 def usage_in(body: bytes) -> TokenUsage | None:
     """The ``usage`` of a JSON completion, parsed alone; None when it is not found plainly.
 
     Takes the last ``"usage":`` (inside a JSON string every quote is escaped,
-    so these bytes are a key) and parses from there to the closing brace that
+    so these bytes are a key); vLLM's plain spelling is read by a regular
+    expression, anything else parsed from there to the closing brace that
     balances the braces before it (usage objects hold numbers, null and nested
     objects, no strings with braces; one that did would fail to parse). None
     (absent, ``null``, an odd shape) means: parse the whole body instead.
@@ -65,6 +77,9 @@ def usage_in(body: bytes) -> TokenUsage | None:
     at = body.rfind(_USAGE_KEY)
     if at < 0:
         return None
+    plain = _VLLM_USAGE.match(body, at)
+    if plain is not None:
+        return _usage((int(plain[1]), int(plain[2]), 0))
     start = at + len(_USAGE_KEY)
     end = body.find(b"}", start)
     while end >= 0 and body.count(b"{", start, end) > body.count(b"}", start, end) + 1:

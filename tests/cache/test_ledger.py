@@ -377,3 +377,21 @@ async def test_a_report_that_cannot_be_recorded_is_lost_not_raised(
     assert await ledger.flush()
     assert (ledger.lost, ledger.written) == (1, 1)
     assert (await query(ledger, "tenant"))["acme"].requests == 1
+
+
+async def test_a_tab_in_a_request_id_is_written_as_a_space(
+    make_ledger: MakeLedger, redis_url: str
+) -> None:
+    # The batch no longer spells one tab-separated entry per report: it is written
+    # entry by entry, and every report still lands, each in its own entry.
+    ledger = await make_ledger(redis_url)
+    odd = dataclasses.replace(report(), request_id="req\twith\ttabs")
+    ledger.record_many([report(), odd, report()])
+    assert await ledger.flush()
+    assert (ledger.lost, ledger.written) == (0, 3)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        entries = [fields for _, fields in client.xrange(ledger.stream_key())]
+    assert len(entries) == 3
+    assert entries[1]["request_id"] == "req with tabs"
+    assert all(tuple(fields) == STREAM_FIELDS for fields in entries)
+    assert (await query(ledger, "tenant"))["acme"].requests == 3
