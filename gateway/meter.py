@@ -27,7 +27,7 @@ from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
 from metering.money import ratio, to_nanos
 from metering.pricing import Cost, GpuTariff, TokenPrices, price_tokens
-from metering.report import FREE, RequestReport
+from metering.report import FREE, RequestReport, to_micros
 from metering.telemetry import Content, RequestSpan
 from metering.usage import NO_USAGE, TokenUsage
 from router.table import Decision
@@ -105,7 +105,7 @@ class Meter:
         decision = ctx.decision
         tier = decision.tier
         bill = ctx.bill
-        gpu_us = round(bill.gpu_seconds * 1_000_000)  # what the header prints, and is priced
+        gpu_us = to_micros(bill.gpu_seconds)  # what the header prints, and what is priced
         cache = ctx.cache
         if cache in FREE:
             cost = Cost.FREE

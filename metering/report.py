@@ -61,6 +61,14 @@ def _nanos_bytes(nanos: int) -> bytes:
     return b"%d.%09d" % divmod(nanos, NANOS_PER_USD)
 
 
+def to_micros(seconds: float) -> int:
+    """Whole micro-units of ``seconds``, rounded; 0 for NaN or an infinity (never raises)."""
+    try:
+        return round(seconds * MICROS)
+    except (ValueError, OverflowError):  # NaN, inf: a bug upstream must not fail a request
+        return 0
+
+
 def fmt_micros(micros: int) -> str:
     """Micro-units with six decimals, as the GPU-seconds header prints them."""
     whole, frac = divmod(micros, MICROS)
