@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from itertools import groupby, repeat
 from operator import attrgetter, floordiv, itemgetter
 
-from metering.report import RequestReport
+from metering.report import FIGURES, RequestReport
 
 METRICS = (
     "requests",
@@ -148,14 +148,8 @@ _ENTRY = attrgetter(
     "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
 )  # fmt: skip
 _LINE = "%.6f\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
-# What the hashes sum per group, in METRICS order after "requests".
-_FIGURES = tuple(
-    attrgetter(name)
-    for name in (
-        "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
-        "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
-    )
-)  # fmt: skip
+# What the hashes sum per group: ``FIGURES`` is in METRICS order after "requests".
+_FIGURES = FIGURES
 _AT = attrgetter("finished_at")
 _GROUP = attrgetter("tenant", "tier", "model", "cache")
 _KEY = itemgetter(0)

@@ -151,7 +151,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from metering.money import NANOS_PER_USD
 from metering.occupancy import OccupancySnapshot
 from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
-from metering.report import FREE, MICROS, RequestReport
+from metering.report import FIGURES, FREE, MICROS, RequestReport
 
 log = logging.getLogger(__name__)
 
@@ -270,13 +270,7 @@ class _ReplicaCollector:
 
 # A report's labels, and its figures, read by C-level getters (``observe_requests``).
 _LABELS = attrgetter("tier", "model", "tenant", "status", "cache")
-_PROMPT = attrgetter("usage.prompt_tokens")
-_COMPLETION = attrgetter("usage.completion_tokens")
-_CACHED = attrgetter("usage.cached_prompt_tokens")
-_GPU_US = attrgetter("gpu_us")
-_MARGINAL = attrgetter("cost.marginal_nanos")
-_LOADED = attrgetter("cost.loaded_nanos")
-_SAVED = attrgetter("saved_nanos")
+_PROMPT, _COMPLETION, _CACHED, _GPU_US, _MARGINAL, _LOADED, _SAVED = FIGURES
 _ATTEMPTS = attrgetter("attempts")
 _DURATION = attrgetter("duration_s")
 _TTFT = attrgetter("ttft_s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 from metering.money import NANOS_PER_USD, fmt_nanos, from_nanos
@@ -69,12 +70,6 @@ def to_micros(seconds: float) -> int:
         return 0
 
 
-def fmt_micros(micros: int) -> str:
-    """Micro-units with six decimals, as the GPU-seconds header prints them."""
-    whole, frac = divmod(micros, MICROS)
-    return f"{whole}.{frac:06d}"
-
-
 @dataclass(slots=True)
 class RequestReport:
     # gateway/meter.py builds this positionally (one call per request): keep the order.
@@ -102,11 +97,6 @@ class RequestReport:
     @property
     def gpu_seconds(self) -> float:
         return self.gpu_us / MICROS
-
-    @property
-    def gpu_seconds_text(self) -> str:
-        """The GPU-seconds as the header prints them: six decimals."""
-        return fmt_micros(self.gpu_us)
 
     @property
     def free(self) -> bool:
@@ -143,16 +133,8 @@ class RequestReport:
             (_B_PROMPT, b"%d" % usage[0]),
             (_B_COMPLETION, b"%d" % usage[1]),
             (_B_GPU, b"%d.%06d" % divmod(self.gpu_us, MICROS)),
-            (
-                _B_COST,
-                _nanos_bytes(marginal)
-                if marginal < 0
-                else b"%d.%09d" % divmod(marginal, NANOS_PER_USD),
-            ),
-            (
-                _B_LOADED,
-                _nanos_bytes(loaded) if loaded < 0 else b"%d.%09d" % divmod(loaded, NANOS_PER_USD),
-            ),
+            (_B_COST, _nanos_bytes(marginal)),
+            (_B_LOADED, _nanos_bytes(loaded)),
         ]
         if usage[2]:
             out.append((_B_CACHED, b"%d" % usage[2]))
@@ -175,3 +157,15 @@ class RequestReport:
             "cost_saved_usd": fmt_nanos(self.saved_nanos) if self.cache in FREE else None,
             "cache": self.cache,
         }
+
+
+# A report's summed figures as C-level getters, for the batch sums of Prometheus and
+# the ledger: tokens (prompt, completion, cached), micro-GPU-seconds, nano-dollars
+# (marginal, loaded, saved), in this order.
+FIGURES = tuple(
+    attrgetter(name)
+    for name in (
+        "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
+        "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
+    )
+)  # fmt: skip
