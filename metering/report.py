@@ -22,10 +22,10 @@ from operator import attrgetter
 from typing import Any
 
 from metering.money import NANOS_PER_USD, fmt_nanos, from_nanos
-from metering.pricing import Cost
+from metering.pricing import MICROS_PER_SECOND, Cost
 from metering.usage import NO_USAGE, TokenUsage
 
-MICROS = 1_000_000  # gpu_us per GPU-second
+MICROS = MICROS_PER_SECOND  # gpu_us per GPU-second
 FREE = frozenset({"hit", "coalesced", "replay"})  # cache statuses served without the model
 
 HEADER_PREFIX = "x-tollway-"
