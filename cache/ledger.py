@@ -319,5 +319,5 @@ class UsageLedger:
         result = await self.redis.call("ledger.spend", read, None)
         if result is None:
             return None
-        day, month = (Cost(from_nanos(_int(m)), from_nanos(_int(lo))) for m, lo in result)
+        day, month = (Cost.of_usd(from_nanos(_int(m)), from_nanos(_int(lo))) for m, lo in result)
         return WindowSpend(day, month)

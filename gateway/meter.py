@@ -26,8 +26,8 @@ from gateway.recorder import Recorder
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
 from metering.money import ratio, to_nanos
-from metering.pricing import Cost, GpuTariff, TokenPrices, price_tokens
-from metering.report import FREE, RequestReport, to_micros
+from metering.pricing import NO_COST, GpuTariff, TokenPrices, price_tokens
+from metering.report import FREE, RequestReport, report_of, to_micros
 from metering.telemetry import Content, RequestSpan
 from metering.usage import NO_USAGE, TokenUsage
 from router.table import Decision
@@ -108,11 +108,11 @@ class Meter:
         gpu_us = to_micros(bill.gpu_seconds)  # what the header prints, and what is priced
         cache = ctx.cache
         if cache in FREE:
-            cost = Cost.FREE
+            cost = NO_COST
         elif (prices := self.token_prices.get(tier)) is not None:
             cost = price_tokens(usage.prompt_tokens, usage.completion_tokens, prices, self.overhead)
         elif replica is None:
-            cost = Cost.FREE  # nothing ran: no replica was reached
+            cost = NO_COST  # nothing ran: no replica was reached
         else:
             meter = replica.meter
             tariff = self._tariffs.get(replica.url)
@@ -120,9 +120,7 @@ class Meter:
                 tariff = self._tariffs[replica.url] = GpuTariff(meter.hourly, self.overhead)
             cost = tariff.price(gpu_us, meter.idle_per_busy(now))
         first = ctx.first_token_at
-        # Positional, in field order: a keyword call of nineteen arguments cost
-        # three times as much, once per request.
-        report = RequestReport(
+        report = report_of((
             ctx.request_id,
             ctx.tenant,
             tier,
@@ -142,7 +140,7 @@ class Meter:
             tuple(finish_reasons) if finish_reasons else (),
             response_id,
             error_type,
-        )
+        ))  # fmt: skip
         span = ctx.span
         if span is not None and span.traced and self.on_span is not None:
             self._call(self.on_span, report, ctx)  # a sampled request's span

@@ -112,7 +112,7 @@ class Pipeline:
             operation=endpoint.operation,
             request_model=parsed.model,
             request_params=body,
-            parent_headers=request.headers,
+            parent_headers=request.scope["headers"],  # a list, once ``request.headers`` is read
         )
         try:
             with span.child("tollway.route"):

@@ -10,27 +10,33 @@
   idle ``idle`` GPU-seconds while busy ``busy``, so each busy GPU-second carries
   ``idle / busy`` idle GPU-seconds with it. The window is the caller's
   (``metering.utilisation``); a replica idle all window long gives its only
-  request the whole window's idle cost, which is what it really cost.
+  request the whole window's idle cost, which is what it really cost. The
+  share is priced in whole millionths (``idle_millionths``): finer than any
+  window measures it, and it keeps the hot path's divisors small.
 
 Arithmetic: every input is turned into an exact integer ratio (a float's
-exact binary value, a configured Decimal's exact decimal value), the product
-is formed in integers and rounded once, half to even, to nano-dollars
-(``metering.money``). No float and no Decimal context touches a result, and a
-price costs about a microsecond instead of the ~12 of the same sums in
-Decimal (measured; it runs on every request).
+exact binary value, a configured Decimal's exact decimal value, the idle
+share's millionths), the product is formed in integers and rounded once, half
+to even, to nano-dollars (``metering.money``). No float and no Decimal context
+touches a result, and a price costs a fraction of the same sums in Decimal
+(measured; it runs on every request).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import ClassVar
+from functools import partial
+from typing import NamedTuple
 
 from metering.money import NANOS_PER_USD, Ratio, from_nanos, ratio, round_half_even, to_nanos
 
 SECONDS_PER_HOUR = 3600
 MICROS_PER_SECOND = 1_000_000
 PER_MTOK = 1_000_000
+IDLE_SCALE = 1_000_000  # the idle share is priced in whole millionths
 DEFAULT_OVERHEAD = Decimal("1.25")
 
 
@@ -40,34 +46,21 @@ class TokenPrices:
     output_usd_per_mtok: Decimal
 
 
-class Cost:
-    """Marginal and fully loaded dollars of one request, held as integer nano-dollars.
+class Cost(NamedTuple):
+    """Marginal and fully loaded dollars of one request, as integer nano-dollars.
 
-    ``Cost(marginal, loaded)`` takes Decimal dollars (quantized to nano-dollars);
-    ``Cost.of_nanos`` takes the integers the hot path computes. ``marginal`` and
-    ``loaded`` give Decimals back for the edges (budgets, the usage API).
+    A tuple, made once per request: ``Cost(marginal_nanos, loaded_nanos)``.
+    ``Cost.of_usd`` takes Decimal dollars (quantized to nano-dollars);
+    ``marginal`` and ``loaded`` give Decimals back for the edges (budgets,
+    the usage API).
     """
 
-    __slots__ = ("loaded_nanos", "marginal_nanos")
-
-    FREE: ClassVar[Cost]  # nothing charged (set below)
-    marginal_nanos: int
-    loaded_nanos: int
-
-    def __init__(self, marginal: Decimal, loaded: Decimal):
-        self.marginal_nanos = to_nanos(marginal)
-        self.loaded_nanos = to_nanos(loaded)
+    marginal_nanos: int = 0
+    loaded_nanos: int = 0
 
     @classmethod
-    def of_nanos(cls, marginal_nanos: int, loaded_nanos: int) -> Cost:
-        cost = cls.__new__(cls)
-        cost.marginal_nanos = marginal_nanos
-        cost.loaded_nanos = loaded_nanos
-        return cost
-
-    @classmethod
-    def free(cls) -> Cost:
-        return cls.FREE
+    def of_usd(cls, marginal: Decimal, loaded: Decimal) -> Cost:
+        return cls(to_nanos(marginal), to_nanos(loaded))
 
     @property
     def marginal(self) -> Decimal:
@@ -77,22 +70,24 @@ class Cost:
     def loaded(self) -> Decimal:
         return from_nanos(self.loaded_nanos)
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Cost):
-            return NotImplemented
-        return (self.marginal_nanos, self.loaded_nanos) == (
-            other.marginal_nanos,
-            other.loaded_nanos,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.marginal_nanos, self.loaded_nanos))
-
     def __repr__(self) -> str:
         return f"Cost(marginal={self.marginal!s}, loaded={self.loaded!s})"
 
 
-Cost.FREE = Cost.of_nanos(0, 0)
+NO_COST = Cost()  # nothing charged
+# Cost((marginal, loaded)) without the Python-level ``__new__``: the hot path's.
+_cost: Callable[[tuple[int, int]], Cost] = partial(tuple.__new__, Cost)
+
+
+def idle_millionths(idle_per_busy: float) -> int:
+    """The idle share priced: whole millionths of an idle GPU-second per busy one.
+
+    0 for a share that is not a positive finite number (NaN, an infinity: a
+    bug upstream must not fail a request).
+    """
+    if 0 < idle_per_busy < math.inf:  # False for NaN
+        return round(idle_per_busy * IDLE_SCALE)
+    return 0
 
 
 def gpu_cost(gpu_seconds: float, gpu_hourly_usd: Decimal) -> Decimal:
@@ -104,54 +99,62 @@ def token_cost(prompt_tokens: int, completion_tokens: int, prices: TokenPrices) 
 
 
 def price_gpu(gpu_seconds: float, hourly: Ratio, idle_per_busy: float, factor: Ratio) -> Cost:
-    """The hot path's price: ``hourly`` and ``factor`` already exact ratios (``money.ratio``).
+    """The reference price: ``hourly`` and ``factor`` exact ratios (``money.ratio``).
 
     marginal = GPU-seconds x hourly / 3600; loaded = marginal x (1 + idle) x factor,
-    each rounded once from the exact product.
+    with idle in whole millionths (``idle_millionths``), each rounded once from the
+    exact product.
     """
     gn, gd = gpu_seconds.as_integer_ratio()
     num = gn * hourly[0] * NANOS_PER_USD
     den = gd * hourly[1] * SECONDS_PER_HOUR
     marginal = round_half_even(num, den)
     fn, fd = factor
-    if idle_per_busy > 0:  # also False for NaN
-        inum, iden = idle_per_busy.as_integer_ratio()
-        return Cost.of_nanos(marginal, round_half_even(num * (iden + inum) * fn, den * iden * fd))
-    return Cost.of_nanos(marginal, round_half_even(num * fn, den * fd))
+    idle = idle_millionths(idle_per_busy)
+    loaded = round_half_even(num * (IDLE_SCALE + idle) * fn, den * IDLE_SCALE * fd)
+    return Cost(marginal, loaded)
 
 
 class GpuTariff:
     """One replica's GPU price and the overhead factor, pre-multiplied for the hot path.
 
     ``price(gpu_us, idle_per_busy)`` is ``price_gpu`` of ``gpu_us / 1e6``
-    GPU-seconds (what the header prints, so a reader can redo the sum) with
-    fewer big multiplications and no calls: it runs once per request.
+    GPU-seconds (what the header prints, so a reader can redo the sum). It runs
+    once per request, so its ratios are kept in lowest terms (small divisors
+    divide in one machine step) and the loaded ratio is remade only when the
+    idle share changes (the replica's window keeps one for a while).
     """
 
-    __slots__ = ("_loaded", "_marginal")
+    __slots__ = ("_base", "_idle", "_loaded", "_marginal")
 
     def __init__(self, hourly: Ratio, factor: Ratio):
         hn, hd = hourly
         per = SECONDS_PER_HOUR * MICROS_PER_SECOND  # hourly price -> per micro-GPU-second
-        self._marginal = (hn * NANOS_PER_USD, hd * per)
-        self._loaded = (hn * NANOS_PER_USD * factor[0], hd * per * factor[1])
+        self._marginal = _lowest(hn * NANOS_PER_USD, hd * per)
+        self._base = (hn * NANOS_PER_USD * factor[0], hd * per * factor[1])
+        self._idle = 0.0
+        self._loaded = _lowest(*self._base)
 
     def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
+        if idle_per_busy != self._idle:  # also for NaN, which prices as 0
+            idle = idle_millionths(idle_per_busy)
+            bn, bd = self._base
+            self._loaded = _lowest(bn * (IDLE_SCALE + idle), bd * IDLE_SCALE)
+            self._idle = idle_per_busy
         mn, md = self._marginal
-        ln, ld = self._loaded
-        num, den = gpu_us * mn, md
-        marginal, rest = divmod(num, den)
-        if 2 * rest > den or (2 * rest == den and marginal & 1):
+        marginal, rest = divmod(gpu_us * mn, md)
+        if 2 * rest > md or (2 * rest == md and marginal & 1):
             marginal += 1
-        if idle_per_busy > 0:  # also False for NaN
-            inum, iden = idle_per_busy.as_integer_ratio()
-            num, den = gpu_us * ln * (iden + inum), ld * iden
-        else:
-            num, den = gpu_us * ln, ld
-        loaded, rest = divmod(num, den)
-        if 2 * rest > den or (2 * rest == den and loaded & 1):
+        ln, ld = self._loaded
+        loaded, rest = divmod(gpu_us * ln, ld)
+        if 2 * rest > ld or (2 * rest == ld and loaded & 1):
             loaded += 1
-        return Cost.of_nanos(marginal, loaded)
+        return _cost((marginal, loaded))
+
+
+def _lowest(numerator: int, denominator: int) -> Ratio:
+    common = math.gcd(numerator, denominator) or 1
+    return numerator // common, denominator // common
 
 
 def _token_nanos(prompt_tokens: int, completion_tokens: int, prices: TokenPrices) -> int:
@@ -168,7 +171,7 @@ def price_tokens(
 ) -> Cost:
     """A token-priced tier: tokens x prices; loaded = the rounded marginal x ``factor``."""
     marginal = _token_nanos(prompt_tokens, completion_tokens, prices)
-    return Cost.of_nanos(marginal, round_half_even(marginal * factor[0], factor[1]))
+    return Cost(marginal, round_half_even(marginal * factor[0], factor[1]))
 
 
 def price_request(

@@ -16,13 +16,14 @@ come from the validated configuration and request ids from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from decimal import Decimal
+from functools import partial
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from metering.money import NANOS_PER_USD, fmt_nanos, from_nanos
-from metering.pricing import MICROS_PER_SECOND, Cost
+from metering.pricing import MICROS_PER_SECOND, NO_COST, Cost
 from metering.usage import NO_USAGE, TokenUsage
 
 MICROS = MICROS_PER_SECOND  # gpu_us per GPU-second
@@ -70,9 +71,8 @@ def to_micros(seconds: float) -> int:
         return 0
 
 
-@dataclass(slots=True)
-class RequestReport:
-    # gateway/meter.py builds this positionally (one call per request): keep the order.
+class RequestReport(NamedTuple):
+    # gateway/meter.py builds this from one tuple in field order (``report_of``): keep it.
 
     request_id: str
     tenant: str
@@ -81,7 +81,7 @@ class RequestReport:
     operation: str
     usage: TokenUsage = NO_USAGE
     gpu_us: int = 0  # micro-GPU-seconds, every attempt's share
-    cost: Cost = Cost.FREE
+    cost: Cost = NO_COST
     cache: str = "miss"  # miss | hit | bypass | coalesced | replay
     saved_nanos: int = 0  # what a free answer (``cache`` in FREE) would have cost
     replica: str = ""  # the last attempt's vLLM replica; "" when none was reached
@@ -158,6 +158,9 @@ class RequestReport:
             "cache": self.cache,
         }
 
+
+# RequestReport((field, ...)) without the Python-level ``__new__``: the hot path's.
+report_of: Callable[[tuple[Any, ...]], RequestReport] = partial(tuple.__new__, RequestReport)
 
 # A report's summed figures as C-level getters, for the batch sums of Prometheus and
 # the ledger: tokens (prompt, completion, cached), micro-GPU-seconds, nano-dollars

@@ -6,21 +6,24 @@ is unsampled. The SDK only decides inside ``Tracer.start_span``, after it has
 generated ids, built a ``SpanContext`` and a ``NonRecordingSpan``, and the
 upstream call then needs a context and a propagator to spell the header
 (about 20 us per request, measured with bench/metering). So for a root span
-(no incoming ``traceparent``, no current span) ``RootSampler`` asks the
-tracer's own sampler first, with a trace id from the tracer's own id
-generator:
+(no incoming ``traceparent``, no current span) of the SDK's own
+``RandomIdGenerator`` (what the ``OTEL_*`` variables build), ``RootSampler``
+applies the tracer's sampler's rule first, to the random low 64 bits of a
+trace id that does not exist yet:
 
-- dropped: the caller keeps two integers (trace id, span id) and writes the
-  ``traceparent`` itself; no OpenTelemetry object is made;
-- sampled: the same trace id is handed to the SDK (``HandOffIds``), which
-  asks the same sampler again with it, so a deterministic sampler (ratio,
-  always on/off, parent-based) decides the same; the span is a real SDK span.
+- dropped: nothing is made, not even ids. If the request goes to vLLM, its
+  ``traceparent`` is drawn then (``dropped_traceparent``): random ids among
+  those the rule drops, flagged unsampled;
+- sampled: a trace id with those low bits is handed to the SDK
+  (``HandOffIds``), which asks the same sampler again with it, so a
+  deterministic sampler (ratio, always on/off, parent-based) decides the
+  same; the span is a real SDK span.
 
-For the SDK's own samplers the first question is answered by their rule
-(``_root_bound``: a ratio sampler keeps a trace id whose low 64 bits are below
-its bound; always-on and always-off are bounds too) instead of
+The rule (``_root_bound``: a ratio sampler keeps a trace id whose low 64 bits
+are below its bound; always-on and always-off are bounds too) stands in for
 ``should_sample``, which builds a ``SamplingResult`` and looks up the current
-context; any other sampler is asked.
+context. Any other sampler, and any other id generator, is asked as the SDK
+would.
 
 Requests that carry a ``traceparent`` take the SDK's path unchanged: the
 parent's flags decide (``parentbased_*``).
@@ -99,7 +102,7 @@ class RootSampler:
     Built only for an SDK ``Tracer`` (the only kind whose sampler and id
     generator can be read); it swaps that tracer's id generator for a
     ``HandOffIds`` around the original. Everything runs on the event loop's
-    thread. Use: ``presample()`` first; if it returns None, ``start()`` at once.
+    thread. Use: ``presample()`` first; if it returns False, ``start()`` at once.
     """
 
     def __init__(self, tracer: LiteTracer):
@@ -108,31 +111,46 @@ class RootSampler:
         self._ids = ids if isinstance(ids, HandOffIds) else HandOffIds(ids)
         tracer.id_generator = self._ids
         self._flags = "02" if self._ids.is_trace_id_random() else "00"  # W3C RANDOM_TRACE_ID
-        self._bound = _root_bound(tracer.sampler)
-        self._random = type(self._ids.inner) is RandomIdGenerator
+        self._flags_suffix = "-" + self._flags
+        # The rule is applied here only for the SDK's RandomIdGenerator (the one the
+        # OTEL_* variables give): a dropped root's ids are drawn when they are needed.
+        random_ids = type(self._ids.inner) is RandomIdGenerator
+        self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
 
-    def presample(self) -> str | None:
-        """The root's ``traceparent`` if the sampler's rule drops it (nothing else is built).
+    def presample(self) -> bool:
+        """True if the sampler's rule drops this root: nothing is built, not even its ids.
 
-        None: ``start()`` must follow; when the rule kept the root, its trace id
-        is already handed to the SDK. Unknown samplers, and a context that holds
-        anything (a current span, baggage), are left to ``start()``.
+        A dropped root's ``traceparent``, if vLLM is to be told, comes from
+        ``dropped_traceparent``. False: ``start()`` must follow; when the rule
+        kept the root, its trace id is already handed to the SDK. Unknown
+        samplers, other id generators and a context that holds anything (a
+        current span, baggage) are left to ``start()``.
         """
         bound = self._bound
         if bound is None or context.get_current():
-            return None
-        ids = self._ids
-        if self._random:  # the SDK's RandomIdGenerator, without its method calls
-            trace_id = getrandbits(128) or ids.inner.generate_trace_id()
-        else:
-            trace_id = ids.inner.generate_trace_id()
-        if trace_id & _LOW_64 < bound:
-            ids.hand(trace_id)
-            self._armed = True
-            return None
-        span_id = getrandbits(64) if self._random else 0
-        return f"00-{trace_id:032x}-{span_id or ids.inner.generate_span_id():016x}-{self._flags}"
+            return False
+        low = getrandbits(64)  # a ratio sampler decides on a trace id's low 64 bits
+        if low >= bound:
+            return True
+        trace_id = getrandbits(64) << 64 | low
+        self._ids.hand(trace_id or self._ids.inner.generate_trace_id())
+        self._armed = True
+        return False
+
+    def dropped_traceparent(self) -> str:
+        """A ``traceparent`` for a root ``presample`` dropped: fresh random ids, unsampled.
+
+        Its trace id is drawn among those the sampler drops (low 64 bits at or
+        over the bound), as the root's own would have been, so a downstream
+        sampler of the same ratio agrees.
+        """
+        bound = self._bound or 0
+        while True:
+            bits = getrandbits(192)  # the trace id (high 128 bits), then the span id
+            if bits >> 64 & _LOW_64 >= bound and bits & _LOW_64 and bits >> 64:
+                # "00-<32 hex: trace id>-<16 hex: span id>-<flags>", spelled in C
+                return "00-" + bits.to_bytes(24).hex("-", -16) + self._flags_suffix
 
     def start(
         self, name: str, kind: SpanKind, attributes: Mapping[str, Any]

@@ -36,7 +36,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,7 +65,27 @@ TRACER_NAME = "tollway.metering.telemetry"
 FailureHook = Callable[[str], None]
 
 _W3C = TraceContextTextMapPropagator()
+_TRACEPARENT = "traceparent"
+_RAW_TRACEPARENT = b"traceparent"
+_NAME = itemgetter(0)
 _LOG_EVERY_S = 60.0
+
+
+ParentHeaders = Mapping[str, str] | Sequence[tuple[bytes, bytes]]
+
+
+def _has_traceparent(headers: ParentHeaders) -> bool:
+    """Whether the client sent one; raw ASGI header lines are looked through in C."""
+    if isinstance(headers, list | tuple):
+        return _RAW_TRACEPARENT in map(_NAME, headers)
+    return _TRACEPARENT in headers
+
+
+def _carrier(headers: ParentHeaders) -> Mapping[str, str]:
+    """The headers as the W3C propagator reads them: a mapping of lower-case names."""
+    if isinstance(headers, Mapping):
+        return headers
+    return {bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1") for k, v in headers}
 
 
 class _Failures:
@@ -377,6 +398,41 @@ class RequestSpan:
             self._end(self._span)
 
 
+class _DroppedCall(Step):
+    """The upstream call of a dropped root: no span; its ``traceparent`` drawn per attempt."""
+
+    __slots__ = ("_roots",)
+
+    def __init__(self, roots: RootSampler):
+        super().__init__()
+        self._roots = roots
+
+    def inject_headers(self, headers: dict[str, str]) -> None:
+        headers["traceparent"] = self._roots.dropped_traceparent()
+
+
+class _DroppedRoot(RequestSpan):
+    """Every root the sampler dropped: no span, and one object for all of them.
+
+    Most requests are this, so nothing is built per request: every method of
+    ``RequestSpan`` it does not override returns at once when ``_span`` is
+    None, and its upstream call draws a fresh unsampled ``traceparent`` for
+    each attempt (``RootSampler.dropped_traceparent``).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, telemetry: Telemetry, roots: RootSampler):
+        super().__init__(telemetry, None, "", _DroppedCall(roots))
+
+    def child(self, name: str) -> Step:
+        return _INERT_STEP
+
+    def upstream(self, url: str, *, method: str = "POST", attempt: int = 0) -> Step:
+        assert self._up is not None
+        return self._up
+
+
 class Telemetry:
     """Makes request spans from one tracer provider; with none, everything is inert."""
 
@@ -399,6 +455,7 @@ class Telemetry:
         )
         lite = self._tracer
         self._roots = RootSampler(lite) if isinstance(lite, LiteTracer) else None
+        self._dropped = _DroppedRoot(self, self._roots) if self._roots is not None else None
         self._failed = _Failures(on_failure)
         self._clock = clock
         self._inert = RequestSpan(self, None, "")
@@ -438,20 +495,21 @@ class Telemetry:
         operation: str,
         request_model: str,
         request_params: Mapping[str, Any] | None = None,
-        parent_headers: Mapping[str, str] | None = None,
+        parent_headers: ParentHeaders | None = None,
     ) -> RequestSpan:
-        """Open a request's span. ``parent_headers``, the client's (lower-case names or a
-        case-insensitive mapping), may hold a W3C ``traceparent`` to join."""
+        """Open a request's span. ``parent_headers``, the client's (a mapping of lower-case
+        names, a case-insensitive one, or ASGI's raw lines), may hold a W3C ``traceparent``
+        to join."""
         if self._tracer is None:
             return self._inert
         try:
             parent = None
-            if parent_headers is not None and "traceparent" in parent_headers:
-                parent = _W3C.extract(parent_headers)
+            if parent_headers is not None and _has_traceparent(parent_headers):
+                parent = _W3C.extract(_carrier(parent_headers))
             roots = self._roots if parent is None else None
-            if roots is not None and (dropped := roots.presample()) is not None:
-                # Sampled out: no span, no attributes, only vLLM's traceparent.
-                return RequestSpan(self, None, operation, Step(None, self._failed, dropped))
+            dropped = self._dropped
+            if roots is not None and dropped is not None and roots.presample():
+                return dropped  # no span: vLLM is only told the trace is unsampled
             attributes: dict[str, Any] = {
                 "gen_ai.operation.name": operation,
                 "gen_ai.provider.name": PROVIDER,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +17,7 @@ from cache.ledger import GroupBy, LedgerUnavailable, UsageLedger, UsageRow, tota
 from cache.ledger_write import STREAM_FIELDS
 from cache.redis_client import RedisClient
 from metering.money import from_nanos, to_nanos, usd
-from metering.pricing import Cost
+from metering.pricing import NO_COST, Cost
 from metering.report import RequestReport
 from metering.usage import TokenUsage
 from tests.support.redis_server import run_redis
@@ -60,7 +59,7 @@ def report(
         operation="chat",
         usage=TokenUsage(prompt, completion, cached),
         gpu_us=gpu_us,  # type: ignore[arg-type]
-        cost=Cost(usd(cost), usd(loaded)),
+        cost=Cost.of_usd(usd(cost), usd(loaded)),
         cache=cache,
         saved_nanos=0 if saved is None else to_nanos(usd(saved)),
         replica="http://replica-1",
@@ -73,7 +72,7 @@ def ts(moment: datetime) -> float:
 
 
 def record(ledger: UsageLedger, rep: RequestReport, at: float) -> None:
-    ledger.record(dataclasses.replace(rep, finished_at=at))
+    ledger.record(rep._replace(finished_at=at))
 
 
 @pytest.fixture
@@ -185,11 +184,11 @@ async def test_query_counts_every_hour_overlapping_the_range(populated: UsageLed
 async def test_spend_for_budgets(populated: UsageLedger) -> None:
     spend = await populated.spend("globex", T0 + timedelta(days=1))
     assert spend is not None
-    assert spend.day == Cost(Decimal("0.5"), Decimal("0.75"))
-    assert spend.month == Cost(Decimal("3.5"), Decimal("4.75"))
+    assert spend.day == Cost.of_usd(Decimal("0.5"), Decimal("0.75"))
+    assert spend.month == Cost.of_usd(Decimal("3.5"), Decimal("4.75"))
     nothing = await populated.spend("globex", T0 + timedelta(days=40))
     assert nothing is not None
-    assert nothing.day == nothing.month == Cost.free()
+    assert nothing.day == nothing.month == NO_COST
 
 
 async def test_each_request_is_in_the_stream(populated: UsageLedger, redis_url: str) -> None:
@@ -385,7 +384,7 @@ async def test_a_tab_in_a_request_id_is_written_as_a_space(
     # The batch no longer spells one tab-separated entry per report: it is written
     # entry by entry, and every report still lands, each in its own entry.
     ledger = await make_ledger(redis_url)
-    odd = dataclasses.replace(report(), request_id="req\twith\ttabs")
+    odd = report()._replace(request_id="req\twith\ttabs")
     ledger.record_many([report(), odd, report()])
     assert await ledger.flush()
     assert (ledger.lost, ledger.written) == (0, 3)

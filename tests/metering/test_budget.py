@@ -133,7 +133,7 @@ def test_monthly_only_in_december_resets_in_january() -> None:
 
 
 def test_budgets_count_loaded_cost() -> None:
-    assert budget_amount(Cost(D("0.1"), D("0.3"))) == D("0.3")
+    assert budget_amount(Cost.of_usd(D("0.1"), D("0.3"))) == D("0.3")
 
 
 # -- the local spend view ----------------------------------------------------

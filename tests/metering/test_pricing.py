@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from metering.money import fmt, fmt_nanos, from_nanos, ratio, round_half_even, to_nanos
 from metering.pricing import (
+    NO_COST,
     Cost,
     GpuTariff,
     TokenPrices,
+    idle_millionths,
     price_gpu,
     price_request,
     price_tokens,
@@ -44,7 +46,9 @@ def test_gpu_price_is_the_exact_product_rounded_once(
     cost = price_gpu(gpu_s, ratio(hourly), idle_per_busy, ratio(factor))
     exact = Fraction(gpu_s) * Fraction(hourly) / 3600
     assert cost.marginal_nanos == oracle(exact)
-    assert cost.loaded_nanos == oracle(exact * (1 + Fraction(idle_per_busy)) * Fraction(factor))
+    idle = Fraction(idle_millionths(idle_per_busy), 1_000_000)
+    assert abs(idle - Fraction(idle_per_busy)) <= Fraction(1, 2_000_000)  # priced to millionths
+    assert cost.loaded_nanos == oracle(exact * (1 + idle) * Fraction(factor))
 
 
 @settings(max_examples=300, deadline=None)
@@ -71,13 +75,13 @@ def test_price_request_picks_token_prices_when_the_tier_has_them() -> None:
         completion_tokens=0, token_prices=None, idle_per_busy=1.0,
         overhead_factor=Decimal("1.25"),
     )  # fmt: skip
-    assert by_gpu == Cost(Decimal("2.10"), Decimal("5.25"))  # (2.10 x 2) x 1.25
+    assert by_gpu == Cost.of_usd(Decimal("2.10"), Decimal("5.25"))  # (2.10 x 2) x 1.25
     by_tokens = price_request(
         gpu_seconds=3600.0, gpu_hourly_usd=Decimal("2.10"), prompt_tokens=1_000_000,
         completion_tokens=0, token_prices=TokenPrices(Decimal("0.5"), Decimal("1")),
         idle_per_busy=1.0, overhead_factor=Decimal("1.25"),
     )  # fmt: skip
-    assert by_tokens == Cost(Decimal("0.5"), Decimal("0.625"))
+    assert by_tokens == Cost.of_usd(Decimal("0.5"), Decimal("0.625"))
 
 
 @pytest.mark.parametrize(
@@ -94,12 +98,12 @@ def test_fmt_nanos_spells_what_the_decimal_did(nanos: int) -> None:
 
 
 def test_cost_keeps_nanos_and_gives_decimals_back() -> None:
-    cost = Cost(Decimal("0.000091631"), Decimal("0.000142310"))
+    cost = Cost.of_usd(Decimal("0.000091631"), Decimal("0.000142310"))
     assert (cost.marginal_nanos, cost.loaded_nanos) == (91_631, 142_310)
     assert cost.marginal == Decimal("0.000091631")
-    assert cost == Cost.of_nanos(91_631, 142_310)
-    assert cost != Cost.free()
-    assert to_nanos(Cost.free().loaded) == 0
+    assert cost == Cost(91_631, 142_310)
+    assert cost != NO_COST
+    assert to_nanos(NO_COST.loaded) == 0
 
 
 @settings(max_examples=50, deadline=None)
@@ -119,13 +123,43 @@ def test_a_tariff_prices_as_price_gpu_does(
     """The hot path prices the whole micro-GPU-seconds the header prints, exactly."""
     gpu_us = round(gpu_s * 1_000_000)
     tariff = GpuTariff(ratio(hourly), ratio(factor))
-    exact = gpu_us / 1_000_000  # a float, but price_gpu takes its exact binary value...
-    expected = price_gpu(exact, ratio(hourly), idle_per_busy, ratio(factor))
-    # ...which is within half an ulp of the decimal micro-seconds: the same nanos but
-    # for a product that lands on a rounding tie, where the two may differ by one.
     got = tariff.price(gpu_us, idle_per_busy)
+    # marginal = gpu_us x hourly x 1e9 / (3600 x 1e6), loaded = marginal x (1 + idle)
+    # x factor, each rounded once, half to even, from the exact product.
+    exact = Fraction(gpu_us, 1_000_000) * Fraction(hourly) / 3600
+    idle = Fraction(idle_millionths(idle_per_busy), 1_000_000)
+    assert got.marginal_nanos == oracle(exact)
+    assert got.loaded_nanos == oracle(exact * (1 + idle) * Fraction(factor))
+    # price_gpu of the float nearest gpu_us / 1e6 agrees but for the float's own error,
+    # which the loaded multiplier magnifies: within a nano-dollar per ~1e15 of them.
+    expected = price_gpu(gpu_us / 1_000_000, ratio(hourly), idle_per_busy, ratio(factor))
     assert abs(got.marginal_nanos - expected.marginal_nanos) <= 1
-    assert abs(got.loaded_nanos - expected.loaded_nanos) <= 1
-    # And exactly: marginal = gpu_us x hourly x 1e9 / (3600 x 1e6), rounded half to even.
-    hn, hd = ratio(hourly)
-    assert got.marginal_nanos == round(Fraction(gpu_us * hn * 1_000, hd * 3600))
+    assert abs(got.loaded_nanos - expected.loaded_nanos) <= 1 + got.loaded_nanos // 10**15
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    hourly=prices,
+    factor=factors,
+    calls=st.lists(st.tuples(st.integers(0, 10**11), idle), min_size=1, max_size=30),
+)
+def test_a_tariff_remembers_no_stale_idle_share(
+    hourly: Decimal, factor: Decimal, calls: list[tuple[int, float]]
+) -> None:
+    """One tariff priced many times, the idle share changing or not: as a fresh one each time."""
+    tariff = GpuTariff(ratio(hourly), ratio(factor))
+    for gpu_us, idle_per_busy in calls:
+        fresh = GpuTariff(ratio(hourly), ratio(factor)).price(gpu_us, idle_per_busy)
+        assert tariff.price(gpu_us, idle_per_busy) == fresh
+
+
+@pytest.mark.parametrize(
+    ("share", "millionths"),
+    [(0.0, 0), (0.25, 250_000), (1e-7, 0), (-1.0, 0), (float("nan"), 0), (float("inf"), 0)],
+)
+def test_an_idle_share_that_is_not_a_positive_number_prices_as_none(
+    share: float, millionths: int
+) -> None:
+    assert idle_millionths(share) == millionths
+    cost = GpuTariff(ratio(Decimal("2")), ratio(Decimal("1.25"))).price(3_600_000_000, share)
+    assert cost.loaded_nanos == round(2 * 1.25 * 1_000_000_000 * (1 + millionths / 1e6))

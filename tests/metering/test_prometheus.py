@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from decimal import Decimal
@@ -29,17 +28,17 @@ BASE = RequestReport(
 
 
 def report(**changes: Any) -> RequestReport:
-    return dataclasses.replace(BASE, **changes)
+    return BASE._replace(**changes)
 
 
 def observe(
     m: GatewayMetrics, rep: RequestReport, *, duration_s: float, ttft_s: float | None
 ) -> None:
-    m.observe_requests([dataclasses.replace(rep, duration_s=duration_s, ttft_s=ttft_s)])
+    m.observe_requests([rep._replace(duration_s=duration_s, ttft_s=ttft_s)])
 
 
 def usd(marginal: str, loaded: str) -> Cost:
-    return Cost(Decimal(marginal), Decimal(loaded))
+    return Cost.of_usd(Decimal(marginal), Decimal(loaded))
 
 
 def scrape(metrics: GatewayMetrics) -> dict[str, Series]:

@@ -7,7 +7,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metering.pricing import Cost
+from metering.pricing import NO_COST
 from metering.report import RequestReport, to_micros
 from metering.usage import TokenUsage
 
@@ -32,7 +32,7 @@ def test_a_figure_that_is_not_a_number_becomes_zero_not_an_error() -> None:
 def test_only_a_free_answer_reports_a_saving() -> None:
     miss = RequestReport("r", "t", "small", "m", "chat", saved_nanos=0)
     hit = RequestReport(
-        "r", "t", "small", "m", "chat", TokenUsage(3, 4), cost=Cost.FREE, cache="hit",
+        "r", "t", "small", "m", "chat", TokenUsage(3, 4), cost=NO_COST, cache="hit",
         saved_nanos=1_250,
     )  # fmt: skip
     assert (miss.saved, hit.saved) == (None, Decimal("0.000001250"))

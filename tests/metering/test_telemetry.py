@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from metering.money import to_nanos, usd
-from metering.pricing import Cost
+from metering.pricing import NO_COST, Cost
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan, Telemetry, request_attributes
 from metering.usage import TokenUsage
@@ -99,14 +98,14 @@ def make_report(**changes: Any) -> RequestReport:
         operation="chat",
         usage=TokenUsage(prompt_tokens=120, completion_tokens=30, cached_prompt_tokens=64),
         gpu_us=500_000,
-        cost=Cost(usd("0.000250000"), usd("0.000400000")),
+        cost=Cost.of_usd(usd("0.000250000"), usd("0.000400000")),
         replica="http://10.0.0.5:8000",
         attempts=1,
         status=200,
         finish_reasons=("stop",),
         response_id="chatcmpl-1",
     )
-    return replace(report, **changes)
+    return report._replace(**changes)
 
 
 def run_lifecycle(
@@ -283,7 +282,7 @@ def test_streamed_request(spans: Spans) -> None:
 
 def test_cache_hit_costs_nothing_and_names_no_server(spans: Spans) -> None:
     report = make_report(
-        cost=Cost.free(),
+        cost=NO_COST,
         gpu_us=0,
         cache="hit",
         saved_nanos=to_nanos(usd("0.000250000")),
@@ -321,7 +320,7 @@ def test_failure_sets_error_type_and_status(spans: Spans) -> None:
         finish_reasons=(),
         response_id=None,
         usage=TokenUsage(),
-        cost=Cost.free(),
+        cost=NO_COST,
         gpu_us=0,
         attempts=3,
     )
@@ -486,8 +485,7 @@ def test_telemetry_failures_are_counted_never_raised() -> None:
     failures: list[str] = []
     spans = make_spans(record_content=True, failures=failures)
     span = spans.telemetry.start_request(operation="chat", request_model="auto")
-    broken = make_report()
-    broken.cost = None  # type: ignore[assignment]
+    broken = make_report()._replace(cost=None)
     span.finish(broken, content=Content(CHAT, CHOICES))
 
     span = spans.telemetry.start_request(operation="chat", request_model="auto")
@@ -509,8 +507,7 @@ def test_a_failing_hook_is_contained() -> None:
     span = Telemetry(provider, on_failure=hook).start_request(
         operation="chat", request_model="auto"
     )
-    broken = make_report()
-    broken.usage = None  # type: ignore[assignment]
+    broken = make_report()._replace(usage=None)
     span.finish(broken)
     assert len(exporter.get_finished_spans()) == 1
 
@@ -632,7 +629,7 @@ def test_service_name_from_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cost_amount_is_the_marginal_dollars() -> None:
     spans = make_spans()
-    cost = Cost(Decimal("0.000000123"), Decimal("0.000000200"))
+    cost = Cost.of_usd(Decimal("0.000000123"), Decimal("0.000000200"))
     span = spans.telemetry.start_request(operation="chat", request_model="auto")
     span.finish(make_report(cost=cost))
     (root,) = spans.exporter.get_finished_spans()
