@@ -4,8 +4,10 @@ uvicorn checks each response header line with two regular expressions, lowers
 its name and compares it with three special names, one line at a time: about
 a microsecond a line, and a metered answer carries fourteen of them
 (bench/RESULTS.md, 2026-11-23). ``OnePassCycle.send`` does the same checks on
-all the lines at once: one search over the names, one over the values, the
-special names found by a set intersection, the lines joined in C. It handles
+all the lines at once: the bytes either expression rejects deleted from the
+joined names and from the joined values by ``bytes.translate`` (a length that
+changes means a bad byte), the special names found by a set intersection, the
+lines joined in C. It handles
 the common start of a response; anything else (uppercase names, a
 ``connection`` or ``transfer-encoding`` header, a repeated ``content-length``,
 a paused or closed transport, access logging, every body message) is
@@ -36,6 +38,11 @@ _SPECIAL = frozenset({_CONTENT_LENGTH, b"transfer-encoding", b"connection"})
 _HANDLED = frozenset({_CONTENT_LENGTH})  # the other special names go to uvicorn's loop
 _LINE_END = b"\r\n"
 _NAME_VALUE = b": "
+# The bytes uvicorn's two expressions reject, read off the expressions themselves:
+# ``translate`` deletes them from a copy in one C loop over a 256-entry table, three
+# times cheaper than the expressions' search over the same bytes (measured).
+_BAD_NAME = bytes(b for b in range(256) if HEADER_RE.search(bytes((b,))))
+_BAD_VALUE = bytes(b for b in range(256) if HEADER_VALUE_RE.search(bytes((b,))))
 
 
 class OnePassCycle(RequestResponseCycle):
@@ -55,13 +62,14 @@ class OnePassCycle(RequestResponseCycle):
         names = list(map(_NAME, headers))
         joined = b"".join(names)
         special = _SPECIAL.intersection(names)
+        values = b"\t".join(map(_VALUE, headers))  # a tab is allowed in a value
         if (
             not headers
             or not joined.islower()
             or not special <= _HANDLED
             or names.count(_CONTENT_LENGTH) > 1
-            or HEADER_RE.search(joined)
-            or HEADER_VALUE_RE.search(b"\t".join(map(_VALUE, headers)))  # a tab is allowed
+            or len(joined.translate(None, _BAD_NAME)) != len(joined)
+            or len(values.translate(None, _BAD_VALUE)) != len(values)
         ):
             await super().send(message)  # its checks, its errors, its exact behaviour
             return

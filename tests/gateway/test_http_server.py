@@ -12,9 +12,9 @@ import pytest
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, RequestResponseCycle
 
-from gateway.http_server import OnePassCycle, OnePassProtocol
+from gateway.http_server import _BAD_NAME, _BAD_VALUE, OnePassCycle, OnePassProtocol
 
 
 class Transport:
@@ -67,7 +67,7 @@ async def start_both(
     return outcomes
 
 
-NAMES = st.sampled_from(
+NAMES = st.binary(min_size=1, max_size=4) | st.sampled_from(
     [
         b"content-type",
         b"content-length",
@@ -81,7 +81,7 @@ NAMES = st.sampled_from(
         b"x-\x01",
     ]
 )
-VALUES = st.sampled_from(
+VALUES = st.binary(max_size=4) | st.sampled_from(
     [b"12", b"0", b"application/json", b"0.000123456", b"close", b"chunked", b"a\tb", b"a\nb", b""]
 )
 
@@ -98,6 +98,13 @@ def test_the_head_on_the_wire_is_uvicorns(
 ) -> None:
     ours, theirs = asyncio.run(start_both(headers, status, method, keep_alive))[::-1]
     assert ours == theirs
+
+
+def test_the_bytes_refused_are_uvicorns_own() -> None:
+    for byte in range(256):
+        line = bytes((byte,))
+        assert (byte in _BAD_NAME) == bool(HEADER_RE.search(line))
+        assert (byte in _BAD_VALUE) == bool(HEADER_VALUE_RE.search(line))
 
 
 def test_a_metered_answer_takes_the_one_pass() -> None:
