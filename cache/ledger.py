@@ -127,7 +127,7 @@ class UsageLedger:
         return len(self._queue)
 
     def record(self, report: RequestReport) -> None:
-        """Queue one finished request (dated by its ``finished_at``). Never blocks, never raises.
+        """Queue one finished request (dated by its ``finished_us``). Never blocks, never raises.
 
         The report is read later, by the writer: it must not change after this.
         """

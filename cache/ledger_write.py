@@ -130,7 +130,7 @@ def clean(name: str) -> str:
 # A request's stream entry: these fields, in this order (the values are written
 # by ``build_writes``, the names once per batch).
 STREAM_FIELDS = (
-    "at",
+    "at_us",  # Unix time in whole micro-seconds
     "request_id",
     "tenant",
     "tier",
@@ -143,14 +143,15 @@ STREAM_FIELDS = (
 )
 # The same fields read off a report, and their spelling: one C-level ``%`` per request.
 _ENTRY = attrgetter(
-    "finished_at", "request_id", "tenant", "tier", "model", "operation", "cache", "status",
+    "finished_us", "request_id", "tenant", "tier", "model", "operation", "cache", "status",
     "replica", "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
     "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
 )  # fmt: skip
-_LINE = "%.6f\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
+_LINE = "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
 # What the hashes sum per group: ``FIGURES`` is in METRICS order after "requests".
 _FIGURES = FIGURES
-_AT = attrgetter("finished_at")
+_AT = attrgetter("finished_us")
+_US_PER_HOUR = 3_600_000_000
 _GROUP = attrgetter("tenant", "tier", "model", "cache")
 _KEY = itemgetter(0)
 _REPORT = itemgetter(1)
@@ -238,7 +239,7 @@ def build_writes(
     stream.xadd_many(stream_key(prefix), stream_maxlen, values)
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
-    keys = zip(map(floordiv, map(_AT, batch), repeat(3600)), map(_GROUP, batch), strict=True)
+    keys = zip(map(floordiv, map(_AT, batch), repeat(_US_PER_HOUR)), map(_GROUP, batch), strict=True)
     for (hour_index, (raw_tenant, tier, model, cache)), group in groupby(
         sorted(zip(keys, batch, strict=True), key=_KEY), key=_KEY
     ):
@@ -279,7 +280,7 @@ def _entries_one_by_one(
         try:
             fields = _ENTRY(report)
             line = _LINE % tuple(f.replace(SEP, " ") if isinstance(f, str) else f for f in fields)
-            hour = int(report.finished_at // 3600)
+            hour = report.finished_us // _US_PER_HOUR
             sum(f(report) for f in _FIGURES) + hour  # every figure a number
         except (ArithmeticError, ValueError, TypeError, AttributeError):
             on_bad(report)

@@ -134,7 +134,7 @@ class Meter:
             replica.url if replica else "",
             bill.attempts,
             status,
-            time.time(),
+            time.time_ns() // 1000,
             now - ctx.started,
             None if first is None else first - ctx.started,
             tuple(finish_reasons) if finish_reasons else (),

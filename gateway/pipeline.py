@@ -485,14 +485,19 @@ def _json_object(data: bytes) -> dict[str, Any]:
     return parsed
 
 
-@functools.lru_cache(maxsize=256)  # the tiers' model names
-def _model_key(model: str) -> bytes:
-    return b'"model":' + orjson.dumps(model)
+_MODEL_KEY = b'"model":'
+_model_keys: dict[str, bytes] = {}  # the tiers' model names, as vLLM spells the key and value
 
 
 def _names(body: bytes, model: str) -> bool:
     """Whether the completion's first ``"model"`` key is ``model``, as vLLM spells JSON."""
-    return body.find(_model_key(model)) == body.find(b'"model":') >= 0
+    key = _model_keys.get(model)
+    if key is None:
+        if len(_model_keys) >= 256:  # bounded: names come from the configuration
+            _model_keys.clear()
+        key = _model_keys[model] = _MODEL_KEY + orjson.dumps(model)
+    at = body.find(_MODEL_KEY)
+    return at >= 0 and body.startswith(key, at)
 
 
 def _finish_reasons(completion: dict[str, Any]) -> list[str]:

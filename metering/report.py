@@ -87,7 +87,7 @@ class RequestReport(NamedTuple):
     replica: str = ""  # the last attempt's vLLM replica; "" when none was reached
     attempts: int = 0
     status: int = 200
-    finished_at: float = 0.0  # Unix time
+    finished_us: int = 0  # Unix time in whole micro-seconds
     duration_s: float = 0.0  # arrival to last byte
     ttft_s: float | None = None  # arrival to first token (streams)
     finish_reasons: tuple[str, ...] = ()  # these two only span attributes read: a

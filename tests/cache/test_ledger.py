@@ -63,7 +63,7 @@ def report(
         cache=cache,
         saved_nanos=0 if saved is None else to_nanos(usd(saved)),
         replica="http://replica-1",
-        finished_at=ts(at),
+        finished_us=round(ts(at) * 1_000_000),
     )
 
 
@@ -72,7 +72,7 @@ def ts(moment: datetime) -> float:
 
 
 def record(ledger: UsageLedger, rep: RequestReport, at: float) -> None:
-    ledger.record(rep._replace(finished_at=at))
+    ledger.record(rep._replace(finished_us=round(at * 1_000_000)))
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ async def test_each_request_is_in_the_stream(populated: UsageLedger, redis_url: 
     assert (fields["tier"], fields["model"], fields["status"]) == ("small", "m-small", "200")
     assert fields["cost_nanos"] == str(to_nanos(Decimal("0.1")))
     assert fields["saved_nanos"] == "0"  # a miss saved nothing
-    assert float(fields["at"]) == pytest.approx(ts(T0))
+    assert int(fields["at_us"]) == round(ts(T0) * 1_000_000)
     assert fields["request_id"].startswith("req-")
 
 
