@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from itertools import groupby, repeat
 from operator import attrgetter, floordiv, itemgetter
+from typing import Any
 
 from metering.report import FIGURES, RequestReport
 
@@ -52,12 +53,14 @@ MARKER_TTL_S = 86_400
 
 # Applies one batch's writes for one hash tag, unless this writer's batch
 # number ARGV[2] was already applied there. Ops follow ARGV[3] (the marker TTL):
-# h key field n | s key member | e key ttl | x key maxlen width name1..nameW "v1\tv2\t..."
-# where key is an index into KEYS. A batch's stream entries travel as one
-# tab-terminated string of values, an entry every ``width`` of them, paired
-# here with the ``width`` field names sent once: one argument per batch instead
-# of thirty-two per request, and no field names repeated per request, was most
-# of the writer's CPU.
+# h key field n | s key member | e key ttl
+# | x key maxlen width name1..nameW count cname1 cvalue1..cnameC cvalueC "v1\tv2\t..."
+# where key is an index into KEYS. A group of stream entries (requests that
+# share the ``count`` common fields: tenant, tier, model...) travels as one
+# tab-terminated string of their own values, an entry every ``width`` of them,
+# paired here with the ``width`` field names sent once, the common fields added
+# to each: one argument per group instead of thirty-two per request, and nothing
+# repeated per request that the group shares, was most of the writer's CPU.
 APPLY = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end
@@ -78,7 +81,10 @@ while i <= n do
   elseif op == 'x' then
     local width, fields, n = tonumber(ARGV[i + 3]), {}, 0
     for j = 1, width do fields[2 * j - 1] = ARGV[i + 3 + j] end
-    for value in string.gmatch(ARGV[i + 4 + width], '([^\t]*)\t') do
+    local c = i + 4 + width
+    local common = 2 * tonumber(ARGV[c])
+    for j = 1, common do fields[2 * width + j] = ARGV[c + j] end
+    for value in string.gmatch(ARGV[c + common + 1], '([^\t]*)\t') do
       n = n + 1
       fields[2 * n] = value
       if n == width then
@@ -86,7 +92,7 @@ while i <= n do
         n = 0
       end
     end
-    i = i + 5 + width
+    i = c + common + 2
   else
     return redis.error_reply('tollway ledger: unknown op ' .. tostring(op))
   end
@@ -127,32 +133,27 @@ def clean(name: str) -> str:
 
 # -- one request -------------------------------------------------------------
 
-# A request's stream entry: these fields, in this order (the values are written
-# by ``build_writes``, the names once per batch).
-STREAM_FIELDS = (
+# A request's stream entry: its own fields, then those its group shares, in this
+# order (the values are written by ``build_writes``, the names once per group).
+ENTRY_FIELDS = (
     "at_us",  # Unix time in whole micro-seconds
     "request_id",
-    "tenant",
-    "tier",
-    "model",
-    "operation",
-    "cache",
-    "status",
-    "replica",
     *METRICS[1:],  # the request's own figures, as the hashes sum them
 )
-# The same fields read off a report, and their spelling: one C-level ``%`` per request.
+COMMON_FIELDS = ("tenant", "tier", "model", "cache", "operation", "status", "replica")
+STREAM_FIELDS = (*ENTRY_FIELDS, *COMMON_FIELDS)
+# A request's own fields read off a report, and their spelling: one C-level ``%``.
 _ENTRY = attrgetter(
-    "finished_us", "request_id", "tenant", "tier", "model", "operation", "cache", "status",
-    "replica", "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
-    "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
+    "finished_us", "request_id", "usage.prompt_tokens", "usage.completion_tokens",
+    "usage.cached_prompt_tokens", "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos",
+    "saved_nanos",
 )  # fmt: skip
-_LINE = "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
+_LINE = "%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
 # What the hashes sum per group: ``FIGURES`` is in METRICS order after "requests".
 _FIGURES = FIGURES
 _AT = attrgetter("finished_us")
 _US_PER_HOUR = 3_600_000_000
-_GROUP = attrgetter("tenant", "tier", "model", "cache")
+_GROUP = attrgetter(*COMMON_FIELDS)  # the hashes' dimensions first: tenant, tier, model, cache
 _KEY = itemgetter(0)
 _REPORT = itemgetter(1)
 
@@ -191,11 +192,16 @@ class _TagWrite:
     def sadd(self, key: str, ttl: int, member: str) -> None:
         self.ops += ["s", self.key(key, ttl), member]
 
-    def xadd_many(self, key: str, maxlen: int, values: str) -> None:
-        """One stream entry per ``len(STREAM_FIELDS)`` tab-terminated ``values``."""
+    def xadd_many(self, key: str, maxlen: int, values: str, common: Sequence[str]) -> None:
+        """One stream entry per ``len(ENTRY_FIELDS)`` tab-terminated ``values``, each
+        with the ``COMMON_FIELDS`` set to ``common``."""
         if values:
-            width = len(STREAM_FIELDS)
-            self.ops += ["x", self.key(key, None), maxlen, width, *STREAM_FIELDS, values]
+            pairs = [item for pair in zip(COMMON_FIELDS, common, strict=True) for item in pair]
+            width = len(ENTRY_FIELDS)
+            self.ops += [
+                "x", self.key(key, None), maxlen, width, *ENTRY_FIELDS,
+                len(COMMON_FIELDS), *pairs, values,
+            ]  # fmt: skip
 
     def args(self, writer: str, seq: int) -> list[str | int]:
         expiries: list[str | int] = []
@@ -214,19 +220,13 @@ def build_writes(
 ) -> list[_TagWrite]:
     """The batch as integer sums per hash tag: one HINCRBY per distinct field.
 
-    The work per request runs in C: each stream entry is one ``%`` of the
-    report's fields, and the reports are grouped by (hour, tenant, tier, model,
-    cache) with a sort, each group's figures summed by ``map``s. A batch that
-    does not spell cleanly that way (a tab in a request id, a figure that is not
-    a number) takes ``_entries_one_by_one``, which leaves out and reports
-    (``on_bad``) what cannot be written.
+    The work per request runs in C: the reports are grouped by (hour, the
+    ``COMMON_FIELDS``) with a sort, each group's figures summed by ``map``s and
+    its stream entries spelled by one ``%`` each, of the request's own fields
+    only. A group that does not spell cleanly that way (a tab in a request id,
+    a figure that is not a number) takes ``_entries_one_by_one``, which leaves
+    out and reports (``on_bad``) what cannot be written.
     """
-    try:
-        values = "".join(map(_LINE.__mod__, map(_ENTRY, batch)))
-    except (ValueError, TypeError, AttributeError):
-        values = None
-    if values is None or values.count(SEP) != len(batch) * len(STREAM_FIELDS):
-        values, batch = _entries_one_by_one(batch, on_bad)
     by_tag: dict[str, _TagWrite] = {}
 
     def tag_write(tag: str) -> _TagWrite:
@@ -236,14 +236,23 @@ def build_writes(
         return write
 
     stream = tag_write(stream_key(prefix))
-    stream.xadd_many(stream_key(prefix), stream_maxlen, values)
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
-    keys = zip(map(floordiv, map(_AT, batch), repeat(_US_PER_HOUR)), map(_GROUP, batch), strict=True)
-    for (hour_index, (raw_tenant, tier, model, cache)), group in groupby(
-        sorted(zip(keys, batch, strict=True), key=_KEY), key=_KEY
-    ):
-        rows = list(map(_REPORT, group))
+    try:
+        hours = list(map(floordiv, map(_AT, batch), repeat(_US_PER_HOUR)))
+        keys = zip(hours, map(_GROUP, batch), strict=True)
+        groups = groupby(sorted(zip(keys, batch, strict=True), key=_KEY), key=_KEY)
+        grouped = [(key, list(map(_REPORT, group))) for key, group in groups]
+    except (ArithmeticError, TypeError, AttributeError):  # a field of the wrong kind
+        grouped = _grouped_one_by_one(batch, on_bad)
+    for (hour_index, common), rows in grouped:
+        values = _entries(rows)
+        if values is None:
+            values, rows = _entries_one_by_one(rows, on_bad)
+            if not rows:
+                continue
+        stream.xadd_many(stream_key(prefix), stream_maxlen, values, list(map(str, common)))
+        raw_tenant, tier, model, cache = common[:4]
         sums = [len(rows), *(sum(map(figure, rows)) for figure in _FIGURES)]
         hour = hour_of(int(hour_index) * 3600)
         tenant = clean(raw_tenant)
@@ -270,18 +279,46 @@ def build_writes(
     return list(by_tag.values())
 
 
-def _entries_one_by_one(
+def _entries(rows: list[RequestReport]) -> str | None:
+    """The rows' own stream values, one C-level ``%`` each; None if any does not spell cleanly."""
+    try:
+        values = "".join(map(_LINE.__mod__, map(_ENTRY, rows)))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return values if values.count(SEP) == len(rows) * len(ENTRY_FIELDS) else None
+
+
+_Grouped = list[tuple[tuple[int, tuple[Any, ...]], list[RequestReport]]]
+
+
+def _grouped_one_by_one(
     batch: Sequence[RequestReport], on_bad: Callable[[RequestReport], None]
+) -> _Grouped:
+    """The batch grouped report by report: one whose date or fields cannot be read is left out."""
+    groups: dict[tuple[int, tuple[Any, ...]], list[RequestReport]] = {}
+    for report in batch:
+        try:
+            key = (report.finished_us // _US_PER_HOUR, _GROUP(report))
+            hash(key)
+            int(key[0])
+        except (ArithmeticError, ValueError, TypeError, AttributeError):
+            on_bad(report)
+            continue
+        groups.setdefault(key, []).append(report)
+    return list(groups.items())
+
+
+def _entries_one_by_one(
+    rows: Sequence[RequestReport], on_bad: Callable[[RequestReport], None]
 ) -> tuple[str, list[RequestReport]]:
     """The stream values entry by entry: tabs in text become spaces; what fails is left out."""
     lines: list[str] = []
     kept: list[RequestReport] = []
-    for report in batch:
+    for report in rows:
         try:
             fields = _ENTRY(report)
             line = _LINE % tuple(f.replace(SEP, " ") if isinstance(f, str) else f for f in fields)
-            hour = report.finished_us // _US_PER_HOUR
-            sum(f(report) for f in _FIGURES) + hour  # every figure a number
+            sum(f(report) for f in _FIGURES)  # every figure a number
         except (ArithmeticError, ValueError, TypeError, AttributeError):
             on_bad(report)
             continue

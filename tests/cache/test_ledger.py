@@ -195,13 +195,31 @@ async def test_each_request_is_in_the_stream(populated: UsageLedger, redis_url: 
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
         entries = client.xrange(populated.stream_key())
     assert len(entries) == 5
-    fields = entries[0][1]
-    assert tuple(fields) == STREAM_FIELDS  # every field, named, in order
-    assert fields["tenant"] == "acme"
-    assert (fields["tier"], fields["model"], fields["status"]) == ("small", "m-small", "200")
+    assert all(tuple(fields) == STREAM_FIELDS for _, fields in entries)  # named, in order
+    # A batch's entries come grouped by what they share (tenant, tier, model...);
+    # each is dated by its own at_us.
+    got = sorted(
+        (f["tenant"], f["tier"], f["model"], f["cache"], int(f["at_us"])) for _, f in entries
+    )
+    assert got == sorted(
+        [
+            ("acme", "small", "m-small", "miss", round(ts(T0) * 1_000_000)),
+            ("acme", "large", "m-large", "miss", round(ts(T0) * 1_000_000)),
+            ("acme", "small", "m-small", "hit", round(ts(T0 + timedelta(hours=1)) * 1_000_000)),
+            ("globex", "large", "m-large", "miss", round(ts(T0) * 1_000_000)),
+            ("globex", "small", "m-small", "miss", round(ts(T0 + timedelta(days=1)) * 1_000_000)),
+        ]
+    )
+    (fields,) = [
+        f for _, f in entries if (f["tenant"], f["tier"], f["cache"]) == ("acme", "small", "miss")
+    ]
+    assert (fields["operation"], fields["status"], fields["replica"]) == (
+        "chat",
+        "200",
+        "http://replica-1",
+    )
     assert fields["cost_nanos"] == str(to_nanos(Decimal("0.1")))
     assert fields["saved_nanos"] == "0"  # a miss saved nothing
-    assert int(fields["at_us"]) == round(ts(T0) * 1_000_000)
     assert fields["request_id"].startswith("req-")
 
 
@@ -390,7 +408,21 @@ async def test_a_tab_in_a_request_id_is_written_as_a_space(
     assert (ledger.lost, ledger.written) == (0, 3)
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
         entries = [fields for _, fields in client.xrange(ledger.stream_key())]
-    assert len(entries) == 3
-    assert entries[1]["request_id"] == "req with tabs"
+    assert len(entries) == 3  # one group: written entry by entry, in order
+    assert [e["request_id"] == "req with tabs" for e in entries] == [False, True, False]
     assert all(tuple(fields) == STREAM_FIELDS for fields in entries)
     assert (await query(ledger, "tenant"))["acme"].requests == 3
+
+
+async def test_a_report_that_cannot_be_dated_or_grouped_is_lost_alone(
+    make_ledger: MakeLedger, redis_url: str
+) -> None:
+    ledger = await make_ledger(redis_url)
+    undated = report()._replace(finished_us="yesterday")
+    unhashable = report()._replace(replica=["not", "a", "name"])
+    ledger.record_many([report(), undated, report(), unhashable])
+    assert await ledger.flush()
+    assert (ledger.lost, ledger.written) == (2, 2)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        assert client.xlen(ledger.stream_key()) == 2
+    assert (await query(ledger, "tenant"))["acme"].requests == 2
