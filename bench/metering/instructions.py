@@ -7,13 +7,16 @@ counters zeroed, serves ``--requests`` more (16 connections, unique prompts, the
 simulator with ``--zero-delay``), waits for the last batches to be written, and
 dumps. Instructions per request are the dump's total over the requests, per
 thread (the main thread is the event loop; the "on" gateway has the span
-exporter's thread too). Two runs of the same code agree to ~0.1%.
+exporter's thread too).
 
 Under callgrind the gateway runs ~20x slower, so anything batched by time
 gets smaller batches: ``ledger.write_interval_s`` is raised (``--ledger-interval``,
-default 20 s, about what 1 s holds at full speed), the recorder's 0.1 s is not,
-so Prometheus' per-batch share is somewhat overstated. Instructions tracked the
-CPU benchmark's ratio within ~2 points in 2026-11-23's runs (bench/RESULTS.md).
+default 20 s, about what 1 s holds at full speed); the recorder's 0.1 s and
+the span exporter's 5 s are not, so their per-batch shares are overstated
+(the exporter's thread most: compare the event loop's column), and the totals
+vary by ~0.5% between runs with how fast valgrind ran. The event loop's ratio
+tracked the CPU benchmark's within ~1-2 points in 2026-11-23's runs
+(bench/RESULTS.md).
 
     .venv/bin/python bench/metering/instructions.py [--requests N] [--warmup N] [--no-record]
 
@@ -110,6 +113,7 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
             *lines,
             "",
             *(f"- {note}" for note in notes),
+            "",
         ]
     )
     print(section)
