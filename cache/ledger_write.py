@@ -235,7 +235,8 @@ def build_writes(
             write = by_tag[tag] = _TagWrite(tag)
         return write
 
-    stream = tag_write(stream_key(prefix))
+    stream_at = stream_key(prefix)
+    stream = tag_write(stream_at)
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
     try:
@@ -251,7 +252,7 @@ def build_writes(
             values, rows = _entries_one_by_one(rows, on_bad)
             if not rows:
                 continue
-        stream.xadd_many(stream_key(prefix), stream_maxlen, values, list(map(str, common)))
+        stream.xadd_many(stream_at, stream_maxlen, values, list(map(str, common)))
         raw_tenant, tier, model, cache = common[:4]
         sums = [len(rows), *(sum(map(figure, rows)) for figure in _FIGURES)]
         hour = hour_of(int(hour_index) * 3600)

@@ -486,18 +486,17 @@ def _json_object(data: bytes) -> dict[str, Any]:
 
 
 _MODEL_KEY = b'"model":'
-_model_keys: dict[str, bytes] = {}  # the tiers' model names, as vLLM spells the key and value
+
+
+@functools.lru_cache(maxsize=256)  # the tiers' model names
+def _model_key(model: str) -> bytes:
+    return _MODEL_KEY + orjson.dumps(model)
 
 
 def _names(body: bytes, model: str) -> bool:
     """Whether the completion's first ``"model"`` key is ``model``, as vLLM spells JSON."""
-    key = _model_keys.get(model)
-    if key is None:
-        if len(_model_keys) >= 256:  # bounded: names come from the configuration
-            _model_keys.clear()
-        key = _model_keys[model] = _MODEL_KEY + orjson.dumps(model)
     at = body.find(_MODEL_KEY)
-    return at >= 0 and body.startswith(key, at)
+    return at >= 0 and body.startswith(_model_key(model), at)
 
 
 def _finish_reasons(completion: dict[str, Any]) -> list[str]:
