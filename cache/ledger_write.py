@@ -29,12 +29,14 @@ cannot count it twice.
 from __future__ import annotations
 
 import functools
+import struct
 import time
 from collections.abc import Callable, Sequence
-from itertools import groupby, repeat
-from operator import attrgetter, floordiv, itemgetter
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
+from metering.batch import Columns, grouped
 from metering.report import FIGURES, RequestReport
 
 METRICS = (
@@ -54,13 +56,19 @@ MARKER_TTL_S = 86_400
 # Applies one batch's writes for one hash tag, unless this writer's batch
 # number ARGV[2] was already applied there. Ops follow ARGV[3] (the marker TTL):
 # h key field n | s key member | e key ttl
+# | b key maxlen n width name1..nameW count cname1 cvalue1..cnameC cvalueC "id1\t..." numbers
 # | x key maxlen width name1..nameW count cname1 cvalue1..cnameC cvalueC "v1\tv2\t..."
 # where key is an index into KEYS. A group of stream entries (requests that
-# share the ``count`` common fields: tenant, tier, model...) travels as one
-# tab-terminated string of their own values, an entry every ``width`` of them,
-# paired here with the ``width`` field names sent once, the common fields added
-# to each: one argument per group instead of thirty-two per request, and nothing
-# repeated per request that the group shares, was most of the writer's CPU.
+# share the ``count`` common fields: tenant, tier, model...) travels in two
+# arguments, the field names and the common fields once:
+# - ``b`` (packed): the ``n`` request ids, tab-terminated, and their ``width``
+#   numeric fields as little-endian 64-bit integers, field by field (``n`` of the
+#   first field, then of the second...), spelled in decimal here. Lua's numbers
+#   are doubles: ``build_writes`` packs only integers of magnitude below 2**53;
+# - ``x`` (text): every entry's values spelled by the gateway, tab-terminated,
+#   an entry every ``width`` of them (a group that does not pack).
+# One argument per group instead of thirty-two per request, and no number
+# spelled in Python, was most of the writer's CPU (bench/RESULTS.md).
 APPLY = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end
@@ -78,6 +86,25 @@ while i <= n do
   elseif op == 'e' then
     redis.call('EXPIRE', key, ARGV[i + 2])
     i = i + 3
+  elseif op == 'b' then
+    local n, width = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    local c = i + 5 + width
+    local common = 2 * tonumber(ARGV[c])
+    local numbers = ARGV[c + common + 2]
+    local fields, j = {ARGV[i + 5], '', 'request_id', ''}, 0
+    for k = 2, width do fields[2 * k + 1] = ARGV[i + 4 + k] end
+    for k = 1, common do fields[2 * width + 2 + k] = ARGV[c + k] end
+    for id in string.gmatch(ARGV[c + common + 1], '([^\t]*)\t') do
+      fields[2] = string.format('%d', (struct.unpack('<i8', numbers, 8 * j + 1)))
+      fields[4] = id
+      for k = 2, width do
+        local at = 8 * ((k - 1) * n + j) + 1
+        fields[2 * k + 2] = string.format('%d', (struct.unpack('<i8', numbers, at)))
+      end
+      redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 2], '*', unpack(fields))
+      j = j + 1
+    end
+    i = c + common + 3
   elseif op == 'x' then
     local width, fields, n = tonumber(ARGV[i + 3]), {}, 0
     for j = 1, width do fields[2 * j - 1] = ARGV[i + 3 + j] end
@@ -142,20 +169,25 @@ ENTRY_FIELDS = (
 )
 COMMON_FIELDS = ("tenant", "tier", "model", "cache", "operation", "status", "replica")
 STREAM_FIELDS = (*ENTRY_FIELDS, *COMMON_FIELDS)
-# A request's own fields read off a report, and their spelling: one C-level ``%``.
+# A request's own fields read off a report, and their spelling as text: one C-level
+# ``%`` (the ``x`` op, for a group that does not pack).
 _ENTRY = attrgetter(
     "finished_us", "request_id", "usage.prompt_tokens", "usage.completion_tokens",
     "usage.cached_prompt_tokens", "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos",
     "saved_nanos",
 )  # fmt: skip
 _LINE = "%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t"
+# The packed entries' numeric fields (the ``b`` op): ENTRY_FIELDS but the request id.
+PACKED_FIELDS = (ENTRY_FIELDS[0], *ENTRY_FIELDS[2:])
+_INT64 = 2**63  # Redis sums (HINCRBY) signed 64-bit integers
+# A packed number's second byte from the top: 0 when under 0x20, below 2**53, which
+# Lua's numbers (doubles) hold exactly.
+_OVER = bytes(0 if byte < 0x20 else 1 for byte in range(256))
 # What the hashes sum per group: ``FIGURES`` is in METRICS order after "requests".
 _FIGURES = FIGURES
-_AT = attrgetter("finished_us")
 _US_PER_HOUR = 3_600_000_000
-_GROUP = attrgetter(*COMMON_FIELDS)  # the hashes' dimensions first: tenant, tier, model, cache
-_KEY = itemgetter(0)
-_REPORT = itemgetter(1)
+# The hashes' dimensions first: tenant, tier, model, cache.
+_GROUP = attrgetter(*COMMON_FIELDS)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -173,7 +205,7 @@ class _TagWrite:
         self.keys = [tag + ":applied"]
         self._index: dict[str, int] = {}
         self.ttls: dict[int, int] = {}
-        self.ops: list[str | int] = []
+        self.ops: list[str | int | bytes] = []
 
     def key(self, key: str, ttl: int | None) -> int:
         """The key's 1-based index in KEYS, adding it (and its TTL) on first use."""
@@ -192,22 +224,36 @@ class _TagWrite:
     def sadd(self, key: str, ttl: int, member: str) -> None:
         self.ops += ["s", self.key(key, ttl), member]
 
+    def xadd_packed(
+        self, key: str, maxlen: int, ids: str, numbers: bytes, common: Sequence[str]
+    ) -> None:
+        """One stream entry per tab-terminated request id in ``ids``, its ``PACKED_FIELDS``
+        read from ``numbers`` (``_packed``), the ``COMMON_FIELDS`` set to ``common``."""
+        width = len(PACKED_FIELDS)
+        self.ops += [
+            "b", self.key(key, None), maxlen, len(numbers) // (8 * width), width, *PACKED_FIELDS,
+            len(COMMON_FIELDS), *_pairs(common), ids, numbers,
+        ]  # fmt: skip
+
     def xadd_many(self, key: str, maxlen: int, values: str, common: Sequence[str]) -> None:
         """One stream entry per ``len(ENTRY_FIELDS)`` tab-terminated ``values``, each
         with the ``COMMON_FIELDS`` set to ``common``."""
         if values:
-            pairs = [item for pair in zip(COMMON_FIELDS, common, strict=True) for item in pair]
             width = len(ENTRY_FIELDS)
             self.ops += [
                 "x", self.key(key, None), maxlen, width, *ENTRY_FIELDS,
-                len(COMMON_FIELDS), *pairs, values,
+                len(COMMON_FIELDS), *_pairs(common), values,
             ]  # fmt: skip
 
-    def args(self, writer: str, seq: int) -> list[str | int]:
+    def args(self, writer: str, seq: int) -> list[str | int | bytes]:
         expiries: list[str | int] = []
         for index, ttl in self.ttls.items():
             expiries += ["e", index, ttl]
         return [writer, seq, MARKER_TTL_S, *self.ops, *expiries]
+
+
+def _pairs(common: Sequence[str]) -> list[str]:
+    return [item for pair in zip(COMMON_FIELDS, common, strict=True) for item in pair]
 
 
 def build_writes(
@@ -221,11 +267,13 @@ def build_writes(
     """The batch as integer sums per hash tag: one HINCRBY per distinct field.
 
     The work per request runs in C: the reports are grouped by (hour, the
-    ``COMMON_FIELDS``) with a sort, each group's figures summed by ``map``s and
-    its stream entries spelled by one ``%`` each, of the request's own fields
-    only. A group that does not spell cleanly that way (a tab in a request id,
-    a figure that is not a number) takes ``_entries_one_by_one``, which leaves
-    out and reports (``on_bad``) what cannot be written.
+    ``COMMON_FIELDS``) with a sort, each group transposed into columns
+    (``metering.report.columns``), its figures summed column by column and its
+    stream entries packed: the request ids joined, the numbers copied into one
+    array of 64-bit integers, which the Lua script spells. A group that does not
+    pack that way (a tab in a request id, a figure that is not an integer or is
+    beyond 2**53) is spelled as text, and ``_entries_one_by_one`` leaves out and
+    reports (``on_bad``) what cannot be written.
     """
     by_tag: dict[str, _TagWrite] = {}
 
@@ -240,22 +288,25 @@ def build_writes(
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
     try:
-        hours = list(map(floordiv, map(_AT, batch), repeat(_US_PER_HOUR)))
-        keys = zip(hours, map(_GROUP, batch), strict=True)
-        groups = groupby(sorted(zip(keys, batch, strict=True), key=_KEY), key=_KEY)
-        grouped = [(key, list(map(_REPORT, group))) for key, group in groups]
+        groups = _by_hour(batch) if batch else []
     except (ArithmeticError, TypeError, AttributeError):  # a field of the wrong kind
-        grouped = _grouped_one_by_one(batch, on_bad)
-    for (hour_index, common), rows in grouped:
-        values = _entries(rows)
-        if values is None:
+        groups = _grouped_one_by_one(batch, on_bad)
+    for hour_index, common, cols in groups:
+        common_text = list(map(str, common))
+        packed = _packed(cols)
+        rows = cols.rows
+        if packed is not None:
+            ids, numbers, figures = packed
+            stream.xadd_packed(stream_at, stream_maxlen, ids, numbers, common_text)
+        else:
             values, rows = _entries_one_by_one(rows, on_bad)
             if not rows:
                 continue
-        stream.xadd_many(stream_at, stream_maxlen, values, list(map(str, common)))
+            stream.xadd_many(stream_at, stream_maxlen, values, common_text)
+            figures = Columns(rows).figures()
         raw_tenant, tier, model, cache = common[:4]
-        sums = [len(rows), *(sum(map(figure, rows)) for figure in _FIGURES)]
-        hour = hour_of(int(hour_index) * 3600)
+        sums = [len(rows), *map(sum, figures)]
+        hour = hour_of(hour_index * 3600)
         tenant = clean(raw_tenant)
         fields = usage.setdefault((hour, tenant), {})
         dims = SEP.join((clean(tier), clean(model), clean(cache)))
@@ -280,47 +331,82 @@ def build_writes(
     return list(by_tag.values())
 
 
-def _entries(rows: list[RequestReport]) -> str | None:
-    """The rows' own stream values, one C-level ``%`` each; None if any does not spell cleanly."""
+def _by_hour(batch: Sequence[RequestReport]) -> list[tuple[int, tuple[Any, ...], Columns]]:
+    """The batch grouped by its ``COMMON_FIELDS``, then by hour (rarely more than one)."""
+    by_hour = []
+    for common, cols in grouped(batch, *COMMON_FIELDS):
+        at = cols["finished_us"]
+        first, last = min(at) // _US_PER_HOUR, max(at) // _US_PER_HOUR
+        if first == last:
+            by_hour.append((int(first), common, cols))
+            continue
+        hours: dict[int, list[RequestReport]] = {}
+        for report in cols.rows:
+            hours.setdefault(int(report.finished_us // _US_PER_HOUR), []).append(report)
+        by_hour += [(hour, common, Columns(part)) for hour, part in sorted(hours.items())]
+    return by_hour
+
+
+def _packed(cols: Columns) -> tuple[str, bytes, list[tuple[int, ...]]] | None:
+    """The stream entries of ``cols`` packed for the ``b`` op (request ids, numbers),
+    and their figures; None if they do not pack (then they are spelled as text)."""
     try:
-        values = "".join(map(_LINE.__mod__, map(_ENTRY, rows)))
-    except (ValueError, TypeError, AttributeError):
+        figures = cols.figures()
+        ids = SEP.join(cols["request_id"]) + SEP
+        numbers = _pack(cols["finished_us"], *figures)
+    except (ValueError, TypeError, AttributeError, OverflowError, struct.error):
         return None
-    return values if values.count(SEP) == len(rows) * len(ENTRY_FIELDS) else None
+    # Only integers in [0, 2**53) pack: as little-endian 64-bit words, their top
+    # byte is 0 and the one below it under 0x20 (checked in C, a byte a number).
+    top, below = numbers[7::8], numbers[6::8]
+    if (
+        ids.count(SEP) != len(cols)
+        or top.count(0) != len(top)
+        or below.translate(_OVER).count(0) != len(below)
+    ):
+        return None
+    return ids, numbers, figures
 
 
-_Grouped = list[tuple[tuple[int, tuple[Any, ...]], list[RequestReport]]]
+def _pack(*cols: tuple[int, ...]) -> bytes:
+    """``cols`` as little-endian 64-bit integers, column after column."""
+    return struct.pack(f"<{len(cols) * len(cols[0])}q", *chain.from_iterable(cols))
 
 
 def _grouped_one_by_one(
     batch: Sequence[RequestReport], on_bad: Callable[[RequestReport], None]
-) -> _Grouped:
+) -> list[tuple[int, tuple[Any, ...], Columns]]:
     """The batch grouped report by report: one whose date or fields cannot be read is left out."""
     groups: dict[tuple[int, tuple[Any, ...]], list[RequestReport]] = {}
     for report in batch:
         try:
-            key = (report.finished_us // _US_PER_HOUR, _GROUP(report))
+            key = (int(report.finished_us // _US_PER_HOUR), _GROUP(report))
             hash(key)
-            int(key[0])
         except (ArithmeticError, ValueError, TypeError, AttributeError):
             on_bad(report)
             continue
         groups.setdefault(key, []).append(report)
-    return list(groups.items())
+    return [(hour, common, Columns(rows)) for (hour, common), rows in groups.items()]
 
 
 def _entries_one_by_one(
     rows: Sequence[RequestReport], on_bad: Callable[[RequestReport], None]
 ) -> tuple[str, list[RequestReport]]:
-    """The stream values entry by entry: tabs in text become spaces; what fails is left out."""
+    """The stream values entry by entry: tabs in text become spaces; what fails is left out.
+
+    Every figure and the date must be an integer Redis can sum (64 bits): a
+    larger one would fail its batch's script halfway through.
+    """
     lines: list[str] = []
     kept: list[RequestReport] = []
     for report in rows:
         try:
             fields = _ENTRY(report)
             line = _LINE % tuple(f.replace(SEP, " ") if isinstance(f, str) else f for f in fields)
-            sum(f(report) for f in _FIGURES)  # every figure a number
+            numbers = (report.finished_us, *(figure(report) for figure in _FIGURES))
         except (ArithmeticError, ValueError, TypeError, AttributeError):
+            numbers = ()
+        if not numbers or not all(isinstance(n, int) and -_INT64 <= n < _INT64 for n in numbers):
             on_bad(report)
             continue
         lines.append(line)

@@ -74,7 +74,7 @@ class Hist:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def observe_many(self, values: list[float]) -> None:
+    def observe_many(self, values: Sequence[float]) -> None:
         """``observe`` each value: bucketed and counted in C, one addition per bucket hit."""
         counts = self.counts
         for bucket, n in Counter(map(partial(bisect_left, self.bounds), values)).items():

@@ -141,17 +141,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from itertools import groupby
-from operator import attrgetter, is_not
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from metering.batch import grouped
 from metering.money import NANOS_PER_USD
 from metering.occupancy import OccupancySnapshot
 from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
-from metering.report import FIGURES, FREE, MICROS, RequestReport
+from metering.report import FREE, MICROS, RequestReport
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +266,8 @@ class _ReplicaCollector:
         )
 
 
-# A report's labels, and its figures, read by C-level getters (``observe_requests``).
-_LABELS = attrgetter("tier", "model", "tenant", "status", "cache")
-_PROMPT, _COMPLETION, _CACHED, _GPU_US, _MARGINAL, _LOADED, _SAVED = FIGURES
-_ATTEMPTS = attrgetter("attempts")
-_DURATION = attrgetter("duration_s")
-_TTFT = attrgetter("ttft_s")
-_NOT_NONE = partial(is_not, None)
+# The fields a report's series is found by (``observe_requests``).
+_LABELS = ("tier", "model", "tenant", "status", "cache")
 
 
 class _Series:
@@ -433,28 +426,30 @@ class GatewayMetrics:
         are summed by ``map``s over the reports' fields: the work per request
         runs in C, the Python per label set (bench/RESULTS.md, 2026-11-23).
         """
-        for key, group in groupby(sorted(reports, key=_LABELS), key=_LABELS):
-            rows = list(group)
+        if not reports:
+            return
+        for key, cols in grouped(reports, *_LABELS):
             s = self._series.get(key)
             if s is None:
                 s = self._new_series(key)
-            s.requests[0] += len(rows)
-            s.prompt[0] += sum(map(_PROMPT, rows))
-            s.completion[0] += sum(map(_COMPLETION, rows))
-            s.cached[0] += sum(map(_CACHED, rows))
-            s.gpu[0] += sum(map(_GPU_US, rows))
-            s.marginal[0] += sum(map(_MARGINAL, rows))
-            s.loaded[0] += sum(map(_LOADED, rows))
+            prompt, completion, cached, gpu, marginal, loaded, saved = cols.figures()
+            s.requests[0] += len(cols)
+            s.prompt[0] += sum(prompt)
+            s.completion[0] += sum(completion)
+            s.cached[0] += sum(cached)
+            s.gpu[0] += sum(gpu)
+            s.marginal[0] += sum(marginal)
+            s.loaded[0] += sum(loaded)
             if key[4] in FREE:  # the cache status: a saving, even of nothing
                 if s.saved is None:
                     tier, model, tenant, _, cache = s.labels
                     s.saved = self._saved.cell(tier, model, tenant, cache)
-                s.saved[0] += sum(map(_SAVED, rows))
-            s.upstream[0] += sum(map(bool, map(_ATTEMPTS, rows)))
-            s.duration.observe_many(list(map(_DURATION, rows)))
-            ttfts = list(filter(_NOT_NONE, map(_TTFT, rows)))
-            if ttfts:
-                s.ttft.observe_many(ttfts)
+                s.saved[0] += sum(saved)
+            s.upstream[0] += len(cols) - cols["attempts"].count(0)  # reached a replica
+            s.duration.observe_many(cols["duration_s"])
+            ttfts = cols["ttft_s"]
+            if ttfts.count(None) < len(ttfts):
+                s.ttft.observe_many([t for t in ttfts if t is not None])
 
     def _new_series(self, key: tuple[str, str, str, int, str]) -> _Series:
         tier, model, tenant, status, cache = key

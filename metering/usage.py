@@ -8,25 +8,36 @@ and a stream the client aborts is still billed for what was generated.
 Whole responses: ``usage_in`` reads the ``usage`` object out of a response's
 bytes without parsing the rest, for answers the gateway relays unread (not
 stored, not traced): parsing the whole completion, and freeing it, cost more
-than any other step of metering a request (bench/RESULTS.md).
+than any other step of metering a request, and its cost grows with the
+completion's length (bench/RESULTS.md). The ``usage`` object alone is decoded
+by ``msgspec`` straight into the fields read, without a dict.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
-import orjson
+import msgspec
 
 _USAGE_KEY = b'"usage":'
-# vLLM's usage object as its JSONResponse spells it when no details are set: read
-# by one match, two ints. Any other spelling (details, spaces) is parsed as JSON.
-_VLLM_USAGE = re.compile(
-    rb'"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)'
-    rb'(?:,"prompt_tokens_details":null)?(?:,"completion_tokens_details":null)?\}'
-)
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    """The ``usage`` object's fields metering reads (others are skipped), checked as it is
+    decoded: counts are JSON integers (``true`` is not a count)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: _Details | None = None
+
+
+_decode_usage = msgspec.json.Decoder(_Usage).decode
 
 
 class TokenUsage(NamedTuple):
@@ -68,28 +79,32 @@ def usage_in(body: bytes) -> TokenUsage | None:
     """The ``usage`` of a JSON completion, parsed alone; None when it is not found plainly.
 
     Takes the last ``"usage":`` (inside a JSON string every quote is escaped,
-    so these bytes are a key); vLLM's plain spelling is read by a regular
-    expression, anything else parsed from there to the closing brace that
-    balances the braces before it (usage objects hold numbers, null and nested
-    objects, no strings with braces; one that did would fail to parse). None
-    (absent, ``null``, an odd shape) means: parse the whole body instead.
+    so these bytes are a key), and decodes from there to the first closing
+    brace, straight into the fields read (vLLM's usage without details), or
+    else to the closing brace that balances the braces before it (usage
+    objects hold numbers, null and nested objects, no strings with braces;
+    one that did would fail to decode). None (absent, ``null``, an odd shape)
+    means: parse the whole body instead.
     """
     at = body.rfind(_USAGE_KEY)
     if at < 0:
         return None
-    plain = _VLLM_USAGE.match(body, at)
-    if plain is not None:
-        return _usage((int(plain[1]), int(plain[2]), 0))
     start = at + len(_USAGE_KEY)
     end = body.find(b"}", start)
-    while end >= 0 and body.count(b"{", start, end) > body.count(b"}", start, end) + 1:
-        end = body.find(b"}", end + 1)
-    if end < 0:
-        return None
     try:
-        return TokenUsage.from_openai(orjson.loads(body[start : end + 1]))
-    except orjson.JSONDecodeError:
-        return None
+        usage = _decode_usage(body[start : end + 1])
+    except msgspec.DecodeError:  # details as an object, or not a usage object at all
+        while end >= 0 and body.count(b"{", start, end) > body.count(b"}", start, end) + 1:
+            end = body.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            usage = _decode_usage(body[start : end + 1])
+        except msgspec.DecodeError:
+            return None
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None else None
+    return _usage((usage.prompt_tokens, usage.completion_tokens, cached or 0))
 
 
 class StreamUsage:

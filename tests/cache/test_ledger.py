@@ -391,9 +391,62 @@ async def test_a_report_that_cannot_be_recorded_is_lost_not_raised(
     ledger = await make_ledger(redis_url)
     record(ledger, report(gpu_us=float("nan")), ts(T0))
     record(ledger, report(), ts(T0))
+    record(ledger, report(gpu_us=1.5), ts(T0))  # Redis sums integers only
+    record(ledger, report(prompt=2**63), ts(T0))  # nor beyond 64 bits
     assert await ledger.flush()
-    assert (ledger.lost, ledger.written) == (1, 1)
+    assert (ledger.lost, ledger.written) == (3, 1)
     assert (await query(ledger, "tenant"))["acme"].requests == 1
+
+
+def _entry_of(rep: RequestReport) -> dict[str, str]:
+    """What the stream must hold for ``rep``: every field spelled in decimal."""
+    figures = (
+        *rep.usage,
+        rep.gpu_us,
+        rep.cost.marginal_nanos,
+        rep.cost.loaded_nanos,
+        rep.saved_nanos,
+    )
+    values = (rep.finished_us, rep.request_id, *figures, rep.tenant, rep.tier, rep.model)
+    rest = (rep.cache, rep.operation, rep.status, rep.replica)
+    return dict(zip(STREAM_FIELDS, map(str, (*values, *rest)), strict=True))
+
+
+@pytest.mark.parametrize(
+    "big",
+    [0, 2**53 - 1, 2**53, 2**62],
+    ids=["small", "largest-packed", "first-spelled", "huge"],
+)
+async def test_stream_entries_spell_every_figure_exactly(
+    make_ledger: MakeLedger, redis_url: str, big: int
+) -> None:
+    # Groups of ordinary figures are packed as 64-bit integers that the Lua script
+    # spells; a group with a figure Lua's doubles cannot hold exactly is spelled as
+    # text by the gateway. Either way the entry is the report, digit for digit.
+    rng = random.Random(big)
+    reports = [
+        report(tenant=rng.choice(["acme", "globex"]), cache=rng.choice(["miss", "hit"]))._replace(
+            usage=TokenUsage(rng.randrange(10**6), rng.randrange(10**6), rng.randrange(10**3)),
+            gpu_us=rng.randrange(10**9),
+            cost=Cost(rng.randrange(10**12), rng.randrange(10**12)),
+            saved_nanos=rng.randrange(10**9),
+            finished_us=round(ts(T0) * 1_000_000) + rng.randrange(10**9),
+        )
+        for _ in range(40)
+    ]
+    reports[7] = reports[7]._replace(cost=Cost(big, big + 1), usage=TokenUsage(big, 1, 0))
+    ledger = await make_ledger(redis_url)
+    ledger.record_many(reports)
+    assert await ledger.flush()
+    assert (ledger.lost, ledger.written) == (0, 40)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        entries = [fields for _, fields in client.xrange(ledger.stream_key())]
+    assert sorted(entries, key=lambda e: e["request_id"]) == sorted(
+        map(_entry_of, reports), key=lambda e: e["request_id"]
+    )
+    rows = (await query(ledger, "tenant")).values()
+    assert sum(row.prompt_tokens for row in rows) == sum(r.usage[0] for r in reports)
+    assert sum(row.cost_usd for row in rows) == from_nanos(sum(r.cost[0] for r in reports))
 
 
 async def test_a_tab_in_a_request_id_is_written_as_a_space(

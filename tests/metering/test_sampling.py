@@ -99,6 +99,34 @@ def test_a_ratio_sampler_keeps_exactly_the_trace_ids_its_rule_keeps() -> None:
     assert not all(outcomes)
 
 
+def dropped_headers(telemetry: Telemetry, count: int) -> list[str]:
+    headers = []
+    for _ in range(count):
+        span = telemetry.start_request(operation="chat", request_model="auto")
+        sent: dict[str, str] = {}
+        with span.upstream(UPSTREAM) as call:
+            call.inject_headers(sent)
+        headers.append(sent["traceparent"])
+    return headers
+
+
+def test_dropped_traceparents_are_valid_distinct_and_among_the_ids_the_sampler_drops() -> None:
+    ratio = TraceIdRatioBased(0.25)
+    telemetry, _ = traced(ParentBased(ratio))
+    sent = []
+    while len(sent) < 700:
+        sent += [h for h in dropped_headers(telemetry, 50) if h.endswith("-02")]  # not kept
+    assert len(set(sent)) == len(sent)
+    for header in sent:
+        version, trace_id, span_id, flags = header.split("-")
+        assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "02")
+        assert int(trace_id, 16) & LOW_64 >= ratio.bound  # what the sampler drops
+        assert int(span_id, 16) != 0
+    lows = sorted(int(h.split("-")[1], 16) & LOW_64 for h in sent)
+    assert lows[0] < ratio.bound + (LOW_64 - ratio.bound) // 10  # spread over all it drops
+    assert lows[-1] > LOW_64 - (LOW_64 - ratio.bound) // 10
+
+
 class Sequence16(RandomIdGenerator):
     """Trace ids from a list, in order: makes each decision predictable."""
 

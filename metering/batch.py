@@ -1,0 +1,67 @@
+"""A batch of finished requests read in C: grouped by what they share, field by field.
+
+Prometheus and the usage ledger count reports a batch at a time
+(``gateway.recorder``, ``cache.ledger``). Reading one field of a report in
+Python costs a few hundred instructions; transposed, a batch gives every
+field of every report for a few dozen each, and a sum or a ``struct.pack``
+of a column runs in C too (bench/RESULTS.md, 2026-11-23). So the consumers
+split a batch by the fields they group on (``grouped``) and read each group
+column by column (``Columns``); their Python runs once per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from itertools import compress
+from operator import eq
+from typing import Any
+
+from metering.report import FIELD, RequestReport
+
+_USAGE, _COST, _GPU_US, _SAVED = (FIELD[f] for f in ("usage", "cost", "gpu_us", "saved_nanos"))
+
+
+class Columns:
+    """Non-empty ``rows`` transposed: ``self[name]`` holds every row's field ``name``, in order."""
+
+    __slots__ = ("_cols", "rows")
+
+    def __init__(self, rows: Sequence[RequestReport]):
+        self.rows = rows
+        self._cols = list(zip(*rows, strict=True))  # one C-level pass over the batch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> tuple[Any, ...]:
+        return self._cols[FIELD[name]]
+
+    def figures(self) -> list[tuple[int, ...]]:
+        """The ``FIGURES`` (``metering.report``), in that order: prompt, completion and
+        cached tokens, micro-GPU-seconds, marginal, loaded and saved nano-dollars."""
+        cols = self._cols
+        prompt, completion, cached = zip(*cols[_USAGE], strict=True)
+        marginal, loaded = zip(*cols[_COST], strict=True)
+        return [prompt, completion, cached, cols[_GPU_US], marginal, loaded, cols[_SAVED]]
+
+
+def grouped(batch: Sequence[RequestReport], *names: str) -> list[tuple[Any, Columns]]:
+    """A non-empty batch split by the fields ``names`` (a key: their values, in a tuple),
+    in key order, each group transposed.
+
+    A batch usually holds a single key (a gateway's few tenants, tiers and
+    models, 0.1 s of requests): then the batch is transposed once and that is
+    all. Otherwise each group is picked out by a C-level pass per key and
+    transposed on its own. Raises what the keys' comparison raises (a field
+    of the wrong kind).
+    """
+    whole = Columns(batch)
+    keys = list(zip(*(whole[name] for name in names), strict=True))
+    first = keys[0]
+    if keys.count(first) == len(keys):
+        return [(first, whole)]
+    return [
+        (key, Columns(list(compress(batch, map(partial(eq, key), keys)))))
+        for key in sorted(set(keys))
+    ]
