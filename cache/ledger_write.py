@@ -36,7 +36,7 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any
 
-from metering.batch import Columns, grouped
+from metering.batch import Columns, chunks, grouped
 from metering.report import FIGURES, RequestReport
 
 METRICS = (
@@ -332,9 +332,12 @@ def build_writes(
 
 
 def _by_hour(batch: Sequence[RequestReport]) -> list[tuple[int, tuple[Any, ...], Columns]]:
-    """The batch grouped by its ``COMMON_FIELDS``, then by hour (rarely more than one)."""
+    """The batch grouped by its ``COMMON_FIELDS``, then by hour (rarely more than one),
+    a ``CHUNK`` of reports at a time."""
     by_hour = []
-    for common, cols in grouped(batch, *COMMON_FIELDS):
+    for common, cols in (
+        group for chunk in chunks(batch) for group in grouped(chunk, *COMMON_FIELDS)
+    ):
         at = cols["finished_us"]
         first, last = min(at) // _US_PER_HOUR, max(at) // _US_PER_HOUR
         if first == last:

@@ -7,10 +7,11 @@ is all the request path pays: the queue list's own ``append``. A background
 task hands what has gathered to every consumer every ``linger_s`` (0.1 s),
 one loop per consumer over the whole batch.
 
-Over a batch, the consumers sum and spell the reports' fields with C-level
-``map``s, a few hundred instructions per request and field, where the same
-steps on each request's path were a Python call and an addition per figure
-(bench/RESULTS.md, the metering runs of 2026-11-23).
+Over a batch, the consumers read the reports column by column
+(``metering.batch``: one C-level transposition), tens of instructions per
+request and field, where the same steps on each request's path were a Python
+call and an addition per figure (bench/RESULTS.md, the metering runs of
+2026-11-23).
 
 ``GET /metrics`` drains first, so a scrape counts every request answered
 before it; ``stop()`` drains last, before the ledger stops. The usage ledger

@@ -145,7 +145,7 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from metering.batch import grouped
+from metering.batch import chunks, grouped
 from metering.money import NANOS_PER_USD
 from metering.occupancy import OccupancySnapshot
 from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
@@ -426,8 +426,10 @@ class GatewayMetrics:
         are summed by ``map``s over the reports' fields: the work per request
         runs in C, the Python per label set (bench/RESULTS.md, 2026-11-23).
         """
-        if not reports:
-            return
+        for chunk in chunks(reports):
+            self._observe_chunk(chunk)
+
+    def _observe_chunk(self, reports: Sequence[RequestReport]) -> None:
         for key, cols in grouped(reports, *_LABELS):
             s = self._series.get(key)
             if s is None:
