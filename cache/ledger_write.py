@@ -267,13 +267,13 @@ def build_writes(
     """The batch as integer sums per hash tag: one HINCRBY per distinct field.
 
     The work per request runs in C: the reports are grouped by (hour, the
-    ``COMMON_FIELDS``) with a sort, each group transposed into columns
-    (``metering.report.columns``), its figures summed column by column and its
-    stream entries packed: the request ids joined, the numbers copied into one
-    array of 64-bit integers, which the Lua script spells. A group that does not
-    pack that way (a tab in a request id, a figure that is not an integer or is
-    beyond 2**53) is spelled as text, and ``_entries_one_by_one`` leaves out and
-    reports (``on_bad``) what cannot be written.
+    ``COMMON_FIELDS``), each group transposed into columns (``metering.batch``),
+    its figures summed column by column and its stream entries packed: the
+    request ids joined, the numbers copied into one string of 64-bit integers,
+    which the Lua script spells. A group that does not pack that way (a tab in
+    a request id, a figure that is not an integer, negative or 2**53 and over)
+    is spelled as text, and ``_entries_one_by_one`` leaves out and reports
+    (``on_bad``) what cannot be written.
     """
     by_tag: dict[str, _TagWrite] = {}
 
