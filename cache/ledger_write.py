@@ -183,7 +183,7 @@ _INT64 = 2**63  # Redis sums (HINCRBY) signed 64-bit integers
 # A packed number's second byte from the top: 0 when under 0x20, below 2**53, which
 # Lua's numbers (doubles) hold exactly.
 _OVER = bytes(0 if byte < 0x20 else 1 for byte in range(256))
-# What the hashes sum per group: ``FIGURES`` is in METRICS order after "requests".
+# A report's figures, in METRICS order after "requests" (the text path's check).
 _FIGURES = FIGURES
 _US_PER_HOUR = 3_600_000_000
 # The hashes' dimensions first: tenant, tier, model, cache.
@@ -288,7 +288,7 @@ def build_writes(
     usage: dict[tuple[str, str], dict[str, int]] = {}
     spend: dict[tuple[str, str], list[int]] = {}
     try:
-        groups = _by_hour(batch) if batch else []
+        groups = _by_hour(batch)
     except (ArithmeticError, TypeError, AttributeError):  # a field of the wrong kind
         groups = _grouped_one_by_one(batch, on_bad)
     for hour_index, common, cols in groups:

@@ -422,9 +422,10 @@ class GatewayMetrics:
     def observe_requests(self, reports: Sequence[RequestReport]) -> None:
         """Count a batch of finished requests: sums per label set, not additions per request.
 
-        The batch is sorted and grouped by its labels, and each group's figures
-        are summed by ``map``s over the reports' fields: the work per request
-        runs in C, the Python per label set (bench/RESULTS.md, 2026-11-23).
+        The batch is split by its labels and read column by column, a chunk at
+        a time (``metering.batch``), each group's figures summed per column:
+        the work per request runs in C, the Python per label set
+        (bench/RESULTS.md, 2026-11-23).
         """
         for chunk in chunks(reports):
             self._observe_chunk(chunk)

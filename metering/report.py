@@ -5,9 +5,9 @@ the same object: the response headers, Prometheus, the span and the usage
 ledger. Every figure is an integer: tokens, GPU time in micro-GPU-seconds
 (``gpu_us``, what the header's six decimals print) and dollars in nano-dollars
 (``Cost``, the nine decimals), so headers, Prometheus and the ledger all sum
-exactly what was printed, and a batch of reports can be summed and formatted
-by C-level ``map``s over their fields (``metering.prometheus``,
-``cache.ledger_write``) instead of a Python loop per request.
+exactly what was printed, and a batch of reports can be read column by column
+in C (``metering.batch``, for Prometheus and ``cache.ledger_write``) instead
+of a Python loop per request.
 
 Text fields must not hold tabs (the ledger's separator): the gateway's names
 come from the validated configuration and request ids from
@@ -162,9 +162,10 @@ class RequestReport(NamedTuple):
 # RequestReport((field, ...)) without the Python-level ``__new__``: the hot path's.
 report_of: Callable[[tuple[Any, ...]], RequestReport] = partial(tuple.__new__, RequestReport)
 
-# A report's summed figures as C-level getters, for the batch sums of Prometheus and
-# the ledger: tokens (prompt, completion, cached), micro-GPU-seconds, nano-dollars
-# (marginal, loaded, saved), in this order.
+# A report's summed figures as C-level getters, one report at a time (the ledger's
+# text path checks each): tokens (prompt, completion, cached), micro-GPU-seconds,
+# nano-dollars (marginal, loaded, saved), in this order, which
+# ``metering.batch.Columns.figures`` keeps for a batch's columns.
 FIGURES = tuple(
     attrgetter(name)
     for name in (
