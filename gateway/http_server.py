@@ -13,6 +13,11 @@ the common start of a response; anything else (uppercase names, a
 a paused or closed transport, access logging, every body message) is
 uvicorn's own code, unchanged, so the bytes on the wire are the same.
 
+It also announces the ``tollway.head_lines`` ASGI extension
+(``gateway.head_lines``): a response may hand its metering figures as one
+block of finished head lines, written after the checked lines as it is (or,
+on uvicorn's own path, turned back into header pairs first).
+
 uvicorn is pinned (pyproject.toml): ``OnePassProtocol`` hooks its
 ``_start_asgi_task``, and ``tests/gateway/test_http_server.py`` fails if the
 hook stops being called.
@@ -30,6 +35,8 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+
+from gateway.head_lines import HEAD_LINES, announce, header_pairs
 
 _NAME = itemgetter(0)
 _VALUE = itemgetter(1)
@@ -49,6 +56,7 @@ class OnePassCycle(RequestResponseCycle):
     """A request-response cycle whose response head is checked and written in one pass."""
 
     async def send(self, message: Any) -> None:
+        block = message.get(HEAD_LINES)  # a block of finished head lines (gateway.head_lines)
         if (
             self.response_started
             or message["type"] != "http.response.start"
@@ -56,7 +64,7 @@ class OnePassCycle(RequestResponseCycle):
             or self.disconnected
             or self.flow.write_paused
         ):
-            await super().send(message)
+            await super().send(_as_pairs(message, block))
             return
         headers = self.default_headers + list(message.get("headers", ()))
         names = list(map(_NAME, headers))
@@ -71,7 +79,7 @@ class OnePassCycle(RequestResponseCycle):
             or len(joined.translate(None, _BAD_NAME)) != len(joined)
             or len(values.translate(None, _BAD_VALUE)) != len(values)
         ):
-            await super().send(message)  # its checks, its errors, its exact behaviour
+            await super().send(_as_pairs(message, block))  # its checks, errors, exact behaviour
             return
         self.response_started = True
         self.waiting_for_100_continue = False
@@ -81,6 +89,8 @@ class OnePassCycle(RequestResponseCycle):
             self.chunked_encoding = False
         content = [STATUS_LINE[status_code], _LINE_END.join(map(_NAME_VALUE.join, headers))]
         content.append(_LINE_END)
+        if block:
+            content.append(block)
         if not self.keep_alive:
             content.append(b"connection: close\r\n")
         if (
@@ -100,4 +110,14 @@ class OnePassProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         if type(cycle) is RequestResponseCycle:
             cycle.__class__ = OnePassCycle  # same fields, one method more specific
+            announce(cycle.scope)  # type: ignore[arg-type]
         super()._start_asgi_task(cycle, app)
+
+
+def _as_pairs(message: Any, block: bytes | None) -> Any:
+    """``message`` for uvicorn's own code: a block of head lines back as header pairs."""
+    if block is None:
+        return message
+    message = {k: v for k, v in message.items() if k != HEAD_LINES}
+    message["headers"] = [*message.get("headers", ()), *header_pairs(block)]
+    return message

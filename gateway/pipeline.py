@@ -44,6 +44,7 @@ from gateway.errors import (
     PermissionDenied,
     UpstreamError,
 )
+from gateway.head_lines import FiguresResponse
 from gateway.idempotent import IdempotencyLayer, idempotency_key
 from gateway.meter import Meter, RequestContext
 from gateway.pool import Pools
@@ -357,8 +358,8 @@ class Pipeline:
             response_id=completion.get("id") if traced and completion else None,
         )
         headers.update(self.budgets.spend(report))
-        response = Response(data, headers=headers, media_type=JSON)
-        response.raw_headers += report.raw_headers()  # tier and model are in ``headers``
+        # tier and model are in ``headers``; the figures go as one block of head lines
+        response = FiguresResponse(data, headers, report.head_lines())
         if completion is not None and (entry := self.caching.keep(plan, completion, report)):
             # Redis after the answer is sent, off the client's clock
             response.background = BackgroundTask(self.caching.persist, plan, entry)

@@ -56,6 +56,16 @@ _B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU, _B_COST, _B_LOADED, _B_CACHED, 
 )
 
 
+# The figures' head lines, one formatting for all (``RequestReport.head_lines``).
+_LINES_HEAD = b"%b: %%b\r\n%b: %%d\r\n%b: %%d\r\n%b: %%d.%%06d\r\n" % (
+    _B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU,
+)  # fmt: skip
+_LINES = _LINES_HEAD + b"%b: %%d.%%09d\r\n%b: %%d.%%09d\r\n" % (_B_COST, _B_LOADED)
+_SIGNED_LINES = _LINES_HEAD + b"%b: %%b\r\n%b: %%b\r\n" % (_B_COST, _B_LOADED)
+_CACHED_LINE = _B_CACHED + b": %d\r\n"
+_SAVED_LINE = _B_SAVED + b": %b\r\n"
+
+
 def _nanos_bytes(nanos: int) -> bytes:
     """``fmt_nanos(nanos)`` as header bytes, formatted as bytes directly."""
     if nanos < 0:
@@ -121,26 +131,42 @@ class RequestReport(NamedTuple):
         return out
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        """The figures' headers, encoded for the response (the hot path's form).
+        """The figures' headers as ASGI header pairs (``head_lines``, split).
 
         Tier and model are not among them: a routed response carries those
         already (``headers()`` has all of them).
         """
+        pairs = []
+        for line in self.head_lines().split(b"\r\n")[:-1]:
+            name, _, value = line.partition(b": ")
+            pairs.append((name, value))
+        return pairs
+
+    def head_lines(self) -> bytes:
+        """The figures' headers as finished HTTP head lines, each ending in CRLF.
+
+        The hot path's form (``gateway.head_lines``): one bytes formatting for
+        all of them. Tier and model are not among them (see ``raw_headers``).
+        """
         usage = self.usage
-        marginal, loaded = self.cost.marginal_nanos, self.cost.loaded_nanos
-        out = [
-            (_B_REQUEST_ID, self.request_id.encode("latin-1")),
-            (_B_PROMPT, b"%d" % usage[0]),
-            (_B_COMPLETION, b"%d" % usage[1]),
-            (_B_GPU, b"%d.%06d" % divmod(self.gpu_us, MICROS)),
-            (_B_COST, _nanos_bytes(marginal)),
-            (_B_LOADED, _nanos_bytes(loaded)),
-        ]
+        cost = self.cost
+        marginal, loaded = cost.marginal_nanos, cost.loaded_nanos
+        if marginal >= 0 and loaded >= 0:
+            lines = _LINES % (
+                self.request_id.encode("latin-1"), usage[0], usage[1],
+                *divmod(self.gpu_us, MICROS),
+                *divmod(marginal, NANOS_PER_USD), *divmod(loaded, NANOS_PER_USD),
+            )  # fmt: skip
+        else:  # a negative price is a bug upstream, spelled as such rather than hidden
+            lines = _SIGNED_LINES % (
+                self.request_id.encode("latin-1"), usage[0], usage[1],
+                *divmod(self.gpu_us, MICROS), _nanos_bytes(marginal), _nanos_bytes(loaded),
+            )  # fmt: skip
         if usage[2]:
-            out.append((_B_CACHED, b"%d" % usage[2]))
+            lines += _CACHED_LINE % usage[2]
         if self.cache in FREE:
-            out.append((_B_SAVED, _nanos_bytes(self.saved_nanos)))
-        return out
+            lines += _SAVED_LINE % _nanos_bytes(self.saved_nanos)
+        return lines
 
     def stream_object(self) -> dict[str, Any]:
         """The ``tollway`` object put beside ``usage`` in a stream's final data event."""

@@ -32,6 +32,7 @@ parent's flags decide (``parentbased_*``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import repeat
 from random import getrandbits
 from typing import Any
 
@@ -53,6 +54,7 @@ from opentelemetry.trace import SpanKind
 
 from metering.lite_span import LiteTracer
 
+DROPPED_BATCH = 256  # unsampled traceparents drawn at a time
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT  # what a ratio sampler compares with its bound
 # The SDK's own classes, as ``OTEL_TRACES_SAMPLER`` builds them: these only set up
 # their parent's fields, so their rule is their parent's. Subclasses of anyone else's
@@ -117,6 +119,7 @@ class RootSampler:
         random_ids = type(self._ids.inner) is RandomIdGenerator
         self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
+        self._dropped_pool: list[str] = []  # drawn ahead (``dropped_traceparent``)
 
     def presample(self) -> bool:
         """True if the sampler's rule drops this root: nothing is built, not even its ids.
@@ -143,14 +146,28 @@ class RootSampler:
 
         Its trace id is drawn among those the sampler drops (low 64 bits at or
         over the bound), as the root's own would have been, so a downstream
-        sampler of the same ratio agrees.
+        sampler of the same ratio agrees. They are drawn ``DROPPED_BATCH`` at a
+        time and handed out one each: the per-request step is a list's ``pop``,
+        and the drawing runs as one warm loop (the unsampled ``traceparent``
+        drawn one at a time cost the metered gateway about two points of CPU,
+        bench/RESULTS.md, 2026-11-23, session 7).
         """
+        pool = self._dropped_pool
+        while not pool:
+            pool += self._draw_dropped(DROPPED_BATCH)
+        return pool.pop()
+
+    def _draw_dropped(self, n: int) -> list[str]:
+        """Up to ``n`` unsampled ``traceparent``s: 192 random bits each, kept if the rule drops
+        them (and neither id is zero)."""
         bound = self._bound or 0
-        while True:
-            bits = getrandbits(192)  # the trace id (high 128 bits), then the span id
-            if bits >> 64 & _LOW_64 >= bound and bits & _LOW_64 and bits >> 64:
-                # "00-<32 hex: trace id>-<16 hex: span id>-<flags>", spelled in C
-                return "00-" + bits.to_bytes(24).hex("-", -16) + self._flags_suffix
+        suffix = self._flags_suffix
+        return [
+            # "00-<32 hex: trace id>-<16 hex: span id>-<flags>", spelled in C
+            "00-" + bits.to_bytes(24).hex("-", -16) + suffix
+            for bits in map(getrandbits, repeat(192, n))  # the trace id, then the span id
+            if bits >> 64 & _LOW_64 >= bound and bits & _LOW_64 and bits >> 64
+        ]
 
     def start(
         self, name: str, kind: SpanKind, attributes: Mapping[str, Any]

@@ -14,7 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, RequestResponseCycle
 
+from gateway.head_lines import HEAD_LINES, FiguresResponse, header_pairs
 from gateway.http_server import _BAD_NAME, _BAD_VALUE, OnePassCycle, OnePassProtocol
+from metering.pricing import Cost
+from metering.report import RequestReport
+from metering.usage import TokenUsage
 
 
 class Transport:
@@ -50,13 +54,25 @@ def cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool) -> An
 
 
 async def start_both(
-    headers: list[tuple[bytes, bytes]], status: int, method: str, keep_alive: bool
+    headers: list[tuple[bytes, bytes]],
+    status: int,
+    method: str,
+    keep_alive: bool,
+    block: bytes = b"",
 ) -> list[tuple[Any, Any]]:
-    """Each cycle's outcome: (written bytes and state) or the exception it raised."""
+    """Each cycle's outcome: (written bytes and state) or the exception it raised.
+
+    With a ``block`` of head lines, uvicorn's cycle gets them as header pairs
+    after ``headers``, and ours as the block (``gateway.head_lines``).
+    """
     outcomes = []
     for kind in (RequestResponseCycle, OnePassCycle):
         c = cycle(kind, method, keep_alive)
-        message = {"type": "http.response.start", "status": status, "headers": headers}
+        message: dict[str, Any] = {"type": "http.response.start", "status": status}
+        if block and kind is OnePassCycle:
+            message.update(headers=headers, **{HEAD_LINES: block})
+        else:
+            message["headers"] = [*headers, *header_pairs(block)]
         try:
             await c.send(message)
         except Exception as exc:  # noqa: BLE001 - compared below
@@ -98,6 +114,83 @@ def test_the_head_on_the_wire_is_uvicorns(
 ) -> None:
     ours, theirs = asyncio.run(start_both(headers, status, method, keep_alive))[::-1]
     assert ours == theirs
+
+
+REPORTS = st.builds(
+    RequestReport,
+    request_id=st.from_regex(r"[A-Za-z0-9._:/+=-]{1,20}", fullmatch=True),
+    tenant=st.just("t"),
+    tier=st.just("small"),
+    model=st.just("m"),
+    operation=st.just("chat"),
+    usage=st.builds(TokenUsage, st.integers(0, 10**9), st.integers(0, 10**9), st.integers(0, 9)),
+    gpu_us=st.integers(0, 10**12),
+    cost=st.builds(Cost, st.integers(-(10**6), 10**15), st.integers(0, 10**15)),
+    cache=st.sampled_from(["miss", "hit", "replay"]),
+    saved_nanos=st.integers(0, 10**12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(NAMES, VALUES), max_size=6),
+    report=REPORTS,
+    status=st.sampled_from([200, 204, 404, 429]),
+    method=st.sampled_from(["POST", "HEAD"]),
+    keep_alive=st.booleans(),
+)
+def test_a_block_of_head_lines_goes_on_the_wire_as_its_header_pairs_would(
+    headers: list[tuple[bytes, bytes]],
+    report: RequestReport,
+    status: int,
+    method: str,
+    keep_alive: bool,
+) -> None:
+    block = report.head_lines()
+    assert header_pairs(block) == report.raw_headers()
+    ours, theirs = asyncio.run(start_both(headers, status, method, keep_alive, block))[::-1]
+    assert ours == theirs
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+BLOCK = b"x-tollway-prompt-tokens: 12\r\nx-tollway-cost-usd: 0.000000120\r\n"
+PAIRS = [(b"x-tollway-prompt-tokens", b"12"), (b"x-tollway-cost-usd", b"0.000000120")]
+
+
+async def test_a_figures_response_sends_its_block_only_to_a_server_that_announces_it() -> None:
+    plain, announced = Sent(), Sent()
+    response = FiguresResponse(b"{}", {"x-tollway-tier": "small"}, BLOCK)
+    await response({"type": "http"}, receive, plain)
+    await response({"type": "http", "extensions": {HEAD_LINES: {}}}, receive, announced)
+    start = plain.messages[0]
+    assert HEAD_LINES not in start
+    assert start["headers"][-2:] == PAIRS
+    assert (b"x-tollway-tier", b"small") in start["headers"]
+    start = announced.messages[0]
+    assert start[HEAD_LINES] == BLOCK
+    assert not set(PAIRS) & set(start["headers"])
+    assert [m["body"] for m in (plain.messages[1], announced.messages[1])] == [b"{}", b"{}"]
+
+
+async def test_reading_a_figures_responses_headers_moves_its_block_into_them() -> None:
+    response = FiguresResponse(b"{}", {}, BLOCK)
+    assert response.headers["x-tollway-cost-usd"] == "0.000000120"
+    assert response.head_lines == b""
+    sent = Sent()
+    await response({"type": "http", "extensions": {HEAD_LINES: {}}}, receive, sent)
+    assert HEAD_LINES not in sent.messages[0]
+    assert sent.messages[0]["headers"][-2:] == PAIRS
 
 
 def test_the_bytes_refused_are_uvicorns_own() -> None:
@@ -143,11 +236,13 @@ def free_port() -> int:
 
 async def test_the_server_runs_its_requests_in_one_pass_cycles() -> None:
     seen: list[type] = []
+    announced: list[bool] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         seen.append(type(send.__self__))  # the cycle serving this request
+        announced.append(HEAD_LINES in scope["extensions"])
         headers = [(b"content-type", b"text/plain"), (b"x-tollway-tier", b"small")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -171,6 +266,7 @@ async def test_the_server_runs_its_requests_in_one_pass_cycles() -> None:
         server.should_exit = True
         await task
     assert seen == [OnePassCycle] * 3
+    assert announced == [True] * 3
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])

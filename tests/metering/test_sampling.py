@@ -127,6 +127,17 @@ def test_dropped_traceparents_are_valid_distinct_and_among_the_ids_the_sampler_d
     assert lows[-1] > LOW_64 - (LOW_64 - ratio.bound) // 10
 
 
+def test_a_sampler_that_drops_few_ids_still_gets_a_dropped_traceparent_each_time() -> None:
+    # 99% kept: a batch of DROPPED_BATCH draws holds about 2.6 ids it drops, often none.
+    ratio = TraceIdRatioBased(0.99)
+    telemetry, _ = traced(ParentBased(ratio))
+    sent = []
+    while len(sent) < 40:
+        sent += [h for h in dropped_headers(telemetry, 20) if h.endswith("-02")]
+    assert len(set(sent)) == len(sent)
+    assert all(int(h.split("-")[1], 16) & LOW_64 >= ratio.bound for h in sent)
+
+
 class Sequence16(RandomIdGenerator):
     """Trace ids from a list, in order: makes each decision predictable."""
 
