@@ -84,7 +84,6 @@ class Meter:
     def finish(
         self,
         ctx: RequestContext,
-        *,
         replica: ReplicaState | None,
         usage: TokenUsage | None,
         status: int,
@@ -114,11 +113,12 @@ class Meter:
         elif replica is None:
             cost = NO_COST  # nothing ran: no replica was reached
         else:
-            meter = replica.meter
             tariff = self._tariffs.get(replica.url)
             if tariff is None:
-                tariff = self._tariffs[replica.url] = GpuTariff(meter.hourly, self.overhead)
-            cost = tariff.price(gpu_us, meter.idle_per_busy(now))
+                meter = replica.meter
+                tariff = GpuTariff(meter.hourly, self.overhead, meter.idle_per_busy)
+                self._tariffs[replica.url] = tariff
+            cost = tariff.price_at(gpu_us, now)
         first = ctx.first_token_at
         report = report_of((
             ctx.request_id,

@@ -337,8 +337,8 @@ class Pipeline:
             return response
         traced = ctx.span is not None and ctx.span.traced  # a span reads the answer's details
         usage = None
-        if not (traced or plan.decision.store or ctx.content) and _names(data, ctx.decision.model):
-            usage = usage_in(data)  # relayed unread: only its usage is parsed
+        if not (traced or plan.decision.store or ctx.content):
+            usage = usage_in(data, ctx.decision.model)  # relayed unread: only usage is parsed
         completion = None
         if usage is None:
             completion = _json_object(data)
@@ -349,15 +349,15 @@ class Pipeline:
                 completion["model"] = ctx.decision.model
                 data = orjson.dumps(completion)
             usage = TokenUsage.from_openai(completion.get("usage"))
-        report = self.meter.finish(
-            ctx,
-            replica=reply.replica,
-            usage=usage,
-            status=200,
-            finish_reasons=_finish_reasons(completion) if traced and completion else (),
-            response_id=completion.get("id") if traced and completion else None,
-        )
-        headers.update(self.budgets.spend(report))
+        if traced and completion is not None:  # the span reads these
+            reasons = _finish_reasons(completion)
+            report = self.meter.finish(
+                ctx, reply.replica, usage, 200, reasons, completion.get("id")
+            )
+        else:
+            report = self.meter.finish(ctx, reply.replica, usage, 200)
+        if self.budgets.budgets:
+            headers.update(self.budgets.spend(report))
         # tier and model are in ``headers``; the figures go as one block of head lines
         response = FiguresResponse(data, headers, report.head_lines())
         if completion is not None and (entry := self.caching.keep(plan, completion, report)):
@@ -484,20 +484,6 @@ def _json_object(data: bytes) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise UpstreamError("The upstream answered 200 with a body that is not a JSON object.")
     return parsed
-
-
-_MODEL_KEY = b'"model":'
-
-
-@functools.lru_cache(maxsize=256)  # the tiers' model names
-def _model_key(model: str) -> bytes:
-    return _MODEL_KEY + orjson.dumps(model)
-
-
-def _names(body: bytes, model: str) -> bool:
-    """Whether the completion's first ``"model"`` key is ``model``, as vLLM spells JSON."""
-    at = body.find(_MODEL_KEY)
-    return at >= 0 and body.startswith(_model_key(model), at)
 
 
 def _finish_reasons(completion: dict[str, Any]) -> list[str]:

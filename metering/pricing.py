@@ -122,18 +122,41 @@ class GpuTariff:
     GPU-seconds (what the header prints, so a reader can redo the sum). It runs
     once per request, so its ratios are kept in lowest terms (small divisors
     divide in one machine step) and the loaded ratio is remade only when the
-    idle share changes (the replica's window keeps one for a while).
+    idle share changes; ``price_at(gpu_us, now)`` reads the share itself from
+    ``idle_of`` (the replica's window), at most every ``fresh_s``.
     """
 
-    __slots__ = ("_base", "_idle", "_loaded", "_marginal")
+    __slots__ = ("_base", "_fresh_s", "_idle", "_idle_of", "_loaded", "_marginal", "_until")
 
-    def __init__(self, hourly: Ratio, factor: Ratio):
+    def __init__(
+        self,
+        hourly: Ratio,
+        factor: Ratio,
+        idle_of: Callable[[float], float] | None = None,
+        fresh_s: float = 0.1,
+    ):
+        self._idle_of = idle_of  # the replica's idle share at a time (``price_at``)
+        self._fresh_s = fresh_s
+        self._until = -math.inf  # the idle share read last holds until then
         hn, hd = hourly
         per = SECONDS_PER_HOUR * MICROS_PER_SECOND  # hourly price -> per micro-GPU-second
         self._marginal = _lowest(hn * NANOS_PER_USD, hd * per)
         self._base = (hn * NANOS_PER_USD * factor[0], hd * per * factor[1])
         self._idle = 0.0
         self._loaded = _lowest(*self._base)
+
+    def price_at(self, gpu_us: int, now: float) -> Cost:
+        """``price`` at the idle share ``idle_of(now)``, read at most every ``fresh_s``.
+
+        The request path's one call: the share of a five-minute window does not
+        move within a tenth of a second (``metering.utilisation``).
+        """
+        if now < self._until:
+            return self.price(gpu_us, self._idle)
+        if self._idle_of is None:
+            raise TypeError("this tariff was built without an idle share to read")
+        self._until = now + self._fresh_s
+        return self.price(gpu_us, self._idle_of(now))
 
     def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
         if idle_per_busy != self._idle:  # also for NaN, which prices as 0

@@ -76,7 +76,7 @@ ParentHeaders = Mapping[str, str] | Sequence[tuple[bytes, bytes]]
 
 def _has_traceparent(headers: ParentHeaders) -> bool:
     """Whether the client sent one; raw ASGI header lines are looked through in C."""
-    if isinstance(headers, list | tuple):
+    if type(headers) is list or isinstance(headers, tuple):  # not ``list | tuple``: made per call
         return _RAW_TRACEPARENT in map(_NAME, headers)
     return _TRACEPARENT in headers
 

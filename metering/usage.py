@@ -20,8 +20,10 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import msgspec
+import orjson
 
 _USAGE_KEY = b'"usage":'
+_MODEL_KEY = b'"model":'
 
 
 class _Details(msgspec.Struct):
@@ -75,8 +77,25 @@ NO_USAGE = TokenUsage()
 _usage: Callable[[tuple[int, int, int]], TokenUsage] = partial(tuple.__new__, TokenUsage)
 
 
-def usage_in(body: bytes) -> TokenUsage | None:
+class _ModelKeys(dict[str, bytes]):
+    """``"model":"<name>"`` as vLLM spells it, by name: made once per model name (the
+    tiers' models, a bounded set)."""
+
+    def __missing__(self, model: str) -> bytes:
+        key = self[model] = _MODEL_KEY + orjson.dumps(model)
+        return key
+
+
+_model_keys = _ModelKeys()
+
+
+def usage_in(body: bytes, model: str | None = None) -> TokenUsage | None:
     """The ``usage`` of a JSON completion, parsed alone; None when it is not found plainly.
+
+    With ``model``, also None unless the completion's first ``"model"`` key is
+    ``model`` as vLLM spells JSON: the gateway relays such an answer unread,
+    any other it parses whole (to rename the model). One call for both, since
+    it runs on every relayed answer.
 
     Takes the last ``"usage":`` (inside a JSON string every quote is escaped,
     so these bytes are a key), and decodes from there to the first closing
@@ -86,6 +105,10 @@ def usage_in(body: bytes) -> TokenUsage | None:
     one that did would fail to decode). None (absent, ``null``, an odd shape)
     means: parse the whole body instead.
     """
+    if model is not None:
+        at = body.find(_MODEL_KEY)
+        if at < 0 or not body.startswith(_model_keys[model], at):
+            return None
     at = body.rfind(_USAGE_KEY)
     if at < 0:
         return None

@@ -153,6 +153,39 @@ def test_a_tariff_remembers_no_stale_idle_share(
         assert tariff.price(gpu_us, idle_per_busy) == fresh
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.integers(0, 10**11), st.floats(0, 0.3), idle), min_size=1, max_size=30
+    )
+)
+def test_a_tariff_priced_at_a_time_reads_the_idle_share_at_most_every_fresh_s(
+    calls: list[tuple[int, float, float]],
+) -> None:
+    shares: list[float] = []
+    reads: list[float] = []
+
+    def idle_of(now: float) -> float:
+        reads.append(now)
+        return shares[-1]
+
+    hourly, factor = ratio(Decimal("2.5")), ratio(Decimal("1.25"))
+    tariff = GpuTariff(hourly, factor, idle_of, fresh_s=0.1)
+    now = 1000.0
+    share_read = 0.0
+    for gpu_us, step, share in calls:
+        now += step
+        shares.append(share)
+        before = len(reads)
+        cost = tariff.price_at(gpu_us, now)
+        if len(reads) > before:
+            share_read = share
+            assert len(reads) == 1 or reads[-1] - reads[-2] >= 0.1  # not read again within it
+        else:
+            assert now - reads[-1] < 0.1  # reused only while fresh
+        assert cost == GpuTariff(hourly, factor).price(gpu_us, share_read)
+
+
 @pytest.mark.parametrize(
     ("share", "millionths"),
     [(0.0, 0), (0.25, 250_000), (1e-7, 0), (-1.0, 0), (float("nan"), 0), (float("inf"), 0)],

@@ -72,3 +72,19 @@ def test_usage_in_gives_up_on_what_it_cannot_read_plainly() -> None:
     assert usage_in(b'{"usage":{"prompt_tokens":1,"completion_tokens":') is None  # cut short
     assert usage_in(b'{"usage":{"prompt_tokens":"1","completion_tokens":2}}') is None  # a string
     assert usage_in(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}') == TokenUsage(3, 4)
+
+
+@given(content=TRICKY, model=st.sampled_from(["m", "m2", "org/m", 'a"b', "é"]))
+def test_usage_in_for_a_model_reads_only_a_completion_whose_first_model_key_names_it(
+    content: str, model: str
+) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 7}
+    body = completion(content, usage, tail=True)
+    body["model"] = model
+    raw = orjson.dumps(body)
+    assert usage_in(raw, model) == TokenUsage(5, 7)
+    assert usage_in(raw, "m-other") is None
+    # An answer naming another model is not read for this one (the gateway renames it).
+    renamed = orjson.dumps({**body, "model": "m-other"})
+    assert usage_in(renamed, model) is None
+    assert usage_in(renamed, "m-other") == TokenUsage(5, 7)
