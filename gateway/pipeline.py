@@ -359,7 +359,8 @@ class Pipeline:
         if self.budgets.budgets:
             headers.update(self.budgets.spend(report))
         # tier and model are in ``headers``; the figures go as one block of head lines
-        response = FiguresResponse(data, headers, report.head_lines())
+        response = FiguresResponse(data, 200, headers)
+        response.head_lines = report.head_lines()
         if completion is not None and (entry := self.caching.keep(plan, completion, report)):
             # Redis after the answer is sent, off the client's clock
             response.background = BackgroundTask(self.caching.persist, plan, entry)

@@ -91,7 +91,7 @@ class Services:
             redis,
             retention_days=settings.ledger.retention_days,
             on_lost=metrics.ledger_write_lost,
-            linger_s=settings.ledger.write_interval_s,
+            linger_s=0.0,  # the recorder already hands it one batch per write interval
         )
         budgets = BudgetGuard(settings.budgets, ledger)
         cache = ResponseCache(
@@ -107,7 +107,10 @@ class Services:
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
         burn = BurnShift(settings.routing, metrics)
-        recorder = Recorder([metrics.observe_requests, ledger.record_many])
+        recorder = Recorder(
+            [metrics.observe_requests, ledger.record_many],
+            linger_s=settings.ledger.write_interval_s,  # /metrics drains it before a scrape
+        )
         sinks: list[ReportSink] = []
         if burn.active:  # fixed by the configuration: no call per request when it is off
             sinks.append(burn_sink(burn))  # at once: the next request's route reads it

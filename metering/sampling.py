@@ -31,7 +31,8 @@ parent's flags decide (``parentbased_*``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from itertools import repeat
 from random import getrandbits
 from typing import Any
@@ -120,6 +121,7 @@ class RootSampler:
         self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
         self._dropped_pool: list[str] = []  # drawn ahead (``dropped_traceparent``)
+        self._current = _context_reader()
 
     def presample(self) -> bool:
         """True if the sampler's rule drops this root: nothing is built, not even its ids.
@@ -131,7 +133,7 @@ class RootSampler:
         current span, baggage) are left to ``start()``.
         """
         bound = self._bound
-        if bound is None or context.get_current():
+        if bound is None or self._current():
             return False
         low = getrandbits(64)  # a ratio sampler decides on a trace id's low 64 bits
         if low >= bound:
@@ -186,6 +188,21 @@ class RootSampler:
         finally:
             self._armed = False
             ids.hand(0)  # never left armed, whatever start_span did
+
+
+def _context_reader() -> Callable[[], context.Context]:
+    """``context.get_current``, as one C call when the API keeps the current context in a
+    ``ContextVar`` (its default runtime): the check runs on every request.
+
+    Reads the API's ``_RUNTIME_CONTEXT._current_context``; any other runtime, or
+    a later API that renames them, gets ``get_current`` itself
+    (tests/metering/test_sampling.py checks which one is used).
+    """
+    variable = getattr(getattr(context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if isinstance(variable, ContextVar):
+        read: Callable[[], context.Context] = variable.get
+        return read
+    return context.get_current
 
 
 def _root_bound(sampler: Sampler) -> int | None:

@@ -170,13 +170,15 @@ PAIRS = [(b"x-tollway-prompt-tokens", b"12"), (b"x-tollway-cost-usd", b"0.000000
 
 async def test_a_figures_response_sends_its_block_only_to_a_server_that_announces_it() -> None:
     plain, announced = Sent(), Sent()
-    response = FiguresResponse(b"{}", {"x-tollway-tier": "small"}, BLOCK)
+    response = FiguresResponse(b"{}", 200, {"x-tollway-tier": "small"})
+    response.head_lines = BLOCK
     await response({"type": "http"}, receive, plain)
     await response({"type": "http", "extensions": {HEAD_LINES: {}}}, receive, announced)
     start = plain.messages[0]
     assert HEAD_LINES not in start
     assert start["headers"][-2:] == PAIRS
     assert (b"x-tollway-tier", b"small") in start["headers"]
+    assert (b"content-type", b"application/json") in start["headers"]
     start = announced.messages[0]
     assert start[HEAD_LINES] == BLOCK
     assert not set(PAIRS) & set(start["headers"])
@@ -184,7 +186,8 @@ async def test_a_figures_response_sends_its_block_only_to_a_server_that_announce
 
 
 async def test_reading_a_figures_responses_headers_moves_its_block_into_them() -> None:
-    response = FiguresResponse(b"{}", {}, BLOCK)
+    response = FiguresResponse(b"{}")
+    response.head_lines = BLOCK
     assert response.headers["x-tollway-cost-usd"] == "0.000000120"
     assert response.head_lines == b""
     sent = Sent()

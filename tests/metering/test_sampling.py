@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -25,7 +25,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
 from metering.report import RequestReport
-from metering.sampling import _root_bound
+from metering.sampling import _context_reader, _root_bound
 from metering.span_export import DEFAULT_SAMPLE_RATIO, build_provider
 from metering.telemetry import Telemetry
 
@@ -211,6 +211,18 @@ def test_a_current_span_is_the_parent_as_before() -> None:
     (root,) = [s for s in exporter.get_finished_spans() if s.name == "chat auto"]
     assert root.context.trace_id == outer.get_span_context().trace_id
     assert sent["traceparent"].split("-")[1] == f"{outer.get_span_context().trace_id:032x}"
+
+
+def test_the_current_context_is_read_from_the_apis_context_variable() -> None:
+    reader = _context_reader()
+    assert reader != context.get_current  # the one C call, not the API's two Python calls
+    token = context.attach(context.set_value("k", "v"))
+    try:
+        assert reader() is context.get_current()
+        assert reader().get("k") == "v"
+    finally:
+        context.detach(token)
+    assert reader() == {}
 
 
 def test_default_sampling_is_one_percent_parent_based() -> None:
