@@ -25,19 +25,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import JSON
+from metering.report import header_pairs
+
+__all__ = ["HEAD_LINES", "FiguresResponse", "announce", "header_pairs"]
 
 HEAD_LINES = "tollway.head_lines"  # the scope extension, and the start message's key
-_LINE_END = b"\r\n"
-_NAME_VALUE = b": "
-
-
-def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
-    """The block's lines as ASGI header pairs (name, value)."""
-    pairs = []
-    for line in block.split(_LINE_END)[:-1]:
-        name, _, value = line.partition(_NAME_VALUE)
-        pairs.append((name, value))
-    return pairs
 
 
 def announce(scope: dict[str, Any]) -> None:

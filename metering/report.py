@@ -66,6 +66,15 @@ _CACHED_LINE = _B_CACHED + b": %d\r\n"
 _SAVED_LINE = _B_SAVED + b": %b\r\n"
 
 
+def header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Finished head lines (``RequestReport.head_lines``) as ASGI header pairs (name, value)."""
+    pairs = []
+    for line in lines.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        pairs.append((name, value))
+    return pairs
+
+
 def _nanos_bytes(nanos: int) -> bytes:
     """``fmt_nanos(nanos)`` as header bytes, formatted as bytes directly."""
     if nanos < 0:
@@ -136,11 +145,7 @@ class RequestReport(NamedTuple):
         Tier and model are not among them: a routed response carries those
         already (``headers()`` has all of them).
         """
-        pairs = []
-        for line in self.head_lines().split(b"\r\n")[:-1]:
-            name, _, value = line.partition(b": ")
-            pairs.append((name, value))
-        return pairs
+        return header_pairs(self.head_lines())
 
     def head_lines(self) -> bytes:
         """The figures' headers as finished HTTP head lines, each ending in CRLF.
