@@ -39,6 +39,7 @@ class BudgetGuard:
             )
             for tenant, b in budgets.items()
         }
+        self.active = bool(self.budgets)  # any tenant budgeted: else nothing to spend
         self.ledger = ledger
         self.tracker = SpendTracker()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -356,7 +356,7 @@ class Pipeline:
             )
         else:
             report = self.meter.finish(ctx, reply.replica, usage, 200)
-        if self.budgets.budgets:
+        if self.budgets.active:
             headers.update(self.budgets.spend(report))
         # tier and model are in ``headers``; the figures go as one block of head lines
         response = FiguresResponse(data, 200, headers)

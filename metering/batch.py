@@ -60,7 +60,7 @@ def grouped(batch: Sequence[RequestReport], *names: str) -> list[tuple[Any, Colu
     in key order, each group transposed.
 
     A batch usually holds a single key (a gateway's few tenants, tiers and
-    models, 0.1 s of requests): then the batch is transposed once and that is
+    models, a second of requests): then the batch is transposed once and that is
     all. Otherwise each group is picked out by a C-level pass per key and
     transposed on its own. Raises what the keys' comparison raises (a field
     of the wrong kind).

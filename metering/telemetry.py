@@ -504,10 +504,7 @@ class Telemetry:
             return self._inert
         try:
             parent = None
-            if type(parent_headers) is list:  # ASGI's raw lines (the gateway's): looked at in C
-                if _RAW_TRACEPARENT in map(_NAME, parent_headers):
-                    parent = _W3C.extract(_carrier(parent_headers))
-            elif parent_headers is not None and _has_traceparent(parent_headers):
+            if parent_headers is not None and _has_traceparent(parent_headers):
                 parent = _W3C.extract(_carrier(parent_headers))
             roots = self._roots if parent is None else None
             dropped = self._dropped
