@@ -79,7 +79,7 @@ class Meter:
         self.sinks = list(sinks) if self.enabled else []  # called at once (the burn rate)
         self.on_span = on_span if self.enabled else None  # only for a request with a span
         self.recorder = recorder if self.enabled else None  # counts it later, in a batch
-        self._tariffs: dict[str, GpuTariff] = {}  # by replica URL
+        self._tariffs: dict[ReplicaState, GpuTariff] = {}  # by replica (hashed by identity)
 
     def finish(
         self,
@@ -113,11 +113,11 @@ class Meter:
         elif replica is None:
             cost = NO_COST  # nothing ran: no replica was reached
         else:
-            tariff = self._tariffs.get(replica.url)
+            tariff = self._tariffs.get(replica)
             if tariff is None:
                 meter = replica.meter
                 tariff = GpuTariff(meter.hourly, self.overhead, meter.idle_per_busy)
-                self._tariffs[replica.url] = tariff
+                self._tariffs[replica] = tariff
             cost = tariff.price_at(gpu_us, now)
         first = ctx.first_token_at
         report = report_of((

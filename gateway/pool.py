@@ -52,6 +52,10 @@ class ReplicaState:
     vllm: VllmLoad | None = None  # the replica's own view, scraped from /metrics
     foreign: int = 0  # requests at vLLM that are not ours (other gateways)
     _scrape_peak: int = 0  # most in flight since the current scrape began
+    url: str = field(init=False)  # the config's, as a field: read on every request
+
+    def __post_init__(self) -> None:
+        self.url = self.config.url
 
     def begin_scrape(self) -> None:
         self._scrape_peak = self.in_flight
@@ -74,10 +78,6 @@ class ReplicaState:
         """It ended: returns the GPU-seconds it was attributed."""
         self.in_flight -= 1
         return self.meter.finish(key, time.monotonic())
-
-    @property
-    def url(self) -> str:
-        return self.config.url
 
     @property
     def slots(self) -> int:

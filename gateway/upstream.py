@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -63,10 +63,10 @@ class UpstreamReply:
     step: Step
     scheduler: Scheduler
     _released: bool = False
+    replica: ReplicaState = field(init=False)  # the slot's, as a field: read on every request
 
-    @property
-    def replica(self) -> ReplicaState:
-        return self.slot.replica
+    def __post_init__(self) -> None:
+        self.replica = self.slot.replica
 
     @property
     def status(self) -> int:

@@ -34,9 +34,23 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    StaticSampler,
+    _AlwaysOn,
+    _ParentBasedAlwaysOff,
+    _ParentBasedAlwaysOn,
+)
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
+
+# The SDK's own parent-based samplers, as ``OTEL_TRACES_SAMPLER`` builds them: these only
+# set up ``ParentBased``'s fields, so they decide as it does. Subclasses of anyone
+# else's may decide otherwise: they are asked.
+PARENT_BASED = (ParentBased, ParentBasedTraceIdRatio, _ParentBasedAlwaysOff, _ParentBasedAlwaysOn)
 
 
 class LiteTracer:
@@ -44,6 +58,10 @@ class LiteTracer:
 
     def __init__(self, sdk: SdkTracer):
         self.sdk = sdk
+        # Whether a sampled local parent's children are sampled with its trace state, as
+        # the SDK's parent-based samplers decide by default: then ``start_child`` asks
+        # nobody.
+        self._children_follow = _children_follow(sdk.sampler)
 
     @property
     def sampler(self) -> Sampler:
@@ -89,6 +107,34 @@ class LiteTracer:
         if decision is Decision.DROP:
             return trace.NonRecordingSpan(span_context)
         return LiteSpan(self, name, span_context, parent, kind, dict(result.attributes or {}))
+
+    def start_child(
+        self,
+        name: str,
+        parent: LiteSpan,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+    ) -> trace.Span:
+        """A child of ``parent``, as ``start_span`` with ``parent`` in the context would make it.
+
+        Under the SDK's parent-based samplers (what ``OTEL_TRACES_SAMPLER`` builds,
+        and the gateway's default) a sampled local parent's child is sampled, with
+        the parent's trace state and flags: that is decided here, without a context,
+        a sampling result or the sampler's calls (a traced request has three or four
+        children). Any other sampler, or an unsampled parent, goes through
+        ``start_span``.
+        """
+        context = parent.context
+        if not (self._children_follow and context.trace_flags.sampled):
+            return self.start_span(name, trace.set_span_in_context(parent), kind, attributes)
+        span_context = SpanContext(
+            context.trace_id,
+            self.sdk.id_generator.generate_span_id(),
+            is_remote=False,
+            trace_flags=context.trace_flags,
+            trace_state=context.trace_state,
+        )
+        return LiteSpan(self, name, span_context, context, kind, dict(attributes or {}))
 
     def end(self, span: LiteSpan) -> None:
         """Hand the ended span to the SDK's processors, as the SDK's ``ReadableSpan``."""
@@ -217,3 +263,19 @@ class LiteSpan(trace.Span):
             self.record_exception(exc_val, escaped=True)
             self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
         self.end()
+
+
+def _children_follow(sampler: Sampler) -> bool:
+    """Whether ``sampler`` samples every child of a sampled local parent, adding no
+    attributes and keeping the parent's trace state: the SDK's own parent-based
+    samplers with an always-on ``local_parent_sampled`` (their default). Reads the
+    private ``ParentBased._local_parent_sampled`` and ``StaticSampler._decision``; if
+    a later SDK renames them, children are decided as the SDK would
+    (tests/metering/test_lite_span.py checks which)."""
+    if type(sampler) not in PARENT_BASED:
+        return False
+    local = getattr(sampler, "_local_parent_sampled", None)
+    return (
+        type(local) in (StaticSampler, _AlwaysOn)
+        and getattr(local, "_decision", None) is Decision.RECORD_AND_SAMPLE
+    )

@@ -41,26 +41,18 @@ from opentelemetry import context, trace
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
-    ParentBased,
-    ParentBasedTraceIdRatio,
     Sampler,
     StaticSampler,
     TraceIdRatioBased,
     _AlwaysOff,
     _AlwaysOn,
-    _ParentBasedAlwaysOff,
-    _ParentBasedAlwaysOn,
 )
 from opentelemetry.trace import SpanKind
 
-from metering.lite_span import LiteTracer
+from metering.lite_span import PARENT_BASED, LiteTracer
 
 DROPPED_BATCH = 256  # unsampled traceparents drawn at a time
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT  # what a ratio sampler compares with its bound
-# The SDK's own classes, as ``OTEL_TRACES_SAMPLER`` builds them: these only set up
-# their parent's fields, so their rule is their parent's. Subclasses of anyone else's
-# may decide otherwise: they are asked.
-_PARENT_BASED = (ParentBased, ParentBasedTraceIdRatio, _ParentBasedAlwaysOff, _ParentBasedAlwaysOn)
 _STATIC = (StaticSampler, _AlwaysOff, _AlwaysOn)
 
 
@@ -212,7 +204,7 @@ def _root_bound(sampler: Sampler) -> int | None:
     ``StaticSampler._decision``; if a later SDK renames them, the sampler is asked.
     """
     root: object = sampler
-    if type(root) in _PARENT_BASED:
+    if type(root) in PARENT_BASED:
         root = getattr(root, "_root", None)  # a root has no parent: its root sampler decides
     if type(root) is TraceIdRatioBased:
         return root.bound

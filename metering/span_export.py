@@ -5,6 +5,8 @@ returns ``None`` when tracing is off (no exporter asked for,
 ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``). Exporters run
 behind the SDK's ``BatchSpanProcessor`` (its thread, batches of up to 512
 every 5 s: ``OTEL_BSP_*``); a batch that fails is counted, never raised.
+OTLP is the SDK's OTLP/HTTP exporter with a faster encoder
+(``metering.otlp_exporter``).
 
 Sampling: ``OTEL_TRACES_SAMPLER`` (and ``OTEL_TRACES_SAMPLER_ARG``) win when
 set. Unset, the gateway samples ``parentbased_traceidratio`` at
@@ -106,11 +108,11 @@ def default_sampler(env: Mapping[str, str]) -> Sampler | None:
 
 
 def _otlp_exporter(env: Mapping[str, str]) -> SpanExporter:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from metering.otlp_exporter import WireSpanExporter
 
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
     )
     if protocol != "http/protobuf":
         log.warning("OTLP protocol %r is not installed; exporting http/protobuf", protocol)
-    return OTLPSpanExporter()
+    return WireSpanExporter()

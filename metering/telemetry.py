@@ -32,6 +32,7 @@ and are re-exported here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -54,7 +55,7 @@ from metering.genai import content_attributes as content_attributes
 from metering.genai import error_type as error_type
 from metering.genai import report_attributes as report_attributes
 from metering.genai import request_attributes as request_attributes
-from metering.lite_span import LiteTracer
+from metering.lite_span import LiteSpan, LiteTracer
 from metering.report import RequestReport
 from metering.sampling import RootSampler, Unsampled
 from metering.span_export import build_provider
@@ -79,6 +80,13 @@ def _has_traceparent(headers: ParentHeaders) -> bool:
     if type(headers) is list or isinstance(headers, tuple):  # not ``list | tuple``: made per call
         return _RAW_TRACEPARENT in map(_NAME, headers)
     return _TRACEPARENT in headers
+
+
+@functools.lru_cache(maxsize=256)  # a few replicas' URLs, each with a path or two
+def _server(url: str) -> tuple[str, int]:
+    """The host and port an upstream URL names (``server.address``, ``server.port``)."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _carrier(headers: ParentHeaders) -> Mapping[str, str]:
@@ -193,6 +201,14 @@ class Step:
         """Add ``traceparent`` (and ``tracestate``) naming this span to outgoing headers."""
         if self._traceparent is not None:
             headers["traceparent"] = self._traceparent
+        elif type(self._span) is LiteSpan:  # spelled as the W3C propagator spells it
+            context = self._span.context
+            if context.is_valid:
+                headers["traceparent"] = (
+                    f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+                )
+                if context.trace_state:
+                    headers["tracestate"] = context.trace_state.to_header()
         elif self._span is not None:
             try:
                 _W3C.inject(headers, trace.set_span_in_context(self._span))
@@ -233,7 +249,11 @@ class RequestSpan:
         self._recording = recording = span is not None and span.is_recording()
         self._operation = operation
         self._started = telemetry._clock() if span is not None else 0.0
-        self._context = trace.set_span_in_context(span) if span is not None and recording else None
+        # The parent context of its children, for a tracer other than ``LiteTracer``.
+        lite = type(span) is LiteSpan
+        self._context = (
+            trace.set_span_in_context(span) if span is not None and recording and not lite else None
+        )
         self._first_chunk: float | None = None
         # An unsampled root (``propagate``) has no span, only the traceparent for vLLM.
         self._up: Step | None = propagate
@@ -262,11 +282,11 @@ class RequestSpan:
             self._up = Step(trace.NonRecordingSpan(self._span.get_span_context()), self._t._failed)
             return self._up
         try:
-            parts = urlsplit(url)
+            address, port = _server(url)
             attributes: dict[str, Any] = {
                 "http.request.method": method,
-                "server.address": parts.hostname or "",
-                "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                "server.address": address,
+                "server.port": port,
                 "url.full": url,
             }
             if attempt:
@@ -282,6 +302,9 @@ class RequestSpan:
         if not self._recording or tracer is None:
             return _INERT_STEP
         try:
+            span = self._span
+            if type(span) is LiteSpan and type(tracer) is LiteTracer:
+                return Step(tracer.start_child(name, span, kind, attributes), self._t._failed)
             return Step(tracer.start_span(name, self._context, kind, attributes), self._t._failed)
         except Exception as exc:  # noqa: BLE001
             self._t._failed("child", exc)

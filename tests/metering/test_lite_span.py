@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceState
 
 from metering.lite_span import LiteSpan, LiteTracer
 
@@ -113,3 +124,66 @@ def test_a_dropped_span_is_not_recorded_yet_carries_ids() -> None:
     assert not span.get_span_context().trace_flags.sampled
     span.end()
     assert exporter.get_finished_spans() == ()
+
+
+class CountingIds(IdGenerator):
+    """Span ids 1, 2, 3...; one fixed trace id: two tracers make the same ids."""
+
+    def __init__(self) -> None:
+        self.next_span = 0
+
+    def generate_span_id(self) -> int:
+        self.next_span += 1
+        return self.next_span
+
+    def generate_trace_id(self) -> int:
+        return 0x5EED
+
+
+class Refuses(ParentBased):
+    """Someone's own parent-based sampler: its children are asked for."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(Decision.DROP)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "follows"),
+    [
+        (ParentBased(ALWAYS_ON), True),  # what the gateway defaults to (with a ratio root)
+        (ParentBasedTraceIdRatio(1.0), True),
+        (ParentBased(ALWAYS_ON, local_parent_sampled=ALWAYS_OFF), False),
+        (ALWAYS_ON, False),
+        (Refuses(ALWAYS_ON), False),
+    ],
+)
+def test_a_child_is_the_child_start_span_would_make(sampler: Sampler, follows: bool) -> None:
+    made = []
+    for _ in range(2):
+        provider = TracerProvider(sampler=sampler, id_generator=CountingIds())
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        lite = LiteTracer(provider.get_tracer("t"))  # type: ignore[arg-type]
+        made.append((lite, exporter))
+    (fast, fast_spans), (slow, slow_spans) = made
+    assert fast._children_follow is follows
+    state = TraceState([("vendor", "v1")])
+    for tracer in (fast, slow):
+        root = tracer.start_span("root", None, SpanKind.CLIENT, {"r": 1})
+        if isinstance(root, LiteSpan):  # give it a trace state, as an incoming parent could
+            c = root.context
+            root.context = SpanContext(c.trace_id, c.span_id, False, c.trace_flags, state)
+            child = (
+                tracer.start_child("child", root, SpanKind.INTERNAL, {"c": "x"})
+                if tracer is fast
+                else tracer.start_span(
+                    "child", trace.set_span_in_context(root), SpanKind.INTERNAL, {"c": "x"}
+                )
+            )
+            child.end()
+        root.end()
+    ours, theirs = fast_spans.get_finished_spans(), slow_spans.get_finished_spans()
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a.name, a.context, a.parent, a.kind) == (b.name, b.context, b.parent, b.kind)
+        assert dict(a.attributes or {}) == dict(b.attributes or {})

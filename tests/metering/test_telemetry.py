@@ -12,10 +12,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from metering.money import to_nanos, usd
 from metering.pricing import NO_COST, Cost
@@ -23,6 +25,7 @@ from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan, Telemetry, request_attributes
 from metering.usage import TokenUsage
 
+W3C = TraceContextTextMapPropagator()
 UPSTREAM = "http://10.0.0.5:8000/v1/chat/completions"
 CLIENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 CLIENT_SPAN = 0xB7AD6B7169203331
@@ -232,6 +235,22 @@ def test_incoming_traceparent_becomes_the_parent(spans: Spans) -> None:
     assert (root.parent.trace_id, root.parent.span_id) == (CLIENT_TRACE, CLIENT_SPAN)
     assert {span.context.trace_id for span in by_name.values()} == {CLIENT_TRACE}
     assert sent["traceparent"].startswith(f"00-{CLIENT_TRACE:032x}-")
+
+
+def test_the_clients_tracestate_goes_to_vllm_as_the_w3c_propagator_writes_it(
+    spans: Spans,
+) -> None:
+    incoming = {
+        "traceparent": f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-01",
+        "tracestate": "vendor=abc,other=1-2",
+    }
+    sent = run_lifecycle(spans.telemetry, make_report(), headers=incoming)
+
+    post = spans.finished()["POST"]
+    expected: dict[str, str] = {}
+    W3C.inject(expected, trace.set_span_in_context(NonRecordingSpan(post.context)))
+    assert expected["tracestate"] == "vendor=abc,other=1-2"
+    assert sent == {"content-type": "application/json", **expected}
 
 
 def test_an_unsampled_client_trace_records_nothing_but_propagates(spans: Spans) -> None:
