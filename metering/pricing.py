@@ -123,7 +123,7 @@ class GpuTariff:
     once per request, so its ratios are kept in lowest terms (small divisors
     divide in one machine step) and the loaded ratio is remade only when the
     idle share changes; ``price_at(gpu_us, now)`` reads the share itself from
-    ``idle_of`` (the replica's window), at most every ``fresh_s``.
+    ``idle_of`` (the replica's window), again only once ``fresh_s`` has passed.
     """
 
     __slots__ = ("_base", "_fresh_s", "_idle", "_idle_of", "_loaded", "_marginal", "_until")
@@ -146,24 +146,18 @@ class GpuTariff:
         self._loaded = _lowest(*self._base)
 
     def price_at(self, gpu_us: int, now: float) -> Cost:
-        """``price`` at the idle share ``idle_of(now)``, read at most every ``fresh_s``.
+        """``price`` at the idle share ``idle_of(now)``, read again only once more than
+        ``fresh_s`` has passed since the last read.
 
-        The request path's one call: the share of a five-minute window does not
-        move within a tenth of a second (``metering.utilisation``).
+        The request path's one call (the arithmetic is here, not behind another
+        call): the share of a five-minute window does not move within a tenth of
+        a second (``metering.utilisation``).
         """
-        if now < self._until:
-            return self.price(gpu_us, self._idle)
-        if self._idle_of is None:
-            raise TypeError("this tariff was built without an idle share to read")
-        self._until = now + self._fresh_s
-        return self.price(gpu_us, self._idle_of(now))
-
-    def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
-        if idle_per_busy != self._idle:  # also for NaN, which prices as 0
-            idle = idle_millionths(idle_per_busy)
-            bn, bd = self._base
-            self._loaded = _lowest(bn * (IDLE_SCALE + idle), bd * IDLE_SCALE)
-            self._idle = idle_per_busy
+        if now > self._until:
+            if self._idle_of is None:
+                raise TypeError("this tariff was built without an idle share to read")
+            self._until = now + self._fresh_s
+            self._use(self._idle_of(now))
         mn, md = self._marginal
         marginal, rest = divmod(gpu_us * mn, md)
         if 2 * rest > md or (2 * rest == md and marginal & 1):
@@ -173,6 +167,18 @@ class GpuTariff:
         if 2 * rest > ld or (2 * rest == ld and loaded & 1):
             loaded += 1
         return _cost((marginal, loaded))
+
+    def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
+        """At the idle share given (kept until ``price_at`` next reads one)."""
+        self._use(idle_per_busy)
+        return self.price_at(gpu_us, -math.inf)  # no time is later than the last read
+
+    def _use(self, idle_per_busy: float) -> None:
+        if idle_per_busy != self._idle:  # also for NaN, which prices as 0
+            idle = idle_millionths(idle_per_busy)
+            bn, bd = self._base
+            self._loaded = _lowest(bn * (IDLE_SCALE + idle), bd * IDLE_SCALE)
+            self._idle = idle_per_busy
 
 
 def _lowest(numerator: int, denominator: int) -> Ratio:

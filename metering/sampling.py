@@ -112,7 +112,8 @@ class RootSampler:
         random_ids = type(self._ids.inner) is RandomIdGenerator
         self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
-        self._dropped_pool: list[str] = []  # drawn ahead (``dropped_traceparent``)
+        # drawn ahead (``dropped_traceparent``); a caller may pop from it while it holds any
+        self.dropped_pool: list[str] = []
         self._current = _context_reader()
 
     def presample(self) -> bool:
@@ -146,7 +147,7 @@ class RootSampler:
         drawn one at a time cost the metered gateway about two points of CPU,
         bench/RESULTS.md, 2026-11-23, session 7).
         """
-        pool = self._dropped_pool
+        pool = self.dropped_pool
         while not pool:
             pool += self._draw_dropped(DROPPED_BATCH)
         return pool.pop()

@@ -424,14 +424,17 @@ class RequestSpan:
 class _DroppedCall(Step):
     """The upstream call of a dropped root: no span; its ``traceparent`` drawn per attempt."""
 
-    __slots__ = ("_roots",)
+    __slots__ = ("_pool", "_roots")
 
     def __init__(self, roots: RootSampler):
         super().__init__()
         self._roots = roots
+        self._pool = roots.dropped_pool
 
     def inject_headers(self, headers: dict[str, str]) -> None:
-        headers["traceparent"] = self._roots.dropped_traceparent()
+        # the pool's next one, or the sampler refills it: one frame per request, not two
+        pool = self._pool
+        headers["traceparent"] = pool.pop() if pool else self._roots.dropped_traceparent()
 
 
 class _DroppedRoot(RequestSpan):
