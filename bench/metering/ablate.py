@@ -31,13 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
 
-from bench.lib.entry import clean_env, run_benchmark
+from bench.lib.entry import run_benchmark
 from bench.lib.measure import Target, load_together, measure_together
 from bench.lib.otlp_sink import start_sink
 from bench.lib.procs import Procs
 from bench.lib.redis_server import start_redis
-from bench.lib.stack import MODEL, gateway_config, start_gateway, start_sim, wait_gateway, wait_sim
+from bench.lib.stack import MODEL, start_gateway, start_sim, wait_gateway, wait_sim
 from bench.lib.wrk import Wrk, ensure_wrk
+from bench.metering.sides import side
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,9 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     targets = []
     gateways = []
     for variant in variants:
-        env = clean_env()
-        config = gateway_config(sim, keys, redis={"url": redis.url})
-        if variant.metered:
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.base
-            if variant.sampling is not None:
-                env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
-                env["OTEL_TRACES_SAMPLER_ARG"] = str(variant.sampling)
-        else:
-            config["metering"] = {"enabled": False}
+        config, env = side(
+            sim, keys, redis.url, sink.base, metered=variant.metered, sampling=variant.sampling
+        )
         if variant.path:
             env["PYTHONPATH"] = variant.path
         gateway = start_gateway(

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 from bench.lib import BenchError
 from bench.lib.cpu import load_average
-from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env, run_benchmark
+from bench.lib.entry import add_load_arguments, add_profile_arguments, run_benchmark
 from bench.lib.measure import Target, load_together, measure, measure_together
 from bench.lib.otlp_sink import Sink, start_sink
 from bench.lib.procs import Procs, run_quiet
@@ -52,7 +52,6 @@ from bench.lib.report import publish, section_head
 from bench.lib.stack import (
     MODEL,
     Server,
-    gateway_config,
     sanity_check,
     start_gateway,
     start_sim,
@@ -61,6 +60,7 @@ from bench.lib.stack import (
 )
 from bench.lib.wrk import Wrk, ensure_wrk
 from bench.metering.checks import check_metered, check_spans
+from bench.metering.sides import side
 from bench.metering.summary import (
     MODES,
     SIDES,
@@ -152,21 +152,15 @@ def start_stack(
         {"key": KEYS["on"], "tenant": TENANTS["on"], "admin": True},  # reads /v1/usage
         {"key": KEYS["off"], "tenant": TENANTS["off"]},
     ]
-    redis_section = {"url": redis.url}
-    on_env = {**clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": sink.base}
-    if args.span_sampling is not None:
-        on_env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
-        on_env["OTEL_TRACES_SAMPLER_ARG"] = str(args.span_sampling)
-    envs = {"on": on_env, "off": clean_env()}
-    configs = {
-        "on": gateway_config(sim, keys, redis=redis_section),
-        "off": gateway_config(sim, keys, redis=redis_section, metering={"enabled": False}),
-    }
-    gateways = {
-        name: start_gateway(
-            procs, tmp, args.gateway_cpu, configs[name], name=f"gateway-{name}", env=envs[name]
+    sides = {
+        name: side(
+            sim, keys, redis.url, sink.base, metered=name == "on", sampling=args.span_sampling
         )
         for name in SIDES
+    }
+    gateways = {
+        name: start_gateway(procs, tmp, args.gateway_cpu, config, name=f"gateway-{name}", env=env)
+        for name, (config, env) in sides.items()
     }
     wait_sim(sim, args.load_cpu)
     for name in SIDES:
