@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cache.idempotency import IdempotencyStore
 from cache.ledger import UsageLedger
@@ -29,7 +27,7 @@ from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
-from metering.telemetry import Telemetry
+from metering.telemetry import Telemetry, server_of
 from router.score import ComplexityScorer
 from router.table import RouteTable
 
@@ -174,16 +172,10 @@ def burn_sink(burn: BurnShift) -> ReportSink:
     return sink
 
 
-@functools.lru_cache(maxsize=1024)
-def _address(url: str) -> tuple[str | None, int | None]:
-    parts = urlsplit(url)
-    return parts.hostname, parts.port
-
-
 def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
     if ctx.span is None or not ctx.span.open:  # most requests: sampled out
         return
-    address, port = _address(report.replica) if report.replica else (None, None)
+    address, port, _ = server_of(report.replica) if report.replica else (None, None, 0)
     ctx.span.finish(
         report,
         server_address=address,

@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.sampling import (
     ParentBasedTraceIdRatio,
     Sampler,
     StaticSampler,
+    _AlwaysOff,
     _AlwaysOn,
     _ParentBasedAlwaysOff,
     _ParentBasedAlwaysOn,
@@ -51,6 +52,7 @@ from opentelemetry.util import types
 # set up ``ParentBased``'s fields, so they decide as it does. Subclasses of anyone
 # else's may decide otherwise: they are asked.
 PARENT_BASED = (ParentBased, ParentBasedTraceIdRatio, _ParentBasedAlwaysOff, _ParentBasedAlwaysOn)
+_STATIC = (StaticSampler, _AlwaysOff, _AlwaysOn)  # and these always decide the same
 
 
 class LiteTracer:
@@ -275,7 +277,13 @@ def _children_follow(sampler: Sampler) -> bool:
     if type(sampler) not in PARENT_BASED:
         return False
     local = getattr(sampler, "_local_parent_sampled", None)
-    return (
-        type(local) in (StaticSampler, _AlwaysOn)
-        and getattr(local, "_decision", None) is Decision.RECORD_AND_SAMPLE
-    )
+    return static_decision(local) is Decision.RECORD_AND_SAMPLE
+
+
+def static_decision(sampler: object) -> Decision | None:
+    """The fixed decision of one of the SDK's own static samplers (always on, always off);
+    None for any other sampler, or if a later SDK renames ``StaticSampler._decision``."""
+    if type(sampler) not in _STATIC:
+        return None
+    decision: Decision | None = getattr(sampler, "_decision", None)
+    return decision

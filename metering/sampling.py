@@ -42,18 +42,14 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     Sampler,
-    StaticSampler,
     TraceIdRatioBased,
-    _AlwaysOff,
-    _AlwaysOn,
 )
 from opentelemetry.trace import SpanKind
 
-from metering.lite_span import PARENT_BASED, LiteTracer
+from metering.lite_span import PARENT_BASED, LiteTracer, static_decision
 
 DROPPED_BATCH = 256  # unsampled traceparents drawn at a time
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT  # what a ratio sampler compares with its bound
-_STATIC = (StaticSampler, _AlwaysOff, _AlwaysOn)
 
 
 class HandOffIds(IdGenerator):
@@ -112,8 +108,7 @@ class RootSampler:
         random_ids = type(self._ids.inner) is RandomIdGenerator
         self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
-        # drawn ahead (``dropped_traceparent``); a caller may pop from it while it holds any
-        self.dropped_pool: list[str] = []
+        self._dropped_pool: list[str] = []  # drawn ahead (``dropped_traceparent``)
         self._current = _context_reader()
 
     def presample(self) -> bool:
@@ -147,7 +142,7 @@ class RootSampler:
         drawn one at a time cost the metered gateway about two points of CPU,
         bench/RESULTS.md, 2026-11-23, session 7).
         """
-        pool = self.dropped_pool
+        pool = self._dropped_pool
         while not pool:
             pool += self._draw_dropped(DROPPED_BATCH)
         return pool.pop()
@@ -209,9 +204,7 @@ def _root_bound(sampler: Sampler) -> int | None:
         root = getattr(root, "_root", None)  # a root has no parent: its root sampler decides
     if type(root) is TraceIdRatioBased:
         return root.bound
-    if type(root) in _STATIC:
-        decision = getattr(root, "_decision", None)
-        if decision is None:
-            return None
-        return 0 if decision is Decision.DROP else _LOW_64 + 1  # recorded, maybe sampled
-    return None
+    decision = static_decision(root)
+    if decision is None:
+        return None
+    return 0 if decision is Decision.DROP else _LOW_64 + 1  # recorded, maybe sampled

@@ -83,10 +83,11 @@ def _has_traceparent(headers: ParentHeaders) -> bool:
 
 
 @functools.lru_cache(maxsize=256)  # a few replicas' URLs, each with a path or two
-def _server(url: str) -> tuple[str, int]:
-    """The host and port an upstream URL names (``server.address``, ``server.port``)."""
+def server_of(url: str) -> tuple[str | None, int | None, int]:
+    """The host and port a replica's URL names (None where it names none), and its
+    scheme's default port: a span's ``server.address`` and ``server.port``."""
     parts = urlsplit(url)
-    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname, parts.port, 443 if parts.scheme == "https" else 80
 
 
 def _carrier(headers: ParentHeaders) -> Mapping[str, str]:
@@ -282,11 +283,11 @@ class RequestSpan:
             self._up = Step(trace.NonRecordingSpan(self._span.get_span_context()), self._t._failed)
             return self._up
         try:
-            address, port = _server(url)
+            address, port, default_port = server_of(url)
             attributes: dict[str, Any] = {
                 "http.request.method": method,
-                "server.address": address,
-                "server.port": port,
+                "server.address": address or "",
+                "server.port": port or default_port,
                 "url.full": url,
             }
             if attempt:
@@ -303,8 +304,8 @@ class RequestSpan:
             return _INERT_STEP
         try:
             span = self._span
-            if type(span) is LiteSpan and type(tracer) is LiteTracer:
-                return Step(tracer.start_child(name, span, kind, attributes), self._t._failed)
+            if type(span) is LiteSpan:  # made by the telemetry's LiteTracer
+                return Step(span.tracer.start_child(name, span, kind, attributes), self._t._failed)
             return Step(tracer.start_span(name, self._context, kind, attributes), self._t._failed)
         except Exception as exc:  # noqa: BLE001
             self._t._failed("child", exc)
@@ -424,17 +425,14 @@ class RequestSpan:
 class _DroppedCall(Step):
     """The upstream call of a dropped root: no span; its ``traceparent`` drawn per attempt."""
 
-    __slots__ = ("_pool", "_roots")
+    __slots__ = ("_roots",)
 
     def __init__(self, roots: RootSampler):
         super().__init__()
         self._roots = roots
-        self._pool = roots.dropped_pool
 
     def inject_headers(self, headers: dict[str, str]) -> None:
-        # the pool's next one, or the sampler refills it: one frame per request, not two
-        pool = self._pool
-        headers["traceparent"] = pool.pop() if pool else self._roots.dropped_traceparent()
+        headers["traceparent"] = self._roots.dropped_traceparent()
 
 
 class _DroppedRoot(RequestSpan):
