@@ -9,58 +9,20 @@ that reached the simulator.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import FAST_SIM, KEY, gateway_config, http_json
+from tests.support.otlp_collector import Collector, running_collector
 from tests.support.procs import Proc, start_gateway, start_sim
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self._lock = threading.Lock()
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                with collector._lock:
-                    for resource in request.resource_spans:
-                        for scope in resource.scope_spans:
-                            collector.spans.extend(scope.spans)
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def wait_for(self, name: str, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                found = [s for s in self.spans if s.name == name]
-            if found:
-                return found[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no span {name!r}; got {[s.name for s in self.spans]}")
 
 
 def attributes(span: Any) -> dict[str, Any]:
@@ -77,26 +39,22 @@ def attributes(span: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def traced(log_dir: Path) -> Iterator[tuple[Proc, Proc, Collector]]:
-    collector = Collector()
-    thread = threading.Thread(target=collector.server.serve_forever, daemon=True)
-    thread.start()
-    sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
-        "OTEL_BSP_SCHEDULE_DELAY": "50",
-        "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request (the default is 1%)
-    }
-    config = gateway_config([sims[0].url], [sims[1].url])
-    config["tiers"][0]["fallback"] = ["large"]
-    gateway = start_gateway(log_dir, config, env=env)
-    try:
-        yield gateway, sims[0], collector
-    finally:
-        gateway.stop()
-        for sim in sims:
-            sim.stop()
-        collector.server.shutdown()
-        collector.server.server_close()
+    with running_collector() as collector:
+        sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_TRACES_SAMPLER": "parentbased_always_on",  # every request (default 1%)
+        }
+        config = gateway_config([sims[0].url], [sims[1].url])
+        config["tiers"][0]["fallback"] = ["large"]
+        gateway = start_gateway(log_dir, config, env=env)
+        try:
+            yield gateway, sims[0], collector
+        finally:
+            gateway.stop()
+            for sim in sims:
+                sim.stop()
 
 
 def test_request_span_tree_and_attributes(traced: tuple[Proc, Proc, Collector]) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -19,41 +17,13 @@ from metering import otlp_exporter
 from metering.otlp_exporter import WireSpanExporter
 from metering.telemetry import Telemetry
 from tests.metering.test_telemetry import make_report, run_lifecycle
-
-
-class Collector:
-    """Answers POST /v1/traces with ``status``; keeps each body."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.status = 200
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                collector.bodies.append(body)
-                self.send_response(collector.status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+from tests.support.otlp_collector import Collector, running_collector
 
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    collector = Collector()
-    thread = threading.Thread(target=collector.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running_collector() as collector:
         yield collector
-    finally:
-        collector.server.shutdown()
-        collector.server.server_close()
 
 
 def request_spans() -> list[ReadableSpan]:
@@ -83,7 +53,7 @@ def test_exports_our_encoding_without_the_sdks_encoder(
     # If a later SDK renames the fields the fast path reads, export falls back to
     # the SDK's encoder: this test then fails instead of the gateway slowing quietly.
     monkeypatch.setattr(trace_exporter, "encode_spans", refuse)
-    exporter = WireSpanExporter(endpoint=collector.url)
+    exporter = WireSpanExporter(endpoint=collector.traces_url)
     assert exporter.export(spans) is SpanExportResult.SUCCESS
     assert collector.bodies == [expected]
     names = {s.name for s in ExportTraceServiceRequest.FromString(expected)
@@ -102,7 +72,7 @@ def test_a_batch_it_cannot_encode_goes_through_the_sdks_encoder(
         raise ValueError("cannot spell this")
 
     monkeypatch.setattr(otlp_exporter, "encode_request", broken)
-    exporter = WireSpanExporter(endpoint=collector.url)
+    exporter = WireSpanExporter(endpoint=collector.traces_url)
     assert exporter.export(spans) is SpanExportResult.SUCCESS
     assert collector.bodies == [sdk_bytes(spans)]
     exporter.shutdown()
@@ -110,21 +80,21 @@ def test_a_batch_it_cannot_encode_goes_through_the_sdks_encoder(
 
 def test_a_refused_batch_is_a_failure(collector: Collector) -> None:
     collector.status = 400  # not retried
-    exporter = WireSpanExporter(endpoint=collector.url)
+    exporter = WireSpanExporter(endpoint=collector.traces_url)
     assert exporter.export(request_spans()) is SpanExportResult.FAILURE
     assert len(collector.bodies) == 1
     exporter.shutdown()
 
 
 def test_a_batch_over_the_size_limit_is_dropped_as_the_sdk_drops_it(collector: Collector) -> None:
-    exporter = WireSpanExporter(endpoint=collector.url, max_request_size=100)
+    exporter = WireSpanExporter(endpoint=collector.traces_url, max_request_size=100)
     assert exporter.export(request_spans()) is SpanExportResult.FAILURE
     assert collector.bodies == []
     exporter.shutdown()
 
 
 def test_after_shutdown_nothing_is_sent(collector: Collector) -> None:
-    exporter = WireSpanExporter(endpoint=collector.url)
+    exporter = WireSpanExporter(endpoint=collector.traces_url)
     exporter.shutdown()
     assert exporter.export(request_spans()) is SpanExportResult.FAILURE
     assert collector.bodies == []
