@@ -7,8 +7,9 @@ replaced, to hand that client the bytes ``encode_request`` wrote instead of
 the ones the SDK's message objects serialize to (the same message, about
 five times faster: ``metering.otlp_wire``).
 
-It reads three of the SDK exporter's private fields (``_client``,
-``_metrics``, ``_shutdown``). If a later SDK renames one, or ``encode_request``
+It reads four of the SDK exporter's private fields (``_client``,
+``_metrics``, ``_shutdown``, ``_max_request_size``). If a later SDK renames
+one of the first three, or ``encode_request``
 cannot spell a batch, or a batch is over the exporter's size limit, the
 SDK's own ``export`` handles that batch: slower, never wrong.
 tests/metering/test_otlp_exporter.py fails if the fast path is not taken
