@@ -75,7 +75,7 @@ def request_attributes(params: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(stop, str):
         out["gen_ai.request.stop_sequences"] = [stop]
     elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
-        out["gen_ai.request.stop_sequences"] = stop
+        out["gen_ai.request.stop_sequences"] = list(stop)  # a copy: read at export
     response_format = params.get("response_format")
     kind = response_format.get("type") if isinstance(response_format, Mapping) else None
     if isinstance(kind, str) and kind in _OUTPUT_TYPES:

@@ -11,7 +11,12 @@ instrumentation scope, the span limits and the span processors are the SDK
 tracer's own, and what the processors receive at the end is the SDK's own
 ``ReadableSpan`` with ``BoundedAttributes`` (values validated and truncated to
 ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`` once, at the end). Exporters cannot tell
-the difference.
+the difference. Behind ``LiteBatchSpanProcessor`` (what ``metering.span_export``
+builds) that ``ReadableSpan`` is made in the processor's export thread, a batch
+at a time, not on the event loop: at 100% sampling the metered gateway's CPU
+per request fell by ~6% (bench/RESULTS.md, 2026-11-23, session 9). A span's
+attribute values must therefore not be changed after they are set (the
+gateway sets strings, numbers, and sequences it built for the span).
 
 What is left out: processors' ``on_start`` (called with the SDK's live span;
 the batch and simple processors do nothing there), the SDK's tracer
@@ -23,7 +28,7 @@ as a telemetry failure, and tests/metering/test_lite_span.py fails.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from time import time_ns
 from types import TracebackType
 from typing import Any
@@ -33,6 +38,7 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
@@ -53,6 +59,8 @@ from opentelemetry.util import types
 # else's may decide otherwise: they are asked.
 PARENT_BASED = (ParentBased, ParentBasedTraceIdRatio, _ParentBasedAlwaysOff, _ParentBasedAlwaysOn)
 _STATIC = (StaticSampler, _AlwaysOff, _AlwaysOn)  # and these always decide the same
+_ROOT = TraceFlags(TraceFlags.SAMPLED)
+_ROOT_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 
 
 class LiteTracer:
@@ -64,6 +72,8 @@ class LiteTracer:
         # the SDK's parent-based samplers decide by default: then ``start_child`` asks
         # nobody.
         self._children_follow = _children_follow(sdk.sampler)
+        self._processors: object = None  # the provider's processors when last looked at
+        self._takes_lite = False  # whether they all take a LiteSpan as it is
 
     @property
     def sampler(self) -> Sampler:
@@ -110,6 +120,26 @@ class LiteTracer:
             return trace.NonRecordingSpan(span_context)
         return LiteSpan(self, name, span_context, parent, kind, dict(result.attributes or {}))
 
+    def start_root(
+        self,
+        name: str,
+        trace_id: int,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+    ) -> LiteSpan:
+        """A root the tracer's sampler is known to keep with ``trace_id``: the span
+        ``start_span`` would make for it, without asking the sampler again.
+
+        For ``metering.sampling.RootSampler``, once it applied the rule of one of the
+        SDK's own samplers (a ratio, always on, or parent-based over either): for a
+        root those sample with the attributes given, no trace state, and the id
+        generator's random-trace-id flag (tests/metering/test_sampling.py compares).
+        """
+        ids = self.sdk.id_generator
+        flags = _ROOT_RANDOM if ids.is_trace_id_random() else _ROOT
+        span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags)
+        return LiteSpan(self, name, span_context, None, kind, dict(attributes or {}))
+
     def start_child(
         self,
         name: str,
@@ -139,30 +169,48 @@ class LiteTracer:
         return LiteSpan(self, name, span_context, context, kind, dict(attributes or {}))
 
     def end(self, span: LiteSpan) -> None:
-        """Hand the ended span to the SDK's processors, as the SDK's ``ReadableSpan``."""
-        sdk = self.sdk
-        limits = sdk._span_limits
-        attributes = BoundedAttributes(
-            limits.max_span_attributes,
-            span.attributes,
-            immutable=True,
-            max_value_len=limits.max_span_attribute_length,
-        )
-        readable = ReadableSpan(
-            name=span.name,
-            context=span.context,
-            parent=span.parent,
-            resource=sdk.resource,
-            attributes=attributes,
-            events=span.events,
-            kind=span.kind,
-            instrumentation_info=sdk.instrumentation_info,
-            status=span.status,
-            start_time=span.start_time,
-            end_time=span.end_time,
-            instrumentation_scope=sdk._instrumentation_scope,
-        )
-        sdk.span_processor.on_end(readable)
+        """Hand the ended span to the SDK's processors: as it is when every one of them is a
+        ``LiteBatchSpanProcessor`` (it becomes a ``ReadableSpan`` in their export thread),
+        else as the SDK's ``ReadableSpan``, made here."""
+        processor = self.sdk.span_processor
+        # SynchronousMultiSpanProcessor's tuple, replaced whenever a processor is added
+        processors = getattr(processor, "_span_processors", None)
+        if processors is not self._processors:
+            self._processors = processors
+            self._takes_lite = bool(processors) and all(
+                type(p) is LiteBatchSpanProcessor for p in processors or ()
+            )
+        processor.on_end(span if self._takes_lite else span.readable())  # type: ignore[arg-type]
+
+
+class LiteBatchSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, also for ended ``LiteSpan``s: queued as they are, made
+    ``ReadableSpan``s in its export thread just before its exporter sees them.
+
+    A traced request's spans then cost the event loop no ``BoundedAttributes``
+    and no ``ReadableSpan`` (the bulk of ending a span): that work runs in the
+    export thread, a batch at a time. ``LiteTracer`` hands a ``LiteSpan`` over
+    as it is only when every processor of the provider is one of these.
+    """
+
+    def __init__(self, exporter: SpanExporter, **options: Any):
+        super().__init__(_Readable(exporter), **options)
+
+
+class _Readable(SpanExporter):
+    """An exporter that is handed ``LiteSpan``s as well, and passes ``ReadableSpan``s on."""
+
+    def __init__(self, inner: SpanExporter):
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan | LiteSpan]) -> SpanExportResult:
+        return self.inner.export([s.readable() if isinstance(s, LiteSpan) else s for s in spans])
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
 
 
 class LiteSpan(trace.Span):
@@ -203,6 +251,33 @@ class LiteSpan(trace.Span):
 
     def get_span_context(self) -> SpanContext:
         return self.context
+
+    def readable(self) -> ReadableSpan:
+        """The ended span as the SDK's ``ReadableSpan``, its attributes bounded by the
+        tracer's limits (``OTEL_ATTRIBUTE_*``, ``OTEL_SPAN_ATTRIBUTE_*``) as the SDK's own
+        span would have them."""
+        sdk = self.tracer.sdk
+        limits = sdk._span_limits
+        attributes = BoundedAttributes(
+            limits.max_span_attributes,
+            self.attributes,
+            immutable=True,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        return ReadableSpan(
+            name=self.name,
+            context=self.context,
+            parent=self.parent,
+            resource=sdk.resource,
+            attributes=attributes,
+            events=self.events,
+            kind=self.kind,
+            instrumentation_info=sdk.instrumentation_info,
+            status=self.status,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            instrumentation_scope=sdk._instrumentation_scope,
+        )
 
     def is_recording(self) -> bool:
         return self.end_time is None

@@ -14,10 +14,10 @@ trace id that does not exist yet:
 - dropped: nothing is made, not even ids. If the request goes to vLLM, its
   ``traceparent`` is drawn then (``dropped_traceparent``): random ids among
   those the rule drops, flagged unsampled;
-- sampled: a trace id with those low bits is handed to the SDK
-  (``HandOffIds``), which asks the same sampler again with it, so a
-  deterministic sampler (ratio, always on/off, parent-based) decides the
-  same; the span is a real SDK span.
+- sampled: a trace id with those low bits is drawn and the root is made
+  with it (``LiteTracer.start_root``) as the SDK would make it, without asking
+  the sampler again: for these samplers a kept root carries the attributes
+  given and no trace state.
 
 The rule (``_root_bound``: a ratio sampler keeps a trace id whose low 64 bits
 are below its bound; always-on and always-off are bounds too) stands in for
@@ -108,7 +108,9 @@ class RootSampler:
         random_ids = type(self._ids.inner) is RandomIdGenerator
         self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
-        self._dropped_pool: list[str] = []  # drawn ahead (``dropped_traceparent``)
+        # Drawn ahead (``dropped_traceparent``); one list for the sampler's life, so a
+        # caller may keep it and pop it itself while it is not empty.
+        self.dropped_pool: list[str] = []
         self._current = _context_reader()
 
     def presample(self) -> bool:
@@ -142,7 +144,7 @@ class RootSampler:
         drawn one at a time cost the metered gateway about two points of CPU,
         bench/RESULTS.md, 2026-11-23, session 7).
         """
-        pool = self._dropped_pool
+        pool = self.dropped_pool
         while not pool:
             pool += self._draw_dropped(DROPPED_BATCH)
         return pool.pop()
@@ -165,8 +167,10 @@ class RootSampler:
         """A root span: a real SDK span if sampled, else the ids to propagate."""
         tracer, ids = self._tracer, self._ids
         try:
-            if self._armed or trace.get_current_span() is not trace.INVALID_SPAN:
-                return tracer.start_span(name, None, kind, attributes)  # decided, or a parent
+            if self._armed:  # kept by the rule, with the trace id handed to ``ids``
+                return tracer.start_root(name, ids.generate_trace_id(), kind, attributes)
+            if trace.get_current_span() is not trace.INVALID_SPAN:
+                return tracer.start_span(name, None, kind, attributes)  # a parent decides
             trace_id = ids.inner.generate_trace_id()
             result = tracer.sampler.should_sample(None, trace_id, name, kind, attributes)
             if result.decision is Decision.DROP:

@@ -4,7 +4,9 @@
 returns ``None`` when tracing is off (no exporter asked for,
 ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true``). Exporters run
 behind the SDK's ``BatchSpanProcessor`` (its thread, batches of up to 512
-every 5 s: ``OTEL_BSP_*``); a batch that fails is counted, never raised.
+every 5 s: ``OTEL_BSP_*``), as ``metering.lite_span.LiteBatchSpanProcessor``:
+the gateway's ended spans are made ``ReadableSpan``s in that thread, not on
+the event loop. A batch that fails is counted, never raised.
 OTLP is the SDK's OTLP/HTTP exporter with a faster encoder
 (``metering.otlp_exporter``).
 
@@ -26,12 +28,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+
+from metering.lite_span import LiteBatchSpanProcessor
 
 log = logging.getLogger("tollway.telemetry")
 
@@ -96,7 +99,7 @@ def build_provider(
         resource = resource.merge(Resource({"service.name": service_name}))
     provider = SdkTracerProvider(resource=resource, sampler=default_sampler(env))
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(CountingExporter(exporter, failed)))
+        provider.add_span_processor(LiteBatchSpanProcessor(CountingExporter(exporter, failed)))
     return provider
 
 

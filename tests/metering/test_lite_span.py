@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceState
 
-from metering.lite_span import LiteSpan, LiteTracer
+from metering.lite_span import LiteBatchSpanProcessor, LiteSpan, LiteTracer
 
 
 def both(
@@ -187,3 +187,72 @@ def test_a_child_is_the_child_start_span_would_make(sampler: Sampler, follows: b
     for a, b in zip(ours, theirs, strict=True):
         assert (a.name, a.context, a.parent, a.kind) == (b.name, b.context, b.parent, b.kind)
         assert dict(a.attributes or {}) == dict(b.attributes or {})
+
+
+def _exported(spans: Any) -> list[tuple[Any, ...]]:
+    """What an exporter reads of each span, ids aside (two tracers draw different ones)."""
+    return [
+        (
+            s.name,
+            s.kind,
+            dict(s.attributes or {}),
+            s.status.status_code,
+            s.status.description,
+            s.resource,
+            s.instrumentation_scope,
+            s.parent is None,
+            type(s).__name__,
+        )
+        for s in spans
+    ]
+
+
+def test_a_lite_batch_processor_takes_the_span_as_is_and_exports_readable_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ending a span makes no ReadableSpan on the caller's thread; the exporter still gets
+    the ReadableSpans the eager path gives (limits applied)."""
+    made: list[LiteSpan] = []
+    readable = LiteSpan.readable
+    monkeypatch.setattr(LiteSpan, "readable", lambda self: made.append(self) or readable(self))
+    limits = SpanLimits(max_span_attribute_length=2)
+    eager, _, eager_out = both(limits=limits)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "lite-test"}),
+        span_limits=limits,
+        shutdown_on_exit=False,
+    )
+    processor = LiteBatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+    provider.add_span_processor(processor)
+    lite = LiteTracer(provider.get_tracer("lite-test-scope", "1.0"))  # type: ignore[arg-type]
+    life(lite)
+    assert made == []  # queued as LiteSpans: nothing built yet
+    assert exporter.get_finished_spans() == ()
+    assert processor.force_flush()
+    assert len(made) == 2
+    life(eager)
+    assert _exported(exporter.get_finished_spans()) == _exported(eager_out.get_finished_spans())
+    root = exporter.get_finished_spans()[1]
+    assert dict(root.attributes or {}) == {"a": 1, "tags": ("x", "y"), "c": 3.5}
+    provider.shutdown()
+
+
+def test_any_other_processor_gets_readable_spans_at_the_end() -> None:
+    """One processor that is not a LiteBatchSpanProcessor, even one added later, and every
+    processor gets the SDK's ReadableSpan when the span ends."""
+    batched, simple = InMemorySpanExporter(), InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(LiteBatchSpanProcessor(batched, schedule_delay_millis=60_000))
+    lite = LiteTracer(provider.get_tracer("t"))  # type: ignore[arg-type]
+    lite.start_span("before").end()
+    provider.add_span_processor(SimpleSpanProcessor(simple))
+    lite.start_span("after").end()
+    assert [s.name for s in simple.get_finished_spans()] == ["after"]
+    assert type(simple.get_finished_spans()[0]) is ReadableSpan
+    assert provider.force_flush()
+    assert [(s.name, type(s)) for s in batched.get_finished_spans()] == [
+        ("before", ReadableSpan),
+        ("after", ReadableSpan),
+    ]
+    provider.shutdown()

@@ -275,3 +275,35 @@ def test_a_sampler_subclassed_by_someone_else_is_asked() -> None:
 
     assert _root_bound(Mine(0.5)) is None
     assert _root_bound(ParentBased(Mine(0.5))) is None
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ParentBased(TraceIdRatioBased(1.0)),
+        TraceIdRatioBased(1.0),
+        ALWAYS_ON,
+        ParentBased(ALWAYS_ON),
+    ],
+)
+def test_a_kept_root_is_the_span_the_sdk_would_start(sampler: Sampler) -> None:
+    """A root the rule kept is made without asking the sampler again, as the SDK makes it."""
+    telemetry, _ = traced(sampler)
+    roots, tracer = telemetry._roots, telemetry._tracer
+    assert roots is not None
+    assert roots._bound is not None  # the rule applies to this sampler
+    attributes = {"gen_ai.operation.name": "chat", "n": 1}
+    assert roots.presample() is False  # kept: its trace id is handed to the id generator
+    handed = roots._ids._next
+    fast = roots.start("chat auto", SpanKind.CLIENT, attributes)
+    roots._ids.hand(handed)
+    slow = tracer.start_span("chat auto", None, SpanKind.CLIENT, attributes)  # type: ignore[union-attr]
+    for span in (fast, slow):
+        assert span.get_span_context().trace_id == handed
+    a, b = fast.get_span_context(), slow.get_span_context()
+    assert (a.trace_flags, a.trace_state) == (b.trace_flags, b.trace_state)
+    assert a.is_remote is b.is_remote is False
+    assert a.trace_flags.sampled
+    assert a.trace_flags.random_trace_id
+    for name in ("name", "kind", "parent", "attributes"):
+        assert getattr(fast, name) == getattr(slow, name), name
