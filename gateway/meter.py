@@ -25,9 +25,17 @@ from gateway.pool import ReplicaState
 from gateway.recorder import Recorder
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.money import ratio, to_nanos
+from metering.money import NANOS_PER_USD, ratio, to_nanos
 from metering.pricing import NO_COST, GpuTariff, TokenPrices, price_tokens
-from metering.report import FREE, RequestReport, report_of, to_micros
+from metering.report import (
+    CACHED_LINE,
+    FIGURE_LINES,
+    FREE,
+    MICROS,
+    RequestReport,
+    report_of,
+    to_micros,
+)
 from metering.telemetry import Content, RequestSpan
 from metering.usage import NO_USAGE, TokenUsage
 from router.table import Decision
@@ -113,11 +121,7 @@ class Meter:
         elif replica is None:
             cost = NO_COST  # nothing ran: no replica was reached
         else:
-            tariff = self._tariffs.get(replica)
-            if tariff is None:
-                meter = replica.meter
-                tariff = GpuTariff(meter.hourly, self.overhead, meter.idle_per_busy)
-                self._tariffs[replica] = tariff
+            tariff = self._tariffs.get(replica) or self._new_tariff(replica)
             cost = tariff.price_at(gpu_us, now)
         first = ctx.first_token_at
         report = report_of((
@@ -149,6 +153,67 @@ class Meter:
         if self.recorder is not None:
             self.recorder.add(report)
         return report
+
+    def relay(
+        self, ctx: RequestContext, replica: ReplicaState, usage: TokenUsage
+    ) -> tuple[RequestReport, bytes] | None:
+        """``finish`` for an answer served by ``replica`` with status 200, and the report's
+        ``head_lines``, as one step; None, having done nothing, for an answer the cache
+        served or a tier priced by tokens (``finish`` then).
+
+        Most requests end here: an untraced answer relayed as vLLM sent it. Priced,
+        reported and queued for counting exactly as ``finish`` does it (with no
+        finish reasons or response id: only a span reads those), with its figures'
+        head lines formatted here: one call where ``finish``, ``to_micros`` and
+        ``head_lines`` were three, ~0.8 points of the metered gateway's CPU
+        (bench/RESULTS.md, 2026-11-23, session 9). tests/gateway/test_meter_relay.py holds it equal
+        to ``finish`` followed by ``head_lines``.
+        """
+        decision = ctx.decision
+        tier = decision.tier
+        cache = ctx.cache
+        if cache in FREE or tier in self.token_prices:
+            return None
+        now = time.monotonic()
+        bill = ctx.bill
+        try:  # ``to_micros``, without the call
+            gpu_us = round(bill.gpu_seconds * MICROS)
+        except (ValueError, OverflowError):  # NaN, inf: a bug upstream must not fail a request
+            gpu_us = 0
+        tariff = self._tariffs.get(replica) or self._new_tariff(replica)
+        cost = tariff.price_at(gpu_us, now)
+        first = ctx.first_token_at
+        request_id = ctx.request_id
+        report = report_of((
+            request_id, ctx.tenant, tier, decision.model, _OPERATION[ctx.endpoint], usage,
+            gpu_us, cost, cache, 0, replica.url, bill.attempts, 200, time.time_ns() // 1000,
+            now - ctx.started, None if first is None else first - ctx.started, (), None, None,
+        ))  # fmt: skip
+        span = ctx.span
+        if span is not None and span.traced and self.on_span is not None:
+            self._call(self.on_span, report, ctx)
+        for sink in self.sinks:
+            self._call(sink, report, ctx)
+        if self.recorder is not None:
+            self.recorder.add(report)
+        marginal, loaded = cost
+        if marginal < 0 or loaded < 0:
+            return report, report.head_lines()  # spelled with their signs
+        lines = FIGURE_LINES % (
+            request_id.encode("latin-1"), usage[0], usage[1], *divmod(gpu_us, MICROS),
+            *divmod(marginal, NANOS_PER_USD), *divmod(loaded, NANOS_PER_USD),
+        )  # fmt: skip
+        if usage[2]:
+            lines += CACHED_LINE % usage[2]
+        return report, lines
+
+    def _new_tariff(self, replica: ReplicaState) -> GpuTariff:
+        """The replica's tariff, made on its first priced request (a call only then)."""
+        meter = replica.meter
+        tariff = self._tariffs[replica] = GpuTariff(
+            meter.hourly, self.overhead, meter.idle_per_busy
+        )
+        return tariff
 
     @staticmethod
     def _call(sink: ReportSink, report: RequestReport, ctx: RequestContext) -> None:

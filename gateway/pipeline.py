@@ -339,6 +339,14 @@ class Pipeline:
         usage = None
         if not (traced or plan.decision.store or ctx.content):
             usage = usage_in(data, ctx.decision.model)  # relayed unread: only usage is parsed
+            relayed = None if usage is None else self.meter.relay(ctx, reply.replica, usage)
+            if relayed is not None:  # most answers: priced, counted and their lines spelled
+                report, lines = relayed
+                if self.budgets.active:
+                    headers.update(self.budgets.spend(report))
+                response = FiguresResponse(data, 200, headers)
+                response.head_lines = lines
+                return response
         completion = None
         if usage is None:
             completion = _json_object(data)

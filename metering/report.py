@@ -60,9 +60,11 @@ _B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU, _B_COST, _B_LOADED, _B_CACHED, 
 _LINES_HEAD = b"%b: %%b\r\n%b: %%d\r\n%b: %%d\r\n%b: %%d.%%06d\r\n" % (
     _B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU,
 )  # fmt: skip
-_LINES = _LINES_HEAD + b"%b: %%d.%%09d\r\n%b: %%d.%%09d\r\n" % (_B_COST, _B_LOADED)
+# ``FIGURE_LINES % (request_id, prompt, completion, *divmod(gpu_us, MICROS),
+# *divmod(marginal, NANOS_PER_USD), *divmod(loaded, NANOS_PER_USD))``: both prices >= 0.
+FIGURE_LINES = _LINES_HEAD + b"%b: %%d.%%09d\r\n%b: %%d.%%09d\r\n" % (_B_COST, _B_LOADED)
 _SIGNED_LINES = _LINES_HEAD + b"%b: %%b\r\n%b: %%b\r\n" % (_B_COST, _B_LOADED)
-_CACHED_LINE = _B_CACHED + b": %d\r\n"
+CACHED_LINE = _B_CACHED + b": %d\r\n"  # % cached prompt tokens, when not 0
 _SAVED_LINE = _B_SAVED + b": %b\r\n"
 
 
@@ -157,7 +159,7 @@ class RequestReport(NamedTuple):
         cost = self.cost
         marginal, loaded = cost.marginal_nanos, cost.loaded_nanos
         if marginal >= 0 and loaded >= 0:
-            lines = _LINES % (
+            lines = FIGURE_LINES % (
                 self.request_id.encode("latin-1"), usage[0], usage[1],
                 *divmod(self.gpu_us, MICROS),
                 *divmod(marginal, NANOS_PER_USD), *divmod(loaded, NANOS_PER_USD),
@@ -168,7 +170,7 @@ class RequestReport(NamedTuple):
                 *divmod(self.gpu_us, MICROS), _nanos_bytes(marginal), _nanos_bytes(loaded),
             )  # fmt: skip
         if usage[2]:
-            lines += _CACHED_LINE % usage[2]
+            lines += CACHED_LINE % usage[2]
         if self.cache in FREE:
             lines += _SAVED_LINE % _nanos_bytes(self.saved_nanos)
         return lines
