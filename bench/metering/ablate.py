@@ -4,10 +4,12 @@
 change (or one step left out) is worth, this loads two to five gateways at the
 same time on the gateway core, each under its own wrk, round after round, and
 prints each one's CPU per request against the first's: the median of the
-rounds' ratios. Loaded together, host noise hits every variant alike; a
-variant identical to the first stays within about a point (two unmetered
-gateways: -0.3%, rounds -0.6 to +0.8, on 2026-11-23), and effects under a
-point need more rounds or a repeat.
+rounds' ratios. Loaded together, host noise hits every variant alike. But a
+gateway process keeps its own luck for its whole life: two processes of the
+same code stayed up to ~1.4% apart over every round of one run (2026-11-23,
+session 9: the same code -0.9% and +1.1% to +1.4% against another process of
+it). So every round starts every gateway anew by default (``--fresh-every``),
+and the median over rounds is over as many process pairs.
 
 A variant is ``NAME=on|off[,sampling=R][,path=DIR]``: metering on (spans to a
 null OTLP collector at the gateway's default sampling, or ``R``) or off;
@@ -36,7 +38,7 @@ from bench.lib.measure import Target, load_together, measure_together
 from bench.lib.otlp_sink import start_sink
 from bench.lib.procs import Procs
 from bench.lib.redis_server import start_redis
-from bench.lib.stack import MODEL, start_gateway, start_sim, wait_gateway, wait_sim
+from bench.lib.stack import MODEL, Server, start_gateway, start_sim, wait_gateway, wait_sim
 from bench.lib.wrk import Wrk, ensure_wrk
 from bench.metering.sides import side
 
@@ -94,10 +96,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="per gateway")
     parser.add_argument("--gateway-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument(
+        "--fresh-every",
+        type=int,
+        default=1,
+        help="start every gateway anew after this many rounds (default 1: each round its own "
+        "processes; one process pair can sit a point apart for its whole life)",
+    )
     args = parser.parse_args(argv)
     names = [v.name for v in args.variants]
     if not 2 <= len(names) <= 5 or len(set(names)) != len(names):
         parser.error("give two to five variants, with distinct names")
+    if args.fresh_every < 1:
+        parser.error("--fresh-every must be at least 1")
     return args
 
 
@@ -107,28 +118,42 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     sink = start_sink(procs, tmp, args.load_cpu)
     sim = start_sim(procs, tmp, args.load_cpu)
     keys = [{"key": v.key, "tenant": f"ablate-{v.name}"} for v in variants]
-    targets = []
-    gateways = []
+    sides = []
     for variant in variants:
         config, env = side(
             sim, keys, redis.url, sink.base, metered=variant.metered, sampling=variant.sampling
         )
         if variant.path:
             env["PYTHONPATH"] = variant.path
-        gateway = start_gateway(
-            procs, tmp, args.gateway_cpu, config, name=f"gateway-{variant.name}", env=env
-        )
-        gateways.append(gateway)
-        targets.append(Target(gateway.chat_url, variant.key, gateway.proc))
+        sides.append((variant, config, env))
     wait_sim(sim, args.load_cpu)
-    for gateway in gateways:
-        wait_gateway(gateway, args.gateway_cpu)
-    print(f"{command}\n{len(variants)} gateways on cpu {args.gateway_cpu}", flush=True)
     wrk = Wrk(ensure_wrk(), args.load_cpu, MODEL, 16)
-    load_together(wrk, targets, args.connections, 3, upstream=sim.proc)  # warm up
+    print(
+        f"{command}\n{len(variants)} gateways on cpu {args.gateway_cpu}, started anew every "
+        f"{args.fresh_every} round(s)",
+        flush=True,
+    )
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     names = {v.key: v.name for v in variants}
+    gateways: list[Server] = []
+    targets: list[Target] = []
     for round_ in range(args.rounds):
+        if round_ % args.fresh_every == 0:  # new processes: each one's own luck averages out
+            for gateway in gateways:
+                procs.stop(gateway.proc)
+            gateways = [
+                start_gateway(
+                    procs, tmp, args.gateway_cpu, config, name=f"gateway-{variant.name}", env=env
+                )
+                for variant, config, env in sides
+            ]
+            for gateway in gateways:
+                wait_gateway(gateway, args.gateway_cpu)
+            targets = [
+                Target(g.chat_url, v.key, g.proc)
+                for g, (v, _, _) in zip(gateways, sides, strict=True)
+            ]
+            load_together(wrk, targets, args.connections, 3, upstream=sim.proc)  # warm up
         order = targets if round_ % 2 == 0 else targets[::-1]
         samples = measure_together(
             wrk, order, args.connections, args.duration,

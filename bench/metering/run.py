@@ -107,6 +107,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(the SDK exports every 5 s) and ledger writes count",
     )
     parser.add_argument(
+        "--fresh-every",
+        type=int,
+        default=1,
+        help="start both gateways anew after this many rounds (default 1: each round its own "
+        "pair of processes; one pair can sit a point apart for its whole life)",
+    )
+    parser.add_argument(
         "--span-sampling",
         type=float,
         default=None,
@@ -135,6 +142,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--span-sampling must be in (0, 1]")
     if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.settle < 0:
         parser.error("--duration, --repeats and --connections must be at least 1, --settle >= 0")
+    if args.fresh_every < 1:
+        parser.error("--fresh-every must be at least 1")
     return args
 
 
@@ -142,9 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_benchmark("metering", parse_args(argv), execute)
 
 
-def start_stack(
-    args: argparse.Namespace, procs: Procs, tmp: Path
-) -> tuple[Server, Sink, dict[str, Server]]:
+Sides = dict[str, tuple[dict[str, Any], dict[str, str]]]  # side: (config, env)
+
+
+def start_stack(args: argparse.Namespace, procs: Procs, tmp: Path) -> tuple[Server, Sink, Sides]:
+    """Redis, the collector and the simulator; and each gateway's configuration."""
     redis = start_redis(procs, tmp, args.load_cpu)
     sink = start_sink(procs, tmp, args.load_cpu)
     sim = start_sim(procs, tmp, args.load_cpu)
@@ -158,18 +169,25 @@ def start_stack(
         )
         for name in SIDES
     }
+    wait_sim(sim, args.load_cpu)
+    return sim, sink, sides
+
+
+def start_gateways(
+    args: argparse.Namespace, procs: Procs, tmp: Path, sides: Sides
+) -> dict[str, Server]:
+    """Both gateways, new processes, ready and checked: "on" meters, "off" does not."""
     gateways = {
         name: start_gateway(procs, tmp, args.gateway_cpu, config, name=f"gateway-{name}", env=env)
         for name, (config, env) in sides.items()
     }
-    wait_sim(sim, args.load_cpu)
     for name in SIDES:
         wait_gateway(gateways[name], args.gateway_cpu)
         headers = sanity_check(f"gateway-{name}", gateways[name].chat_url, KEYS[name], gateway=True)
         if (COST_HEADER in headers) != (name == "on"):
             have = "has" if COST_HEADER in headers else "lacks"
             raise BenchError(f"gateway-{name}'s answer {have} {COST_HEADER}: metering isn't {name}")
-    return sim, sink, gateways
+    return gateways
 
 
 def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> None:
@@ -178,21 +196,26 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     wrk = Wrk(ensure_wrk(), args.load_cpu, MODEL, args.max_tokens)
     if args.profile:
         ensure_pyspy()
-    sim, sink, gateways = start_stack(args, procs, tmp)
+    sim, sink, sides = start_stack(args, procs, tmp)
     print(
-        f"gateways on cpu {args.gateway_cpu}: on pid {gateways['on'].proc.pid}, off pid "
-        f"{gateways['off'].proc.pid}; simulator, Redis, OTLP collector and wrk on cpu "
-        f"{args.load_cpu}; load average {load_before}",
+        f"gateways on cpu {args.gateway_cpu}, both started anew every {args.fresh_every} "
+        f"round(s); simulator, Redis, OTLP collector and wrk on cpu {args.load_cpu}; load "
+        f"average {load_before}",
         flush=True,
     )
-    warm_up(args, wrk, gateways, sim)
     print(
         f"measuring ({args.mode}): {args.repeats} rounds x {args.duration:.0f} s "
         f"(+ {args.settle:g} s settle), {args.connections} connections per gateway",
         flush=True,
     )
     runs: list[Run] = []
+    gateways: dict[str, Server] = {}
     for repeat in range(args.repeats):
+        if repeat % args.fresh_every == 0:  # new processes: each one's own luck averages out
+            for gateway in gateways.values():
+                procs.stop(gateway.proc)  # a graceful stop: its last spans are exported
+            gateways = start_gateways(args, procs, tmp, sides)
+            warm_up(args, wrk, gateways, sim)
         runs += measure_round(args, wrk, gateways, sim, repeat)
         for run in runs[-len(SIDES) :]:
             print(progress_line(run, args.repeats, args.gateway_cpu, args.load_cpu), flush=True)
@@ -207,11 +230,11 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     notes = [
         f"load average (1/5/15 min): {load_before} before, {load_average()} after",
         *run_notes(args, runs),
-        f"the on gateway metered: Prometheus counted {metered.prometheus_requests:,} requests, "
-        f"the ledger {metered.ledger_requests:,} (tenant {TENANTS['on']}), the collector "
-        f"received {spans['spans']:,} spans in {spans['exports']:,} exports "
-        f"({spans['spans'] / metered.prometheus_requests:.1f} per request); the off gateway: "
-        "none of these",
+        f"the on gateway metered: Prometheus counted {metered.prometheus_requests:,} requests "
+        f"(its last process), the ledger {metered.ledger_requests:,} (tenant {TENANTS['on']}, "
+        f"every process), the collector received {spans['spans']:,} spans in "
+        f"{spans['exports']:,} exports ({spans['spans'] / metered.ledger_requests:.3f} per "
+        "request); the off gateway: none of these",
         contention_note(runs, args.gateway_cpu, args.mode),
     ]
     failure = metered.failure_note()
@@ -274,7 +297,9 @@ def run_notes(args: argparse.Namespace, runs: list[Run]) -> list[str]:
     )
     return [
         mode_note(args.mode, args.gateway_cpu),
-        f"{args.repeats} rounds of {args.duration} s per side; {args.connections} connections "
+        f"{args.repeats} rounds of {args.duration} s per side, both gateways started anew "
+        f"every {args.fresh_every} round(s) (one process keeps its own luck, up to ~1.4%, "
+        f"for its whole life); {args.connections} connections "
         f"per gateway, non-streaming, unique prompts, max_tokens {args.max_tokens}; upstream = "
         f"`tollway sim --zero-delay`; each round's CPU window stays open {args.settle:g} s after "
         "wrk stops (span batches, ledger writes); the on/off rows are medians per side",
