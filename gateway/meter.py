@@ -165,9 +165,10 @@ class Meter:
         reported and queued for counting exactly as ``finish`` does it (with no
         finish reasons or response id: only a span reads those), with its figures'
         head lines formatted here: one call where ``finish``, ``to_micros`` and
-        ``head_lines`` were three, ~0.8 points of the metered gateway's CPU
-        (bench/RESULTS.md, 2026-11-23, session 9). tests/gateway/test_meter_relay.py holds it equal
-        to ``finish`` followed by ``head_lines``.
+        ``head_lines`` were three, about a point of the metered gateway's CPU
+        (bench/RESULTS.md, 2026-11-23, session 9).
+        tests/gateway/test_meter_relay.py holds it equal to ``finish`` followed by
+        ``head_lines``.
         """
         decision = ctx.decision
         tier = decision.tier
