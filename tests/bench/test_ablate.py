@@ -48,3 +48,10 @@ def test_two_to_five_distinct_variants(capsys: pytest.CaptureFixture[str]) -> No
         with pytest.raises(SystemExit):
             parse_args(argv)
     assert "variants" in capsys.readouterr().err
+
+
+def test_every_round_starts_new_gateways_unless_told_otherwise() -> None:
+    assert parse_args(["a=off", "b=on"]).fresh_every == 1
+    assert parse_args(["a=off", "b=on", "--fresh-every", "4"]).fresh_every == 4
+    with pytest.raises(SystemExit):
+        parse_args(["a=off", "b=on", "--fresh-every", "0"])
