@@ -108,9 +108,7 @@ class RootSampler:
         random_ids = type(self._ids.inner) is RandomIdGenerator
         self._bound = _root_bound(tracer.sampler) if random_ids else None
         self._armed = False
-        # Drawn ahead (``dropped_traceparent``); one list for the sampler's life, so a
-        # caller may keep it and pop it itself while it is not empty.
-        self.dropped_pool: list[str] = []
+        self._dropped_pool: list[str] = []  # drawn ahead (``dropped_traceparent``)
         self._current = _context_reader()
 
     def presample(self) -> bool:
@@ -144,7 +142,7 @@ class RootSampler:
         drawn one at a time cost the metered gateway about two points of CPU,
         bench/RESULTS.md, 2026-11-23, session 7).
         """
-        pool = self.dropped_pool
+        pool = self._dropped_pool
         while not pool:
             pool += self._draw_dropped(DROPPED_BATCH)
         return pool.pop()

@@ -425,16 +425,14 @@ class RequestSpan:
 class _DroppedCall(Step):
     """The upstream call of a dropped root: no span; its ``traceparent`` drawn per attempt."""
 
-    __slots__ = ("_pool", "_roots")
+    __slots__ = ("_roots",)
 
     def __init__(self, roots: RootSampler):
         super().__init__()
         self._roots = roots
-        self._pool = roots.dropped_pool  # the same list for the sampler's life
 
     def inject_headers(self, headers: dict[str, str]) -> None:
-        pool = self._pool  # popped here, refilled (256 at a time) by the sampler
-        headers["traceparent"] = pool.pop() if pool else self._roots.dropped_traceparent()
+        headers["traceparent"] = self._roots.dropped_traceparent()
 
 
 class _DroppedRoot(RequestSpan):
@@ -530,11 +528,7 @@ class Telemetry:
             return self._inert
         try:
             parent = None
-            if parent_headers is not None and (
-                _RAW_TRACEPARENT in map(_NAME, parent_headers)  # the gateway's: ASGI's lines
-                if type(parent_headers) is list
-                else _has_traceparent(parent_headers)
-            ):
+            if parent_headers is not None and _has_traceparent(parent_headers):
                 parent = _W3C.extract(_carrier(parent_headers))
             roots = self._roots if parent is None else None
             dropped = self._dropped
