@@ -151,10 +151,9 @@ class IdempotencyLayer:
             await inner.aclose()
             if not complete:
                 await self.store.release(ctx.tenant, key, token)
-        if ctx.report is not None:
-            headers.update(
-                {k: v for k, v in ctx.report.headers().items() if k in KEPT}  # tokens, cost
-            )
+        if ctx.report is not None:  # its tokens and cost, which a replay reports as saved
+            figures = self.meter.headers(ctx.report)
+            headers.update({k: v for k, v in figures.items() if k in KEPT})
         stored = StoredResponse(200, headers, events=events)
         if not await self.store.complete(ctx.tenant, key, token, stored):
             log.warning("idempotency key of tenant %s lost before it was completed", ctx.tenant)
@@ -171,7 +170,7 @@ class IdempotencyLayer:
             ctx, replica=None, usage=usage, status=stored.status, saved=saved
         )
         out = {k: v for k, v in headers.items() if not k.startswith(HEADER_PREFIX)}
-        out.update(report.headers())
+        out.update(self.meter.headers(report))
         out.update({"x-tollway-tier": ctx.decision.tier, "x-tollway-model": ctx.decision.model})
         out.update({"idempotent-replayed": "true", "x-tollway-cache": "replay"})
         if stored.events is None:
@@ -180,7 +179,7 @@ class IdempotencyLayer:
                 stored.body or b"", stored.status, out, media_type=headers.get("content-type")
             )
         out.pop("content-type", None)
-        figures = report.stream_object()
+        figures = self.meter.stream_object(report)
         return EventStreamResponse(_replayed_events(stored.events, figures), out)
 
 
@@ -189,11 +188,12 @@ def _kept(response: Response) -> dict[str, str]:
 
 
 async def _replayed_events(
-    events: list[bytes], figures: dict[str, object]
+    events: list[bytes], figures: dict[str, object] | None
 ) -> AsyncGenerator[bytes, None]:
-    """The stored events, with the final ``tollway`` object saying what this replay cost."""
+    """The stored events, with the final ``tollway`` object saying what this replay cost
+    (unchanged with metering off: a stream stored then carries none)."""
     for raw in events:
-        chunk = chunk_of_event(raw) if b'"tollway"' in raw else None
+        chunk = chunk_of_event(raw) if figures is not None and b'"tollway"' in raw else None
         if chunk is not None:
             chunk["tollway"] = figures
             raw = event(chunk)

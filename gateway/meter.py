@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from starlette.types import Receive
 
@@ -207,6 +208,14 @@ class Meter:
         if usage[2]:
             lines += CACHED_LINE % usage[2]
         return report, lines
+
+    def headers(self, report: RequestReport) -> dict[str, str]:
+        """The report's ``x-tollway-*`` headers for its answer; none with metering off."""
+        return report.headers() if self.enabled else {}
+
+    def stream_object(self, report: RequestReport) -> dict[str, Any] | None:
+        """The stream's final ``tollway`` object; None (no object) with metering off."""
+        return report.stream_object() if self.enabled else None
 
     def _new_tariff(self, replica: ReplicaState) -> GpuTariff:
         """The replica's tariff, made on its first priced request (a call only then)."""

@@ -56,7 +56,7 @@ from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient, UpstreamReply
 from gateway.upstream_errors import upstream_failure
 from metering.telemetry import INERT, Content, Telemetry
-from metering.usage import TokenUsage, usage_in
+from metering.usage import TokenUsage, names_model, usage_in
 from router.table import Decision, RouteTable, UnknownModel
 
 log = logging.getLogger("tollway.pipeline")
@@ -221,7 +221,7 @@ class Pipeline:
             saved=hit.cost_usd,
         )
         headers = {**_report_headers(ctx.decision), **ctx.headers, "x-tollway-cache": status}
-        headers.update(report.headers())
+        headers.update(self.meter.headers(report))
         headers.update(self.budgets.spend(report))
         if status == "hit":
             headers["age"] = str(hit.age_s(now))
@@ -230,7 +230,7 @@ class Pipeline:
         events: list[bytes] = []
         for event in chunks_from_completion(completion, include_usage=True)[:-1]:
             events += shaper.feed(event)
-        events += shaper.finish(report.stream_object())
+        events += shaper.finish(self.meter.stream_object(report))
         events.append(DONE)
         return EventStreamResponse(_replay_events(events), headers)
 
@@ -324,7 +324,12 @@ class Pipeline:
             )
             self.budgets.spend(report)
             raise
-        if not self.meter.enabled and reply.status == 200:
+        if (
+            not self.meter.enabled  # nothing to read, unless to store or to rename it
+            and reply.status == 200
+            and not plan.decision.store
+            and names_model(data, ctx.decision.model)
+        ):
             return Response(data, headers=headers, media_type=JSON)
         if reply.status != 200:
             response = upstream_failure(reply, data, headers)
@@ -332,12 +337,12 @@ class Pipeline:
                 ctx, replica=reply.replica, usage=None, status=response.status_code,
                 error_type=f"upstream_{reply.status}",
             )  # fmt: skip
-            response.headers.update(report.headers())
+            response.headers.update(self.meter.headers(report))
             response.headers.update(self.budgets.spend(report))
             return response
         traced = ctx.span is not None and ctx.span.traced  # a span reads the answer's details
         usage = None
-        if not (traced or plan.decision.store or ctx.content):
+        if self.meter.enabled and not (traced or plan.decision.store or ctx.content):
             usage = usage_in(data, ctx.decision.model)  # relayed unread: only usage is parsed
             relayed = None if usage is None else self.meter.relay(ctx, reply.replica, usage)
             if relayed is not None:  # most answers: priced, counted and their lines spelled
@@ -368,7 +373,8 @@ class Pipeline:
             headers.update(self.budgets.spend(report))
         # tier and model are in ``headers``; the figures go as one block of head lines
         response = FiguresResponse(data, 200, headers)
-        response.head_lines = report.head_lines()
+        if self.meter.enabled:
+            response.head_lines = report.head_lines()
         if completion is not None and (entry := self.caching.keep(plan, completion, report)):
             # Redis after the answer is sent, off the client's clock
             response.background = BackgroundTask(self.caching.persist, plan, entry)
@@ -389,7 +395,7 @@ class Pipeline:
     def _stream_end(
         self, ctx: RequestContext, reply: UpstreamReply, shaper: StreamShaper
     ) -> StreamEnd:
-        def on_end(failure: str | None) -> dict[str, Any]:
+        def on_end(failure: str | None) -> dict[str, Any] | None:
             ctx.first_token_at = shaper.first_token_at
             report = ctx.report = self.meter.finish(
                 ctx,
@@ -401,8 +407,8 @@ class Pipeline:
                 error_type=failure and failure.split(" (")[0],
             )
             remaining = self.budgets.spend(report)
-            figures = report.stream_object()
-            if remaining:
+            figures = self.meter.stream_object(report)
+            if remaining and figures is not None:
                 figures["budget_remaining_usd"] = next(iter(remaining.values()))
             return figures
 

@@ -99,8 +99,9 @@ class StreamShaper:
         out.append(event(chunk) if changed else raw)
         return out
 
-    def finish(self, tollway: dict[str, Any]) -> list[bytes]:
-        """The held events, with the ``tollway`` figures on the last one."""
+    def finish(self, tollway: dict[str, Any] | None) -> list[bytes]:
+        """The held events, with the ``tollway`` figures on the last one (None: metering
+        is off, no figures)."""
         out: list[bytes] = []
         if self.include_usage:
             if self._held is not None:
@@ -111,9 +112,11 @@ class StreamShaper:
                 "choices": [],
                 "usage": None,
             }
-            final["tollway"] = tollway
+            if tollway is not None:
+                final["tollway"] = tollway
             out.append(event(final))
         elif self._held is not None:
-            self._held["tollway"] = tollway
+            if tollway is not None:
+                self._held["tollway"] = tollway
             out.append(event(self._held))
         return out

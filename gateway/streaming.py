@@ -37,10 +37,10 @@ def error_event(message: str, code: str) -> bytes:
     return event(error_body(message, "server_error", code=code))
 
 
-StreamEnd = Callable[[str | None], dict[str, Any]]
+StreamEnd = Callable[[str | None], dict[str, Any] | None]
 """Called once when a stream ends, after its replica slot is released, with the
 failure reason (None on success, "client_disconnected" when the client left);
-returns the ``tollway`` figures for the final event."""
+returns the ``tollway`` figures for the final event (None with metering off)."""
 
 
 async def relay_events(

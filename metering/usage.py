@@ -89,13 +89,20 @@ class _ModelKeys(dict[str, bytes]):
 _model_keys = _ModelKeys()
 
 
+def names_model(body: bytes, model: str) -> bool:
+    """Whether a JSON completion's first ``"model"`` key is ``model``, spelled as vLLM
+    spells JSON (``usage_in``'s check, alone: with metering off)."""
+    at = body.find(_MODEL_KEY)
+    return at >= 0 and body.startswith(_model_keys[model], at)
+
+
 def usage_in(body: bytes, model: str | None = None) -> TokenUsage | None:
     """The ``usage`` of a JSON completion, parsed alone; None when it is not found plainly.
 
     With ``model``, also None unless the completion's first ``"model"`` key is
-    ``model`` as vLLM spells JSON: the gateway relays such an answer unread,
-    any other it parses whole (to rename the model). One call for both, since
-    it runs on every relayed answer.
+    ``model`` as vLLM spells JSON (``names_model``): the gateway relays such an
+    answer unread, any other it parses whole (to rename the model). One call
+    for both, the check written inline, since it runs on every relayed answer.
 
     Takes the last ``"usage":`` (inside a JSON string every quote is escaped,
     so these bytes are a key), and decodes from there to the first closing

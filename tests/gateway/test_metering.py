@@ -14,6 +14,7 @@ import openai
 
 from tests.conftest import FAST_SIM, KEY, Stack, gateway_config, http_json, sim_stats
 from tests.support.procs import start_gateway, start_sim
+from tests.support.redis_server import RedisServer
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Summarise the plot of Hamlet."}]
 COST_HEADERS = {
@@ -175,6 +176,52 @@ def test_metering_can_be_switched_off(log_dir: Path) -> None:
         gateway.stop()
         for sim in sims:
             sim.stop()
+
+
+def test_with_metering_off_answers_are_still_cached_and_carry_no_figures(
+    log_dir: Path, stack_redis: RedisServer
+) -> None:
+    # The response cache and idempotency do not depend on metering: switched off,
+    # a deterministic answer is stored and served again, without cost figures.
+    sim = start_sim(log_dir, ["sim-small"], *FAST_SIM)
+    large = start_sim(log_dir, ["sim-large"], *FAST_SIM)
+    config = gateway_config([sim.url], [large.url], redis_url=stack_redis.url)
+    config["metering"] = {"enabled": False}
+    gateway = start_gateway(log_dir, config)
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        messages = [{"role": "user", "content": f"metering off {time.time_ns()}"}]
+        answers = [
+            client.chat.completions.with_raw_response.create(
+                model="sim-small", messages=messages, max_tokens=8, temperature=0
+            )
+            for _ in range(2)
+        ]
+        assert [a.headers["x-tollway-cache"] for a in answers] == ["miss", "hit"]
+        contents = [a.parse().choices[0].message.content for a in answers]
+        assert contents[0]
+        assert contents[0] == contents[1]
+        assert sim_stats(sim)["requests_received_total"] == 1
+        figures = COST_HEADERS - {"x-tollway-tier", "x-tollway-model"}
+        for answer in answers:
+            assert not figures & set(answer.headers), answer.headers
+            assert "x-tollway-cost-saved-usd" not in answer.headers
+        # Streams, served by the replica or from the cache: no ``tollway`` object either.
+        fresh = [{"role": "user", "content": f"metering off, streamed {time.time_ns()}"}]
+        for asked, served in ((fresh, "miss"), (messages, "hit")):
+            with client.chat.completions.with_streaming_response.create(
+                model="sim-small", messages=asked, max_tokens=8, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+            ) as raw:  # fmt: skip
+                assert raw.headers["x-tollway-cache"] == served
+                chunks = list(raw.parse())
+            assert chunks[-1].usage is not None
+            assert all("tollway" not in (c.model_extra or {}) for c in chunks)
+        assert sim_stats(sim)["requests_received_total"] == 2
+    finally:
+        gateway.stop()
+        sim.stop()
+        large.stop()
 
 
 def test_an_answer_naming_the_replicas_canonical_model_is_renamed_and_metered(
