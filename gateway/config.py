@@ -170,8 +170,9 @@ class LimitsConfig(Strict):
 
 
 class MeteringConfig(Strict):
-    # false: no token parsing, pricing, cost headers, metrics, spans or ledger rows
-    # (replica occupancy is still tracked). For measuring metering's own cost.
+    # false: no token parsing, pricing, cost figures, request metrics, spans or
+    # ledger rows (replica occupancy is still tracked; the cache, coalescing and
+    # idempotency work as ever); budgets and burn targets need it on.
     enabled: bool = True
     overhead_factor: Annotated[float, Field(ge=1)] = 1.25
     idle_window_s: PositiveFloat = 300.0
@@ -227,6 +228,18 @@ class Settings(Strict):
         default = self.routing.default_tier
         if default is not None and default not in tier_names:
             raise ValueError(f"routing.default_tier {default!r} is not a tier ({tier_names})")
+        if not self.metering.enabled:  # they read what metering counts: silent otherwise
+            needs = [
+                name
+                for name, used in (
+                    ("budgets", bool(self.budgets)),
+                    ("routing.burn_target_usd_per_hour", self.routing.burn_target_usd_per_hour),
+                    ("routing.tenant_burn_targets", bool(self.routing.tenant_burn_targets)),
+                )
+                if used
+            ]
+            if needs:
+                raise ValueError(f"{', '.join(needs)} need metering: metering.enabled is false")
         tenants = {key.tenant for key in self.auth.keys}
         for tenant in self.budgets:
             if tenant not in tenants:

@@ -108,6 +108,24 @@ def test_default_tier_must_exist() -> None:
         parse_settings(minimal(routing={"default_tier": "huge"}), "x.yaml", env={})
 
 
+@pytest.mark.parametrize(
+    ("section", "value", "named"),
+    [
+        ("budgets", {"t1": {"daily_usd": 5}}, "budgets"),
+        ("routing", {"burn_target_usd_per_hour": 2}, "routing.burn_target_usd_per_hour"),
+        ("routing", {"tenant_burn_targets": {"t1": 1}}, "routing.tenant_burn_targets"),
+    ],
+)
+def test_what_reads_metering_is_refused_with_metering_off(
+    section: str, value: dict[str, Any], named: str
+) -> None:
+    raw = minimal(**{section: value})
+    parse_settings(raw, "x.yaml", env={})  # fine with metering on
+    raw["metering"] = {"enabled": False}
+    with pytest.raises(ConfigError, match=rf"{named} need metering: metering.enabled is false"):
+        parse_settings(raw, "x.yaml", env={})
+
+
 def test_shipped_local_config_is_valid() -> None:
     settings = load_settings(
         ROOT / "deploy/local/tollway.yaml", env={"TOLLWAY_API_KEY": "sk-x-12345678"}
