@@ -190,11 +190,14 @@ def _kept(response: Response) -> dict[str, str]:
 async def _replayed_events(
     events: list[bytes], figures: dict[str, object] | None
 ) -> AsyncGenerator[bytes, None]:
-    """The stored events, with the final ``tollway`` object saying what this replay cost
-    (unchanged with metering off: a stream stored then carries none)."""
+    """The stored events, with the final ``tollway`` object saying what this replay cost;
+    with metering off (``figures`` None) without one, whenever the stream was stored."""
     for raw in events:
-        chunk = chunk_of_event(raw) if figures is not None and b'"tollway"' in raw else None
-        if chunk is not None:
-            chunk["tollway"] = figures
+        chunk = chunk_of_event(raw) if b'"tollway"' in raw else None
+        if chunk is not None and (figures is not None or "tollway" in chunk):
+            if figures is None:
+                del chunk["tollway"]
+            else:
+                chunk["tollway"] = figures
             raw = event(chunk)
         yield raw

@@ -21,6 +21,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from cache.sse import chunk_of_event, event
+from gateway.idempotent import _replayed_events
 from tests.conftest import KEY, OTHER_KEY, gateway_config, reset_sim, set_faults, sim_stats
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.redis_server import RedisServer, run_redis
@@ -217,3 +219,29 @@ def test_a_killed_gateway_holds_the_key_only_until_its_lease(two: Pair) -> None:
     assert retry.status_code == 200
     assert "idempotent-replayed" not in retry.headers  # the retry ran
     assert time.monotonic() - started < 10  # lease_s is 2: no key is stuck
+
+
+async def test_a_replayed_stream_says_what_the_replay_cost_or_nothing_with_metering_off() -> None:
+    # A stream stored while metering was on carries its tollway object; a replay
+    # replaces it with the replay's own figures, or drops it once metering is off.
+    stored = [
+        event({"id": "c1", "choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+        event(
+            {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3}, "tollway": {"cost_usd": "1"}}
+        ),
+        b"data: [DONE]\n\n",
+    ]
+
+    async def replay(figures: dict[str, object] | None) -> list[bytes]:
+        return [raw async for raw in _replayed_events(stored, figures)]
+
+    saved = await replay({"cost_usd": "0.000000000", "cache": "replay"})
+    assert saved[0] == stored[0]
+    assert saved[2] == stored[2]
+    assert chunk_of_event(saved[1]) == {
+        "id": "c1", "choices": [], "usage": {"prompt_tokens": 3},
+        "tollway": {"cost_usd": "0.000000000", "cache": "replay"},
+    }  # fmt: skip
+    off = await replay(None)
+    assert off[0] == stored[0]
+    assert chunk_of_event(off[1]) == {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3}}
