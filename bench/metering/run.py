@@ -22,7 +22,11 @@ not. Prints a Markdown table and, unless ``--no-record``, appends it to
 ``bench/RESULTS.md``. See ``bench/metering/README.md``.
 
     .venv/bin/python bench/metering/run.py [--mode together|alternate] [--duration S]
-        [--repeats N] [--no-record] [--profile [--profile-side on|off|both] [--profile-native]]
+        [--repeats N] [--stream] [--max-tokens N] [--no-record]
+        [--profile [--profile-side on|off|both] [--profile-native]]
+
+The target is judged only on the default load (whole answers of 16 tokens): with
+``--stream`` or another ``--max-tokens`` the figures are recorded without a verdict.
 
 ``--profile`` adds a py-spy run per profiled side after the timed runs (its
 throughput is not used in the table) and puts each summary in the record.
@@ -79,6 +83,7 @@ KEYS = {"on": "sk-tollway-bench-metering-on", "off": "sk-tollway-bench-metering-
 TENANTS = {"on": "bench-on", "off": "bench-off"}
 COST_HEADER = "x-tollway-cost-usd"
 DEFAULTS = {"together": (5, 6), "alternate": (3, 10)}  # mode: (--repeats, --duration)
+TARGET_MAX_TOKENS = 16  # the target's load: whole answers of this many tokens
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -120,6 +125,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fraction of requests traced by the 'on' gateway (sets OTEL_TRACES_SAMPLER="
         "parentbased_traceidratio and its ARG); default: the gateway's own default "
         f"({DEFAULT_SAMPLE_RATIO:g}); metrics and ledger always see every request",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="streamed answers (stream: true) instead of whole ones; the target is stated for "
+        "the default load (whole answers of --max-tokens 16), the harshest for the ratio",
     )
     add_profile_arguments(parser)
     parser.add_argument(
@@ -241,7 +252,7 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
     if failure:
         notes.append(failure)
     publish(
-        result=table(runs, args.gateway_cpu),
+        result=table(runs, args.gateway_cpu, judged=target_load(args)),
         notes=notes,
         head=section_head("metering (on vs off)", started, command, [redis_version()]),
         pinning=f"both gateways on cpu {args.gateway_cpu}; wrk, simulator, Redis and the OTLP "
@@ -257,12 +268,17 @@ def warm_up(args: argparse.Namespace, wrk: Wrk, gateways: dict[str, Server], sim
     if args.mode == "together":
         print(f"warming up ({args.warmup:.0f} s, both gateways at once) ...", flush=True)
         targets = [Target(gateways[n].chat_url, KEYS[n], gateways[n].proc) for n in SIDES]
-        load_together(wrk, targets, args.connections, args.warmup, upstream=sim.proc)
+        load_together(
+            wrk, targets, args.connections, args.warmup, upstream=sim.proc, stream=args.stream
+        )
         return
     print(f"warming up ({args.warmup:.0f} s per side) ...", flush=True)
     for name in SIDES:
         gw = gateways[name]
-        wrk.run(gw.chat_url, KEYS[name], args.connections, args.warmup, logs=(gw.proc, sim.proc))
+        wrk.run(
+            gw.chat_url, KEYS[name], args.connections, args.warmup,
+            stream=args.stream, logs=(gw.proc, sim.proc),
+        )  # fmt: skip
 
 
 def measure_round(
@@ -275,7 +291,7 @@ def measure_round(
         targets = [Target(gateways[n].chat_url, KEYS[n], gateways[n].proc) for n in order]
         samples = measure_together(
             wrk, targets, args.connections, args.duration,
-            upstream=sim.proc, cores=cores, settle_s=args.settle,
+            upstream=sim.proc, cores=cores, settle_s=args.settle, stream=args.stream,
         )  # fmt: skip
         return [Run(name, repeat, sample) for name, sample in zip(order, samples, strict=True)]
     runs = []
@@ -283,6 +299,7 @@ def measure_round(
         sample = measure(
             wrk, gateways[name].chat_url, KEYS[name], args.connections, args.duration,
             gateway=gateways[name].proc, upstream=sim.proc, cores=cores, settle_s=args.settle,
+            stream=args.stream,
         )  # fmt: skip
         runs.append(Run(name, repeat, sample))
     return runs
@@ -300,12 +317,19 @@ def run_notes(args: argparse.Namespace, runs: list[Run]) -> list[str]:
         f"{args.repeats} rounds of {args.duration} s per side, both gateways started anew "
         f"every {args.fresh_every} round(s) (one process keeps its own luck, up to ~1.4%, "
         f"for its whole life); {args.connections} connections "
-        f"per gateway, non-streaming, unique prompts, max_tokens {args.max_tokens}; upstream = "
+        f"per gateway, {'streaming' if args.stream else 'non-streaming'}, unique prompts, "
+        f"max_tokens {args.max_tokens}; upstream = "
         f"`tollway sim --zero-delay`; each round's CPU window stays open {args.settle:g} s after "
         "wrk stops (span batches, ledger writes); the on/off rows are medians per side",
         f"span sampling of the on gateway: {sampling}",
-        cost_note(runs, args.gateway_cpu),
+        cost_note(runs, args.gateway_cpu, judged=target_load(args)),
     ]
+
+
+def target_load(args: argparse.Namespace) -> bool:
+    """Whether this run's load is the one the target is stated for: whole answers of
+    16 tokens (the harshest for the ratio; longer or streamed answers dilute it)."""
+    return not args.stream and args.max_tokens == TARGET_MAX_TOKENS
 
 
 def profile(

@@ -55,6 +55,18 @@ def test_cost_is_the_median_of_round_ratios_not_the_ratio_of_medians() -> None:
     assert cost_row.endswith("| no |")
 
 
+def test_another_load_is_measured_but_not_judged_against_the_target() -> None:
+    runs = rounds([(105.0, 100.0), (330.0, 300.0)])
+    assert "target <= +10%: met" in cost_note(runs, GATEWAY_CPU)
+    note = cost_note(runs, GATEWAY_CPU, judged=False)
+    assert "+7.5%" in note
+    assert "not the target's load" in note
+    assert "target <=" not in note
+    judged = table(runs, GATEWAY_CPU).splitlines()[-1]
+    assert judged.endswith("| CPU/req <= +10% | yes |")
+    assert table(runs, GATEWAY_CPU, judged=False).splitlines()[-1].endswith("| - | - |")
+
+
 def test_an_incomplete_round_is_left_out() -> None:
     runs = [*rounds([(110.0, 100.0)]), Run("on", 1, sample(500.0))]
     assert round_pcts(runs) == pytest.approx([10.0])
