@@ -31,6 +31,26 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TOLLWAY_"))}
 
 
+def add_fresh_every_argument(parser: argparse.ArgumentParser) -> None:
+    """``--fresh-every N``: start the gateways anew every N rounds (default 1). A gateway
+    process keeps its own luck, up to ~1.4% of its CPU, for its whole life
+    (bench/RESULTS.md, 2026-11-23, session 9): only new processes average it out."""
+    parser.add_argument(
+        "--fresh-every",
+        type=_at_least_one,
+        default=1,
+        help="start the gateways anew after this many rounds (default 1: each round its own "
+        "processes; one process can sit a point apart for its whole life)",
+    )
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def add_load_arguments(
     parser: argparse.ArgumentParser,
     *,

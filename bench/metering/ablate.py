@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for bench.lib
 
-from bench.lib.entry import run_benchmark
+from bench.lib.entry import add_fresh_every_argument, run_benchmark
 from bench.lib.measure import Target, load_together, measure_together
 from bench.lib.otlp_sink import start_sink
 from bench.lib.procs import Procs
@@ -96,19 +96,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="per gateway")
     parser.add_argument("--gateway-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
-    parser.add_argument(
-        "--fresh-every",
-        type=int,
-        default=1,
-        help="start every gateway anew after this many rounds (default 1: each round its own "
-        "processes; one process pair can sit a point apart for its whole life)",
-    )
+    add_fresh_every_argument(parser)
     args = parser.parse_args(argv)
     names = [v.name for v in args.variants]
     if not 2 <= len(names) <= 5 or len(set(names)) != len(names):
         parser.error("give two to five variants, with distinct names")
-    if args.fresh_every < 1:
-        parser.error("--fresh-every must be at least 1")
     return args
 
 

@@ -46,7 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 from bench.lib import BenchError
 from bench.lib.cpu import load_average
-from bench.lib.entry import add_load_arguments, add_profile_arguments, run_benchmark
+from bench.lib.entry import (
+    add_fresh_every_argument,
+    add_load_arguments,
+    add_profile_arguments,
+    run_benchmark,
+)
 from bench.lib.measure import Target, load_together, measure, measure_together
 from bench.lib.otlp_sink import Sink, start_sink
 from bench.lib.procs import Procs, run_quiet
@@ -111,13 +116,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds the CPU window stays open after each run, so the last span batch "
         "(the SDK exports every 5 s) and ledger writes count",
     )
-    parser.add_argument(
-        "--fresh-every",
-        type=int,
-        default=1,
-        help="start both gateways anew after this many rounds (default 1: each round its own "
-        "pair of processes; one pair can sit a point apart for its whole life)",
-    )
+    add_fresh_every_argument(parser)
     parser.add_argument(
         "--span-sampling",
         type=float,
@@ -153,8 +152,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--span-sampling must be in (0, 1]")
     if args.duration < 1 or args.repeats < 1 or args.connections < 1 or args.settle < 0:
         parser.error("--duration, --repeats and --connections must be at least 1, --settle >= 0")
-    if args.fresh_every < 1:
-        parser.error("--fresh-every must be at least 1")
     return args
 
 
