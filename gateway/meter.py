@@ -26,19 +26,12 @@ from gateway.pool import ReplicaState
 from gateway.recorder import Recorder
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.money import NANOS_PER_USD, ratio, to_nanos
+from metering.money import ratio, to_nanos
+from metering.native import relay as native_relay
 from metering.pricing import NO_COST, GpuTariff, TokenPrices, price_tokens
-from metering.report import (
-    CACHED_LINE,
-    FIGURE_LINES,
-    FREE,
-    MICROS,
-    RequestReport,
-    report_of,
-    to_micros,
-)
+from metering.report import FREE, RequestReport, report_of, to_micros
 from metering.telemetry import Content, RequestSpan
-from metering.usage import NO_USAGE, TokenUsage
+from metering.usage import MODEL_KEYS, NO_USAGE, TokenUsage, usage_in
 from router.table import Decision
 
 log = logging.getLogger("tollway.meter")
@@ -156,58 +149,83 @@ class Meter:
         return report
 
     def relay(
-        self, ctx: RequestContext, replica: ReplicaState, usage: TokenUsage
-    ) -> tuple[RequestReport, bytes] | None:
-        """``finish`` for an answer served by ``replica`` with status 200, and the report's
-        ``head_lines``, as one step; None, having done nothing, for an answer the cache
-        served or a tier priced by tokens (``finish`` then).
+        self, ctx: RequestContext, replica: ReplicaState, data: bytes, *, report: bool = False
+    ) -> tuple[RequestReport | None, bytes] | None:
+        """``finish`` for an answer ``replica`` sent with status 200 and the caller relays
+        unread, and the report's ``head_lines``, as one step: its usage read out of
+        ``data`` (``usage_in``, which also checks the answer names the model asked for).
 
-        Most requests end here: an untraced answer relayed as vLLM sent it. Priced,
-        reported and queued for counting exactly as ``finish`` does it (with no
-        finish reasons or response id: only a span reads those), with its figures'
-        head lines formatted here: one call where ``finish``, ``to_micros`` and
-        ``head_lines`` were three, about a point of the metered gateway's CPU
-        (bench/RESULTS.md, 2026-11-23, session 9).
-        tests/gateway/test_meter_relay.py holds it equal to ``finish`` followed by
-        ``head_lines``.
+        None, having done nothing, when the answer must be read whole (``usage_in``
+        found no plain usage, or another model's name), for an answer the cache
+        served and for a tier priced by tokens (``finish`` then).
+
+        Most requests end here. The plain answer is metered by one C call
+        (``metering.native``); anything else, or a package built without the
+        extension, by ``relay_reference``, which decides. Either way the report is
+        the one ``finish`` would make (with no finish reasons or response id: only a
+        span reads those); tests/gateway/test_meter_relay.py and
+        tests/metering/test_relay_native.py hold them equal.
+
+        The report is returned when ``report`` asks for it (the caller reads it:
+        budgets) or a sink reads it at once; otherwise (None in its place) it is
+        kept compact in the recorder's log and made only for the batch.
         """
         decision = ctx.decision
-        tier = decision.tier
-        cache = ctx.cache
-        if cache in FREE or tier in self.token_prices:
+        if ctx.cache in FREE or decision.tier in self.token_prices:
             return None
-        now = time.monotonic()
-        bill = ctx.bill
-        try:  # ``to_micros``, without the call
-            gpu_us = round(bill.gpu_seconds * MICROS)
-        except (ValueError, OverflowError):  # NaN, inf: a bug upstream must not fail a request
-            gpu_us = 0
         tariff = self._tariffs.get(replica) or self._new_tariff(replica)
+        now = time.monotonic()
+        recorder = self.recorder
+        span = ctx.span
+        wanted = report or self.sinks or (span is not None and span.traced)
+        relayed: Any = NotImplemented
+        if native_relay is not None:
+            log = None if wanted or recorder is None else recorder.log
+            relayed = native_relay(
+                data, MODEL_KEYS[decision.model], ctx, decision, replica.url,
+                _OPERATION[ctx.endpoint], *tariff.rates_at(now), now, log,
+            )  # fmt: skip
+        if relayed is NotImplemented:
+            relayed = self.relay_reference(ctx, replica, data, tariff, now)
+        if relayed is None:
+            return None
+        made: RequestReport | None = relayed[0]
+        if made is None:  # in the recorder's log
+            return relayed  # type: ignore[no-any-return]
+        if span is not None and span.traced and self.on_span is not None:
+            self._call(self.on_span, made, ctx)
+        for sink in self.sinks:
+            self._call(sink, made, ctx)
+        if recorder is not None:
+            recorder.add(made)
+        return relayed  # type: ignore[no-any-return]
+
+    def relay_reference(
+        self,
+        ctx: RequestContext,
+        replica: ReplicaState,
+        data: bytes,
+        tariff: GpuTariff,
+        now: float,
+    ) -> tuple[RequestReport, bytes] | None:
+        """``relay``'s report and head lines in Python, not yet handed to any sink: what the
+        C step computes for the plain answer, and the step itself for any other."""
+        decision = ctx.decision
+        usage = usage_in(data, decision.model)
+        if usage is None:
+            return None
+        bill = ctx.bill
+        gpu_us = to_micros(bill.gpu_seconds)
         cost = tariff.price_at(gpu_us, now)
         first = ctx.first_token_at
         request_id = ctx.request_id
         report = report_of((
-            request_id, ctx.tenant, tier, decision.model, _OPERATION[ctx.endpoint], usage,
-            gpu_us, cost, cache, 0, replica.url, bill.attempts, 200, time.time_ns() // 1000,
-            now - ctx.started, None if first is None else first - ctx.started, (), None, None,
+            request_id, ctx.tenant, decision.tier, decision.model, _OPERATION[ctx.endpoint],
+            usage, gpu_us, cost, ctx.cache, 0, replica.url, bill.attempts, 200,
+            time.time_ns() // 1000, now - ctx.started,
+            None if first is None else first - ctx.started, (), None, None,
         ))  # fmt: skip
-        span = ctx.span
-        if span is not None and span.traced and self.on_span is not None:
-            self._call(self.on_span, report, ctx)
-        for sink in self.sinks:
-            self._call(sink, report, ctx)
-        if self.recorder is not None:
-            self.recorder.add(report)
-        marginal, loaded = cost
-        if marginal < 0 or loaded < 0:
-            return report, report.head_lines()  # spelled with their signs
-        lines = FIGURE_LINES % (
-            request_id.encode("latin-1"), usage[0], usage[1], *divmod(gpu_us, MICROS),
-            *divmod(marginal, NANOS_PER_USD), *divmod(loaded, NANOS_PER_USD),
-        )  # fmt: skip
-        if usage[2]:
-            lines += CACHED_LINE % usage[2]
-        return report, lines
+        return report, report.head_lines()
 
     def headers(self, report: RequestReport) -> dict[str, str]:
         """The report's ``x-tollway-*`` headers for its answer; none with metering off."""

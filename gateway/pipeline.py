@@ -343,15 +343,16 @@ class Pipeline:
         traced = ctx.span is not None and ctx.span.traced  # a span reads the answer's details
         usage = None
         if self.meter.enabled and not (traced or plan.decision.store or ctx.content):
-            usage = usage_in(data, ctx.decision.model)  # relayed unread: only usage is parsed
-            relayed = None if usage is None else self.meter.relay(ctx, reply.replica, usage)
+            budgeted = self.budgets.active
+            relayed = self.meter.relay(ctx, reply.replica, data, report=budgeted)  # unread
             if relayed is not None:  # most answers: priced, counted and their lines spelled
-                report, lines = relayed
-                if self.budgets.active:
-                    headers.update(self.budgets.spend(report))
+                relayed_report, lines = relayed
+                if budgeted and relayed_report is not None:
+                    headers.update(self.budgets.spend(relayed_report))
                 response = FiguresResponse(data, 200, headers)
                 response.head_lines = lines
                 return response
+            usage = usage_in(data, ctx.decision.model)  # a free or token-priced answer's
         completion = None
         if usage is None:
             completion = _json_object(data)

@@ -3,7 +3,9 @@
 A request must be priced before it is answered (its headers carry the
 price), but counting it can wait a moment: the Prometheus cells and the
 usage ledger's queue. ``Recorder.add``
-is all the request path pays: the queue list's own ``append``. A background
+is all the request path pays: the queue list's own ``append``; a relayed
+answer's report is not even made then, its figures kept compact in C until
+the batch (``Recorder.log``, ``metering.native``). A background
 task hands what has gathered to every consumer every ``linger_s`` (the
 gateway's is ``ledger.write_interval_s``, 1 s: the ledger writes each batch
 as it comes), one loop per consumer over the whole batch. A batch's code runs
@@ -29,7 +31,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from metering.native import record_log
 from metering.report import RequestReport
 
 log = logging.getLogger("tollway.recorder")
@@ -45,14 +49,23 @@ class Recorder:
         # Queue one finished request's report; never blocks, never raises. The
         # list's own append: no Python frame per request.
         self.add: Callable[[RequestReport], None] = self._pending.append
+        # Relayed answers' reports, kept compact by the C step until a drain makes them
+        # (``metering.native``); None without the extension.
+        self.log: Any = record_log() if record_log is not None else None
         self._task: asyncio.Task[None] | None = None
 
     def drain(self) -> None:
-        """Hand everything queued to every consumer now; a failing consumer loses only its part."""
-        if not self._pending:
+        """Hand everything queued to every consumer now; a failing consumer loses only its part.
+
+        The batch is the reports ``add`` queued, then those the log kept.
+        """
+        logged = self.log is not None and len(self.log) > 0
+        if not self._pending and not logged:
             return
         batch = self._pending.copy()
         self._pending.clear()  # the same list: ``add`` stays bound to it
+        if logged:
+            batch += self.log.take()
         for consume in self.consumers:
             try:
                 consume(batch)

@@ -154,10 +154,7 @@ class GpuTariff:
         a second (``metering.utilisation``).
         """
         if now > self._until:
-            if self._idle_of is None:
-                raise TypeError("this tariff was built without an idle share to read")
-            self._until = now + self._fresh_s
-            self._use(self._idle_of(now))
+            self._refresh(now)
         mn, md = self._marginal
         marginal, rest = divmod(gpu_us * mn, md)
         if 2 * rest > md or (2 * rest == md and marginal & 1):
@@ -167,6 +164,19 @@ class GpuTariff:
         if 2 * rest > ld or (2 * rest == ld and loaded & 1):
             loaded += 1
         return _cost((marginal, loaded))
+
+    def rates_at(self, now: float) -> tuple[Ratio, Ratio]:
+        """The marginal and loaded nano-dollars per micro-GPU-second at ``now``, as
+        ``price_at`` uses them (for ``metering.native``, which prices in C)."""
+        if now > self._until:
+            self._refresh(now)
+        return self._marginal, self._loaded
+
+    def _refresh(self, now: float) -> None:
+        if self._idle_of is None:
+            raise TypeError("this tariff was built without an idle share to read")
+        self._until = now + self._fresh_s
+        self._use(self._idle_of(now))
 
     def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
         """At the idle share given (kept until ``price_at`` next reads one)."""

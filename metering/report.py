@@ -65,6 +65,8 @@ _LINES_HEAD = b"%b: %%b\r\n%b: %%d\r\n%b: %%d\r\n%b: %%d.%%06d\r\n" % (
 FIGURE_LINES = _LINES_HEAD + b"%b: %%d.%%09d\r\n%b: %%d.%%09d\r\n" % (_B_COST, _B_LOADED)
 _SIGNED_LINES = _LINES_HEAD + b"%b: %%b\r\n%b: %%b\r\n" % (_B_COST, _B_LOADED)
 CACHED_LINE = _B_CACHED + b": %d\r\n"  # % cached prompt tokens, when not 0
+# The names of FIGURE_LINES and CACHED_LINE in their order, for ``metering.native``.
+FIGURE_NAMES = (_B_REQUEST_ID, _B_PROMPT, _B_COMPLETION, _B_GPU, _B_COST, _B_LOADED, _B_CACHED)
 _SAVED_LINE = _B_SAVED + b": %b\r\n"
 
 

@@ -86,14 +86,14 @@ class _ModelKeys(dict[str, bytes]):
         return key
 
 
-_model_keys = _ModelKeys()
+MODEL_KEYS = _ModelKeys()
 
 
 def names_model(body: bytes, model: str) -> bool:
     """Whether a JSON completion's first ``"model"`` key is ``model``, spelled as vLLM
     spells JSON (``usage_in``'s check, alone: with metering off)."""
     at = body.find(_MODEL_KEY)
-    return at >= 0 and body.startswith(_model_keys[model], at)
+    return at >= 0 and body.startswith(MODEL_KEYS[model], at)
 
 
 def usage_in(body: bytes, model: str | None = None) -> TokenUsage | None:
@@ -114,7 +114,7 @@ def usage_in(body: bytes, model: str | None = None) -> TokenUsage | None:
     """
     if model is not None:
         at = body.find(_MODEL_KEY)
-        if at < 0 or not body.startswith(_model_keys[model], at):
+        if at < 0 or not body.startswith(MODEL_KEYS[model], at):
             return None
     at = body.rfind(_USAGE_KEY)
     if at < 0:
