@@ -26,10 +26,18 @@ from gateway.pool import ReplicaState
 from gateway.recorder import Recorder
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.money import ratio, to_nanos
+from metering.money import NANOS_PER_USD, ratio, to_nanos
 from metering.native import relay as native_relay
 from metering.pricing import NO_COST, GpuTariff, TokenPrices, price_tokens
-from metering.report import FREE, RequestReport, report_of, to_micros
+from metering.report import (
+    CACHED_LINE,
+    FIGURE_LINES,
+    FREE,
+    MICROS,
+    RequestReport,
+    report_of,
+    to_micros,
+)
 from metering.telemetry import Content, RequestSpan
 from metering.usage import MODEL_KEYS, NO_USAGE, TokenUsage, usage_in
 from router.table import Decision
@@ -225,7 +233,17 @@ class Meter:
             time.time_ns() // 1000, now - ctx.started,
             None if first is None else first - ctx.started, (), None, None,
         ))  # fmt: skip
-        return report, report.head_lines()
+        marginal, loaded = cost
+        if marginal < 0 or loaded < 0:
+            return report, report.head_lines()  # spelled with their signs
+        # ``head_lines``, inline: without the extension this runs for every answer
+        lines = FIGURE_LINES % (
+            request_id.encode("latin-1"), usage[0], usage[1], *divmod(gpu_us, MICROS),
+            *divmod(marginal, NANOS_PER_USD), *divmod(loaded, NANOS_PER_USD),
+        )  # fmt: skip
+        if usage[2]:
+            lines += CACHED_LINE % usage[2]
+        return report, lines
 
     def headers(self, report: RequestReport) -> dict[str, str]:
         """The report's ``x-tollway-*`` headers for its answer; none with metering off."""
