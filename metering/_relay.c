@@ -108,16 +108,39 @@ static int read_key(cursor *c, const char **key, Py_ssize_t *len) {
 
 #define KEY_IS(k, n, lit) ((n) == (Py_ssize_t)(sizeof(lit) - 1) && memcmp((k), (lit), (n)) == 0)
 
-/* An object of integers and nulls (the details): its "cached_tokens", 0 if null or absent. */
-static int read_details(cursor *c, long long *cached) {
-    int seen = 0;
-    c->p++; /* '{' */
+/* At an object's '{': 1 if members follow, 0 for an empty object (read), -1 for no object. */
+static int open_object(cursor *c) {
+    if (c->p >= c->end || *c->p != '{')
+        return -1;
+    c->p++;
     skip_ws(c);
     if (c->p < c->end && *c->p == '}') {
         c->p++;
+        return 0;
+    }
+    return 1;
+}
+
+/* After a member's value: 1 if another follows (its ',' read), 0 at the object's '}' (read),
+ * -1 for anything else. */
+static int next_member(cursor *c) {
+    skip_ws(c);
+    if (c->p < c->end && *c->p == ',') {
+        c->p++;
+        skip_ws(c);
         return 1;
     }
-    for (;;) {
+    if (c->p < c->end && *c->p == '}') {
+        c->p++;
+        return 0;
+    }
+    return -1;
+}
+
+/* An object of integers and nulls (the details): its "cached_tokens", 0 if null or absent. */
+static int read_details(cursor *c, long long *cached) {
+    int seen = 0, more = open_object(c);
+    while (more > 0) {
         const char *key;
         Py_ssize_t len;
         long long value = 0;
@@ -131,32 +154,18 @@ static int read_details(cursor *c, long long *cached) {
                 return 0; /* a repeated key: the reference decides */
             *cached = is_null ? 0 : value;
         }
-        skip_ws(c);
-        if (c->p < c->end && *c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (c->p < c->end && *c->p == '}') {
-            c->p++;
-            return 1;
-        }
-        return 0;
+        more = next_member(c);
     }
+    return more == 0;
 }
 
 /* The usage object at c (after "usage":). 1: prompt and completion read; 0: not plain. */
 static int read_usage(cursor *c, long long *prompt, long long *completion, long long *cached) {
     int seen_prompt = 0, seen_completion = 0, seen_details = 0;
-    skip_ws(c);
-    if (c->p >= c->end || *c->p != '{')
-        return 0;
-    c->p++;
-    skip_ws(c);
     *cached = 0;
-    if (c->p < c->end && *c->p == '}')
-        return 0; /* no counts */
-    for (;;) {
+    skip_ws(c);
+    int more = open_object(c);
+    while (more > 0) {
         const char *key;
         Py_ssize_t len;
         long long value = 0;
@@ -165,10 +174,8 @@ static int read_usage(cursor *c, long long *prompt, long long *completion, long 
         if (KEY_IS(key, len, "prompt_tokens_details")) {
             if (seen_details++)
                 return 0;
-            if (!read_null(c)) {
-                if (c->p >= c->end || *c->p != '{' || !read_details(c, cached))
-                    return 0;
-            }
+            if (!read_null(c) && !read_details(c, cached))
+                return 0;
         } else {
             if (!read_int(c, &value))
                 return 0; /* a null count, or any other kind of value */
@@ -182,18 +189,9 @@ static int read_usage(cursor *c, long long *prompt, long long *completion, long 
                 *completion = value;
             }
         }
-        skip_ws(c);
-        if (c->p < c->end && *c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (c->p < c->end && *c->p == '}') {
-            c->p++;
-            return seen_prompt && seen_completion;
-        }
-        return 0;
+        more = next_member(c);
     }
+    return more == 0 && seen_prompt && seen_completion; /* {} has no counts */
 }
 
 /* ---- prices --------------------------------------------------------------- */
@@ -225,10 +223,6 @@ static int price(long long gpu_us, PyObject *ratio, long long *out) {
 static PyObject *tuple_of(PyObject *type, Py_ssize_t n) {
     /* An instance of a tuple subclass without running its __new__ (tuple.__new__'s work). */
     return ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, n);
-}
-
-static PyObject *attr(PyObject *obj, PyObject *name) {
-    return PyObject_GetAttr(obj, name);
 }
 
 /* ---- the record log ------------------------------------------------------ */
@@ -444,11 +438,16 @@ static PyObject *relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     PyObject *result = NULL, *report = NULL, *lines = NULL;
     r.operation = operation;
     r.replica = replica_url;
-    if (!(r.request_id = attr(ctx, s_request_id)) || !(r.tenant = attr(ctx, s_tenant)) ||
-        !(r.cache = attr(ctx, s_cache)) || !(started_obj = attr(ctx, s_started)) ||
-        !(first_obj = attr(ctx, s_first_token_at)) || !(bill = attr(ctx, s_bill)) ||
-        !(gpu_obj = attr(bill, s_gpu_seconds)) || !(r.attempts = attr(bill, s_attempts)) ||
-        !(r.tier = attr(decision, s_tier)) || !(r.model = attr(decision, s_model)))
+    if (!(r.request_id = PyObject_GetAttr(ctx, s_request_id)) ||
+        !(r.tenant = PyObject_GetAttr(ctx, s_tenant)) ||
+        !(r.cache = PyObject_GetAttr(ctx, s_cache)) ||
+        !(started_obj = PyObject_GetAttr(ctx, s_started)) ||
+        !(first_obj = PyObject_GetAttr(ctx, s_first_token_at)) ||
+        !(bill = PyObject_GetAttr(ctx, s_bill)) ||
+        !(gpu_obj = PyObject_GetAttr(bill, s_gpu_seconds)) ||
+        !(r.attempts = PyObject_GetAttr(bill, s_attempts)) ||
+        !(r.tier = PyObject_GetAttr(decision, s_tier)) ||
+        !(r.model = PyObject_GetAttr(decision, s_model)))
         goto done;
     PyObject *request_id = r.request_id;
     if (!PyUnicode_Check(request_id) || !PyUnicode_IS_ASCII(request_id) ||
