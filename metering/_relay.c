@@ -83,13 +83,15 @@ static int read_null(cursor *c) {
     return 0;
 }
 
-/* A key without escapes: its bytes in [*key, *key + *len). 1: read; 0: not plain. */
+/* A key without escapes or braces: its bytes in [*key, *key + *len). 1: read; 0: not plain.
+ * A brace in a key is left to the reference, whose slice of the usage object ends at
+ * braces it counts without reading strings (usage_in). */
 static int read_key(cursor *c, const char **key, Py_ssize_t *len) {
     if (c->p >= c->end || *c->p != '"')
         return 0;
     const char *start = ++c->p;
     while (c->p < c->end && *c->p != '"') {
-        if (*c->p == '\\' || (unsigned char)*c->p < 0x20)
+        if (*c->p == '\\' || *c->p == '{' || *c->p == '}' || (unsigned char)*c->p < 0x20)
             return 0;
         c->p++;
     }
