@@ -10,7 +10,7 @@ lock ``P:flight:{<digest>}`` (coalescing) lives in the same cluster slot.
 
 The value is one format byte (``ENTRY_FORMAT``) and the zlib-compressed
 orjson of the entry: the completion as the client got it (streams are stored
-as the completion they add up to, see ``cache.sse``), when it was stored,
+as the completion they add up to, see ``gateway.sse``), when it was stored,
 what it cost and its tokens. The gateway writes it; nothing a client sends
 is stored except through a completion it caused, under its own tenant's digest.
 

@@ -18,16 +18,14 @@ from starlette.types import ASGIApp
 
 from gateway.config import Settings
 from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound, error_response
-from gateway.hotpath import HotPath
 from gateway.request_id import RequestIdMiddleware, request_id_of
 from gateway.routes import router
 from gateway.services import Services
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    """The gateway as an ASGI app: request ids, the completion hot path, then FastAPI."""
-    api = create_api(Services.build(settings))
-    return RequestIdMiddleware(HotPath(api, api.state.services))
+    """The gateway as an ASGI app: request ids, then FastAPI's routes."""
+    return RequestIdMiddleware(create_api(Services.build(settings)))
 
 
 # Collect the youngest generation after 50,000 new container objects instead of

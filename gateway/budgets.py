@@ -63,14 +63,18 @@ class BudgetGuard:
             )
         return status
 
-    def spend(self, report: RequestReport) -> dict[str, str]:
-        """Add a metered request to its tenant's spend; the budget headers to send back."""
+    def headers_for(self, report: RequestReport) -> dict[str, str]:
+        """The budget headers of ``report``'s answer: what is left once it is spent."""
         budget = self.budgets.get(report.tenant)
         if budget is None:
             return {}
-        now = datetime.now(UTC)
-        self.tracker.add(report.tenant, budget_amount(report.cost), now)
-        return self.tracker.check(report.tenant, budget, now).headers()
+        pending = budget_amount(report.cost)
+        return self.tracker.check(report.tenant, budget, datetime.now(UTC), pending).headers()
+
+    def spend(self, report: RequestReport) -> None:
+        """Add a settled request to its tenant's spend."""
+        if report.tenant in self.budgets:
+            self.tracker.add(report.tenant, budget_amount(report.cost), datetime.now(UTC))
 
     async def _refresh(self, tenant: str, now: datetime) -> None:
         assert self.ledger is not None

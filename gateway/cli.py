@@ -17,7 +17,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.config import ConfigError, load_settings
-    from gateway.http_server import OnePassProtocol
 
     try:
         settings = load_settings(args.config)
@@ -34,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         loop="uvloop",
-        http=OnePassProtocol,  # uvicorn's httptools protocol, response heads in one pass
+        http="httptools",
         lifespan="on",
         access_log=False,
         proxy_headers=False,  # client addresses are not used; skip the per-request middleware

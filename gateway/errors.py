@@ -7,27 +7,37 @@
     ├── ModelNotFound           404    model not served by any tier
     ├── RouteNotFound           404    unknown path
     ├── MethodNotAllowed        405
+    ├── RequestTimeout          408    the body did not arrive within its read timeout
     ├── IdempotencyConflict     409    the first request with this key still runs
     ├── PayloadTooLarge         413    body over ``limits.max_body_bytes``
     ├── IdempotencyMismatch     422    the key was used with another body
     ├── BudgetExceeded          429    the tenant's daily or monthly budget is spent
     ├── Overloaded              429    no slot within the request's deadline (shed)
     ├── ClientDisconnected      499    client left first; nothing is sent
+    ├── InternalError           500    a bug: logged with its trace, never shown
     ├── NoHealthyUpstream       503    every replica of a tier is down
     ├── ServiceUnavailable      503    a part the answer needs is down (the ledger)
-    └── UpstreamError           502    upstream failed after retries
+    ├── UpstreamRefused         4xx    vLLM refused the request (its status, its message)
+    └── UpstreamError           502    upstream failed after retries, or mid-stream
         └── UpstreamTimeout     504
 
-Anything else is a bug: ``error_response`` turns it into a 500 with a generic
-message and logs the traceback; a traceback never reaches a client.
+One error value renders everywhere: ``response()`` is the HTTP answer (status,
+OpenAI-shaped JSON body, headers such as ``Retry-After``), ``event()`` the SSE
+error event a stream that fails mid-way sends before ``data: [DONE]``, and
+``error_type`` what the request's span and report record as ``error.type``.
+``as_gateway_error`` is the one place any exception becomes such a value:
+anything that is not a ``GatewayError`` is a bug, an ``InternalError`` whose
+traceback is logged once there; a traceback never reaches a client.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 log = logging.getLogger("tollway.errors")
@@ -36,7 +46,7 @@ JSON = "application/json"
 
 
 class GatewayError(Exception):
-    status: ClassVar[int] = 500
+    status: int = 500  # a class's; ``UpstreamRefused`` carries vLLM's per instance
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
 
@@ -53,6 +63,20 @@ class GatewayError(Exception):
         return error_body(
             self.message, self.type, param=self.param, code=self.instance_code or self.code
         )
+
+    @property
+    def error_type(self) -> str:
+        """Low-cardinality ``error.type`` for spans and reports: the error's code."""
+        return self.instance_code or self.code or type(self).__name__
+
+    def response(self, headers: Mapping[str, str] | None = None) -> Response:
+        """The HTTP answer: ``headers`` (the request's own) then the error's (Retry-After)."""
+        merged = {**headers, **self.headers()} if headers else self.headers()
+        return Response(orjson.dumps(self.body()), self.status, merged, media_type=JSON)
+
+    def event(self) -> bytes:
+        """The SSE ``data:`` event a stream sends when it fails mid-way."""
+        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
 
 
 class InvalidRequest(GatewayError):
@@ -88,6 +112,17 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    """The request body did not arrive within ``limits.body_read_timeout_s``."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}  # the connection's state is unknown: start afresh
 
 
 class IdempotencyConflict(GatewayError):
@@ -155,6 +190,14 @@ class ClientDisconnected(GatewayError):
     code = "client_disconnected"
 
 
+class InternalError(GatewayError):
+    """A bug. The message names the request id the traceback was logged under."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 class NoHealthyUpstream(GatewayError):
     status = 503
     type = "server_error"
@@ -184,23 +227,51 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class UpstreamRefused(GatewayError):
+    """vLLM answered 4xx (the request's fault: a prompt over the context length, a bad
+    parameter): relayed with vLLM's status and its error in OpenAI's shape."""
+
+    type = "invalid_request_error"
+    code = "upstream_refused"
+
+    def __init__(self, status: int, body: dict[str, Any]):
+        inner = body["error"]
+        super().__init__(inner["message"], param=inner.get("param"), code=inner.get("code"))
+        self.status = status
+        self._body = body
+
+    @property
+    def error_type(self) -> str:
+        return f"upstream_{self.status}"
+
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+
 def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: BaseException, request_id: str | None = None) -> Response:
-    """The single place an exception becomes an HTTP response."""
+def as_gateway_error(exc: BaseException, request_id: str | None = None) -> GatewayError:
+    """The one mapping of an exception to the error the client gets.
+
+    A client that went away (Starlette's ``ClientDisconnect`` while the body is
+    read) is a ``ClientDisconnected``; anything else that is not a
+    ``GatewayError`` is a bug, logged here with its traceback.
+    """
     if isinstance(exc, GatewayError):
-        status, body, headers = exc.status, exc.body(), exc.headers()
-    else:
-        log.error("unhandled error (request %s)", request_id, exc_info=exc)
-        status, headers = 500, {}
-        body = error_body(
-            "The gateway hit an internal error; it has been logged"
-            + (f" under request id {request_id}." if request_id else "."),
-            "server_error",
-            code="internal_error",
-        )
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)
+        return exc
+    if isinstance(exc, ClientDisconnect):
+        return ClientDisconnected("The client closed the connection before its request was read.")
+    log.error("unhandled error (request %s)", request_id, exc_info=exc)
+    return InternalError(
+        "The gateway hit an internal error; it has been logged"
+        + (f" under request id {request_id}." if request_id else ".")
+    )
+
+
+def error_response(exc: BaseException, request_id: str | None = None) -> Response:
+    """An exception as its HTTP answer (``as_gateway_error``, then ``response``)."""
+    return as_gateway_error(exc, request_id).response()

@@ -21,7 +21,7 @@ import aiohttp
 from gateway.config import HealthConfig
 from gateway.pool import Pools, ReplicaState
 from gateway.scrape import parse_vllm_load
-from gateway.upstream import describe_error
+from gateway.upstream_errors import describe
 
 log = logging.getLogger("tollway.health")
 
@@ -48,7 +48,7 @@ class HealthChecker:
                     ok = response.status == 200
                     reason = f"/health answered {response.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            ok, reason = False, f"/health failed: {describe_error(exc)}"
+            ok, reason = False, f"/health failed: {describe(exc)}"
         if ok:
             replica.check_passed()
         else:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from decimal import Decimal
 
 from starlette.responses import Response
 
@@ -39,13 +38,11 @@ from cache.idempotency import (
     StoredResponse,
     Unprotected,
 )
-from cache.sse import chunk_of_event, event
 from gateway.config import IdempotencyConfig
+from gateway.context import RequestContext
 from gateway.errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
-from gateway.meter import Meter, RequestContext
+from gateway.sse import chunk_of_event, event
 from gateway.streaming import EventStreamResponse
-from metering.report import HEADER_PREFIX
-from metering.usage import TokenUsage
 
 log = logging.getLogger("tollway.idempotency")
 
@@ -70,25 +67,28 @@ def idempotency_key(raw: str | None) -> str | None:
 
 
 class IdempotencyLayer:
-    def __init__(self, store: IdempotencyStore, config: IdempotencyConfig, meter: Meter):
+    def __init__(self, store: IdempotencyStore, config: IdempotencyConfig):
         self.store = store
         self.config = config
-        self.meter = meter
 
     async def run(
         self,
         ctx: RequestContext,
         key: str,
         fingerprint: str,
+        *,
         serve: Callable[[], Awaitable[Response]],
+        replay: Callable[[StoredResponse], Response],
     ) -> Response:
+        """``serve()`` as the first request with ``key``, or ``replay`` its stored answer;
+        raises 409 (still running) or 422 (another body)."""
         outcome: Outcome | Conflict = await self.store.begin(ctx.tenant, key, fingerprint)
         if isinstance(outcome, Running):
             outcome = await self.store.wait(
                 ctx.tenant, key, fingerprint, timeout_s=self.config.wait_s
             )
         if isinstance(outcome, Replay):
-            return self._replay(ctx, outcome.response)
+            return replay(outcome.response)
         if isinstance(outcome, Mismatch):
             raise IdempotencyMismatch(
                 "This Idempotency-Key was already used with a different request body.",
@@ -152,42 +152,18 @@ class IdempotencyLayer:
             if not complete:
                 await self.store.release(ctx.tenant, key, token)
         if ctx.report is not None:  # its tokens and cost, which a replay reports as saved
-            figures = self.meter.headers(ctx.report)
+            figures = ctx.report.headers()
             headers.update({k: v for k, v in figures.items() if k in KEPT})
         stored = StoredResponse(200, headers, events=events)
         if not await self.store.complete(ctx.tenant, key, token, stored):
             log.warning("idempotency key of tenant %s lost before it was completed", ctx.tenant)
-
-    def _replay(self, ctx: RequestContext, stored: StoredResponse) -> Response:
-        ctx.cache = "replay"
-        headers = stored.headers
-        saved = Decimal(headers.get("x-tollway-cost-usd", "0"))
-        usage = TokenUsage(
-            int(headers.get("x-tollway-prompt-tokens", 0)),
-            int(headers.get("x-tollway-completion-tokens", 0)),
-        )
-        report = self.meter.finish(
-            ctx, replica=None, usage=usage, status=stored.status, saved=saved
-        )
-        out = {k: v for k, v in headers.items() if not k.startswith(HEADER_PREFIX)}
-        out.update(self.meter.headers(report))
-        out.update({"x-tollway-tier": ctx.decision.tier, "x-tollway-model": ctx.decision.model})
-        out.update({"idempotent-replayed": "true", "x-tollway-cache": "replay"})
-        if stored.events is None:
-            out.pop("content-type", None)
-            return Response(
-                stored.body or b"", stored.status, out, media_type=headers.get("content-type")
-            )
-        out.pop("content-type", None)
-        figures = self.meter.stream_object(report)
-        return EventStreamResponse(_replayed_events(stored.events, figures), out)
 
 
 def _kept(response: Response) -> dict[str, str]:
     return {name: response.headers[name] for name in KEPT if name in response.headers}
 
 
-async def _replayed_events(
+async def replayed_events(
     events: list[bytes], figures: dict[str, object] | None
 ) -> AsyncGenerator[bytes, None]:
     """The stored events, with the final ``tollway`` object saying what this replay cost;

@@ -17,7 +17,6 @@ from cache.ledger import GroupBy, LedgerUnavailable, UsageRow, totals
 from gateway.errors import JSON, InvalidRequest, PermissionDenied, ServiceUnavailable
 from gateway.schemas import Endpoint
 from gateway.services import Services
-from gateway.streaming import EventStreamResponse
 from metering.money import fmt
 from metering.occupancy import OccupancySnapshot
 
@@ -29,7 +28,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "malformed JSON or an invalid field (`param` names it)",
         401: "missing or wrong API key",
         404: "unknown model",
+        408: "the body did not arrive within `limits.body_read_timeout_s`",
+        409: "a request with this Idempotency-Key is still running",
         413: "body over `limits.max_body_bytes`",
+        422: "the Idempotency-Key was used with another body",
+        429: "a budget is spent, or the tier cannot start the request within its deadline",
         502: "upstream failed after retries",
         503: "no healthy replica for the tier",
         504: "upstream timed out",
@@ -47,13 +50,13 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 @router.post("/v1/chat/completions", responses=_ERRORS, response_model=None)
-async def chat_completions(request: Request) -> Response | EventStreamResponse:
-    return await _services(request).pipeline.handle(request, Endpoint.CHAT)
+async def chat_completions(request: Request) -> Response:
+    return _services(request).pipeline.exchange(request, Endpoint.CHAT)
 
 
 @router.post("/v1/completions", responses=_ERRORS, response_model=None)
-async def completions(request: Request) -> Response | EventStreamResponse:
-    return await _services(request).pipeline.handle(request, Endpoint.COMPLETIONS)
+async def completions(request: Request) -> Response:
+    return _services(request).pipeline.exchange(request, Endpoint.COMPLETIONS)
 
 
 @router.get("/v1/models", responses={401: _ERRORS[401]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,15 +20,17 @@ from gateway.caching import CacheLayer
 from gateway.config import Settings
 from gateway.health import HealthChecker
 from gateway.idempotent import IdempotencyLayer
-from gateway.meter import Meter, ReportSink, RequestContext
+from gateway.meter import Meter
 from gateway.pipeline import Pipeline
 from gateway.pool import Pools
 from gateway.recorder import Recorder
+from gateway.serving import Serving
+from gateway.settle import Settlement
 from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
-from metering.telemetry import Telemetry, server_of
+from metering.telemetry import Telemetry
 from router.score import ComplexityScorer
 from router.table import RouteTable
 
@@ -109,38 +112,39 @@ class Services:
             [metrics.observe_requests, ledger.record_many],
             linger_s=settings.ledger.write_interval_s,  # /metrics drains it before a scrape
         )
-        sinks: list[ReportSink] = []
-        if burn.active:  # fixed by the configuration: no call per request when it is off
-            sinks.append(burn_sink(burn))  # at once: the next request's route reads it
-        meter = Meter(settings, sinks, recorder, on_span=telemetry_sink)
+        sinks = [burn.record] if burn.active else []  # at once: the next route reads it
+        meter = Meter(settings)
+        idempotency = IdempotencyLayer(idempotency_store, settings.idempotency)
+        serving = Serving(
+            pools=pools,
+            scheduler=scheduler,
+            upstream=upstream,
+            meter=meter,
+            budgets=budgets,
+            caching=caching,
+            idempotency=idempotency,
+        )
+        settlement = Settlement(meter, budgets, recorder, count_refused(metrics), sinks)
+        limits = settings.limits
         pipeline = Pipeline(
             auth=auth,
             routes=routes,
-            pools=pools,
-            scheduler=scheduler,
             tickets=tickets,
-            upstream=upstream,
-            meter=meter,
             telemetry=telemetry,
             budgets=budgets,
             caching=caching,
-            idempotency=None,
             burn=burn,
-            max_body_bytes=settings.limits.max_body_bytes,
+            serving=serving,
+            settlement=settlement,
+            max_body_bytes=limits.max_body_bytes,
+            body_read_timeout_s=limits.body_read_timeout_s,
+            tiers=frozenset(pools.tiers),
             count_route=metrics.observe_route,
         )
-        pipeline.idempotency = IdempotencyLayer(idempotency_store, settings.idempotency, meter)
         return cls(
             settings, auth, routes, pools, scheduler, upstream, pipeline, metrics, telemetry,
             redis, ledger, budgets, recorder,
         )  # fmt: skip
-
-    def count_refused(self, status: int, request_id: str, duration_s: float) -> None:
-        """A request answered with an error before it reached any replica (401, 400, 404...)."""
-        report = RequestReport(
-            request_id, "none", "none", "none", "none", status=status, duration_s=duration_s
-        )
-        self.metrics.observe_requests([report])
 
     async def start(self) -> None:
         await self.redis.start()
@@ -165,24 +169,13 @@ class Services:
         self.telemetry.shutdown()
 
 
-def burn_sink(burn: BurnShift) -> ReportSink:
-    def sink(report: RequestReport, ctx: RequestContext) -> None:
-        burn.record(report)
+def count_refused(metrics: GatewayMetrics) -> Callable[[RequestReport], None]:
+    """A request refused before any work (401, 400...): counted at once, no ledger row."""
 
-    return sink
+    def count(report: RequestReport) -> None:
+        metrics.observe_requests([report])
 
-
-def telemetry_sink(report: RequestReport, ctx: RequestContext) -> None:
-    if ctx.span is None or not ctx.span.open:  # most requests: sampled out
-        return
-    address, port, _ = server_of(report.replica) if report.replica else (None, None, 0)
-    ctx.span.finish(
-        report,
-        server_address=address,
-        server_port=port,
-        response_model=report.model,
-        content=ctx.content,
-    )
+    return count
 
 
 def replica_gpu(pools: Pools) -> list[ReplicaGpu]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from cache.sse import CompletionBuilder, event
+from gateway.sse import CompletionBuilder, event
 from metering.usage import StreamUsage
 
 _DATA = b"data: "

@@ -3,8 +3,8 @@
 ``relay_events`` splits the upstream bytes into SSE events and yields each
 as soon as it is complete; nothing is buffered whole. If the upstream fails
 mid-way (dropped connection, stall past the read timeout, an end without
-``[DONE]``), the client gets an OpenAI-shaped error event and then
-``data: [DONE]``, so SDK iterators end instead of hanging.
+``[DONE]``), the client gets the failure's error event (``GatewayError.event``)
+and then ``data: [DONE]``, so SDK iterators end instead of hanging.
 
 ``EventStreamResponse`` sends those events and, at the same time, listens for
 the client going away: a disconnect cancels the relay at once, even while it
@@ -24,22 +24,18 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from cache.sse import DONE, event
 from gateway.disconnect import wait_for_disconnect
-from gateway.errors import error_body
+from gateway.errors import ClientDisconnected, GatewayError, UpstreamError
+from gateway.sse import DONE
 from gateway.stream_shaper import StreamShaper
 from gateway.upstream import UpstreamReply
+from gateway.upstream_errors import STREAM_ERROR, failure
 
 log = logging.getLogger("tollway.streaming")
 
-
-def error_event(message: str, code: str) -> bytes:
-    return event(error_body(message, "server_error", code=code))
-
-
-StreamEnd = Callable[[str | None], dict[str, Any] | None]
-"""Called once when a stream ends, after its replica slot is released, with the
-failure reason (None on success, "client_disconnected" when the client left);
+StreamEnd = Callable[[GatewayError | None], dict[str, Any] | None]
+"""Called once when a stream ends, after its replica slot is released, with its
+failure (None on success, ``ClientDisconnected`` when the client left);
 returns the ``tollway`` figures for the final event (None with metering off)."""
 
 
@@ -49,7 +45,9 @@ async def relay_events(
     """Yield the upstream's SSE events as they complete; end every stream with [DONE]."""
     buffer = b""
     finished = False
-    failure: str | None = "client_disconnected"  # unless the loop below ends it
+    error: GatewayError | None = ClientDisconnected(
+        "The client closed the connection mid-stream."
+    )  # unless the loop below ends it
     try:
         async for chunk in reply.response.content.iter_any():
             buffer += chunk
@@ -62,20 +60,25 @@ async def relay_events(
                     yield out
             if finished:
                 break
-        failure = None if finished else "the upstream closed the stream before it was complete"
-    except TimeoutError:
-        failure = "the upstream stopped sending within the read timeout"
-    except aiohttp.ClientError as exc:
-        failure = f"the upstream connection failed mid-stream ({type(exc).__name__})"
+        error = (
+            None
+            if finished
+            else UpstreamError(
+                f"The stream was interrupted: the upstream replica {reply.replica.url} closed it.",
+                code=STREAM_ERROR,
+            )
+        )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        error = failure(exc, reply.replica.url, during="streaming")
     finally:
         reply.release(abort=not finished)
-        tollway = on_end(failure)
-    if failure is None:
+        tollway = on_end(error)
+    if error is None:
         for out in shaper.finish(tollway):
             yield out
     else:
-        log.warning("stream from %s ended early: %s", reply.replica.url, failure)
-        yield error_event(f"The stream was interrupted: {failure}.", "upstream_stream_error")
+        log.warning("stream from %s ended early: %s", reply.replica.url, error.message)
+        yield error.event()
     yield DONE
 
 
@@ -85,16 +88,15 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncGenerator[bytes, None], headers: Mapping[str, str]):
-        # Not Response.__init__: there is no body to render, only events to relay.
+        # As Starlette's StreamingResponse: no body, so no content-length.
         self.events = events
         self.status_code = 200
         self.background = None
-        self.raw_headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
-        ]
+        self.init_headers(
+            {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
+             "x-accel-buffering": "no", **headers}
+        )  # fmt: skip
+        self.client_left = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sender = asyncio.ensure_future(self._send_all(send))
@@ -110,12 +112,12 @@ class EventStreamResponse(Response):
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await task
         if sender not in done:
+            self.client_left = True
             log.info("client disconnected mid-stream; upstream request cancelled")
 
     async def _send_all(self, send: Send) -> None:
         try:
-            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            await send(start)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

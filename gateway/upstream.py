@@ -36,8 +36,9 @@ import aiohttp
 
 from gateway.admission import Scheduler, Slot, Ticket
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.errors import UpstreamError
 from gateway.pool import ReplicaState
+from gateway.upstream_errors import failure, outcome
 from metering.telemetry import INERT, RequestSpan, Step
 
 log = logging.getLogger("tollway.upstream")
@@ -47,10 +48,12 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 @dataclass(eq=False)
 class GpuBill:
-    """GPU-seconds a request occupied, over all its attempts (failed retries cost too)."""
+    """GPU-seconds a request occupied, over all its attempts (failed retries cost too),
+    and the replica of the last attempt (whose price they are charged at)."""
 
     gpu_seconds: float = 0.0
     attempts: int = 0
+    replica: ReplicaState | None = None
 
 
 @dataclass(eq=False)
@@ -76,14 +79,8 @@ class UpstreamReply:
         """The whole body (aiohttp holds it to the request's total deadline)."""
         try:
             return await self.response.read()
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"The upstream replica {self.replica.url} did not finish in time."
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"The upstream replica {self.replica.url} failed while answering: {exc}."
-            ) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise failure(exc, self.replica.url, during="answering") from None
         finally:
             self.release()
 
@@ -172,7 +169,7 @@ class UpstreamClient:
         pool = slot.pool
         deadline = time.monotonic() + config.total_timeout_s
         tried: list[ReplicaState] = []
-        failure = ""
+        reason = ""
         next_slot: Slot | None = slot
         for attempt in range(1, config.max_attempts + 1):
             if next_slot is None:
@@ -192,6 +189,7 @@ class UpstreamClient:
                 self._first_timeouts[stream] if attempt == 1 else self._timeout(stream, deadline)
             )
             bill.attempts += 1
+            bill.replica = replica
             step = trace.upstream(replica.url + path, attempt=attempt - 1) if trace else INERT
             sent_headers = dict(headers)
             step.inject_headers(sent_headers)  # W3C traceparent naming this attempt's span
@@ -202,31 +200,21 @@ class UpstreamClient:
                 )
             except BaseException as exc:
                 bill.gpu_seconds += scheduler.release(current)
-                step.end("cancelled" if not isinstance(exc, Exception) else _outcome(exc))
+                step.end("cancelled" if not isinstance(exc, Exception) else outcome(exc))
                 if not isinstance(exc, Exception):
                     raise  # cancelled: the client left
                 error = exc
             if error is not None:
-                self.on_attempt(pool.name, replica.url, _outcome(error))
-            if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-                failure = f"cannot connect to {replica.url}: {describe_error(error)}"
-                scheduler.failed(replica, failure, at_once=True)
+                kind = outcome(error)
+                self.on_attempt(pool.name, replica.url, kind)
+                if kind == "error":
+                    raise error  # not an upstream failure: a bug
+                last = failure(error, replica.url, during="connecting")
+                reason = last.message
+                scheduler.failed(replica, reason, at_once=kind == "connect_error")
+                if kind == "timeout" and not (stream and time.monotonic() < deadline):
+                    raise last from None  # a whole answer's time is spent: not retried
                 continue
-            if isinstance(error, TimeoutError):
-                failure = f"{replica.url} sent nothing in time"
-                scheduler.failed(replica, failure)
-                if stream and time.monotonic() < deadline:
-                    continue
-                raise UpstreamTimeout(
-                    f"The upstream replica {replica.url} of tier '{pool.name}' "
-                    "did not answer in time."
-                ) from None
-            if isinstance(error, aiohttp.ClientError):
-                failure = f"{replica.url} dropped the request: {describe_error(error)}"
-                scheduler.failed(replica, failure)
-                continue
-            if error is not None:
-                raise error
             step.set_status_code(response.status)
             reply = UpstreamReply(current, response, bill, step, scheduler)
             self.on_attempt(
@@ -235,31 +223,14 @@ class UpstreamClient:
                 "ok" if response.status < 500 else f"status_{response.status}",
             )
             if response.status in RETRYABLE_STATUS and attempt < config.max_attempts:
-                failure = f"{replica.url} answered {response.status}"
+                reason = f"{replica.url} answered {response.status}."
                 reply.release()
-                scheduler.failed(replica, failure)
+                scheduler.failed(replica, reason)
                 continue
             if response.status < 500:
                 scheduler.succeeded(replica)
             return reply
-        log.warning("tier %s: giving up after %d attempts: %s", pool.name, len(tried), failure)
+        log.warning("tier %s: giving up after %d attempts: %s", pool.name, len(tried), reason)
         raise UpstreamError(
-            f"The upstream for tier '{pool.name}' failed after {len(tried)} attempt(s): {failure}."
+            f"The upstream for tier '{pool.name}' failed after {len(tried)} attempt(s): {reason}"
         )
-
-
-def _outcome(error: Exception) -> str:
-    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return "connect_error"
-    if isinstance(error, TimeoutError):
-        return "timeout"
-    if isinstance(error, aiohttp.ClientError):
-        return "dropped"
-    return "error"
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, log-friendly reason: "Connection refused", not the connector's repr."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.os_error.strerror or str(exc.os_error) or type(exc).__name__
-    return str(exc) or type(exc).__name__

@@ -1,37 +1,75 @@
-"""vLLM's error answers, relayed in OpenAI's error shape.
+"""Upstream failures as tollway errors: the one table.
 
-vLLM's 4xx (the client's fault: a prompt over the context length, a bad
-parameter) keep their status and message; its 5xx become a 502 naming the
-replica. New vLLM nests the error under ``"error"``; old vLLM did not.
+Two kinds of failure reach the gateway from a vLLM replica:
+
+- an answer that is not a success (``refusal``): vLLM's 4xx (the request's
+  fault: a prompt over the context length, a bad parameter) keep their status
+  and message as an ``UpstreamRefused``; its 5xx become a 502 naming the
+  replica. New vLLM nests the error under ``"error"``; old vLLM did not.
+- an exception from aiohttp (``failure``, ``outcome``): cannot connect, a
+  dropped connection, nothing sent in time. The upstream client, a reply's
+  body and a relayed stream all classify them here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import orjson
-from starlette.responses import Response
 
-from gateway.errors import JSON, GatewayError, UpstreamError, error_body
-from gateway.upstream import UpstreamReply
+from gateway.errors import GatewayError, UpstreamError, UpstreamRefused, UpstreamTimeout, error_body
+
+STREAM_ERROR = "upstream_stream_error"  # the code of a stream's mid-way failure
 
 
-def upstream_failure(reply: UpstreamReply, data: bytes, headers: dict[str, str]) -> Response:
-    """Relay vLLM's 4xx (the client's fault) in OpenAI shape; turn its 5xx into a 502."""
-    message = _upstream_message(data) or f"The upstream answered HTTP {reply.status}."
-    if reply.status >= 500:
-        error: GatewayError = UpstreamError(
-            f"The upstream replica {reply.replica.url} failed: {message}"
-        )
-        status = error.status
-        body = error.body()
+def refusal(status: int, data: bytes, replica_url: str) -> GatewayError:
+    """vLLM's non-200 answer: its 4xx relayed in OpenAI's shape, its 5xx a 502."""
+    body = _error_body(data)
+    if not 400 <= status < 500:
+        message = body["error"]["message"] if body else f"The upstream answered HTTP {status}."
+        return UpstreamError(f"The upstream replica {replica_url} failed: {message}")
+    if body is None:
+        body = error_body(f"The upstream answered HTTP {status}.", "invalid_request_error")
+    return UpstreamRefused(status, body)
+
+
+def outcome(exc: BaseException) -> str:
+    """An attempt's outcome label (``tollway_upstream_attempts_total``) for an exception."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect_error"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientError):
+        return "dropped"
+    return "error"
+
+
+def failure(exc: BaseException, replica_url: str, *, during: str) -> UpstreamError:
+    """An aiohttp exception (or a timeout) as the error a client gets. ``during`` says
+    what the gateway was doing: "connecting", "answering", "streaming"."""
+    kind = outcome(exc)
+    replica = f"the upstream replica {replica_url}"
+    if kind == "connect_error":
+        return UpstreamError(f"Cannot connect to {replica}: {describe(exc)}.")
+    what = "sent nothing in time" if kind == "timeout" else f"failed: {describe(exc)}"
+    code = None
+    if during == "streaming":  # after a 200 and some events: said in an SSE error event
+        message, code = f"The stream was interrupted: {replica} {what}.", STREAM_ERROR
     else:
-        status = reply.status
-        body = _upstream_error_body(data) or error_body(message, "invalid_request_error")
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=JSON)
+        message = f"{replica[0].upper()}{replica[1:]} {what} while {during}."
+    error = UpstreamTimeout if kind == "timeout" else UpstreamError
+    return error(message, code=code)
 
 
-def _upstream_error_body(data: bytes) -> dict[str, Any] | None:
+def describe(exc: BaseException) -> str:
+    """A short, log-friendly reason: "Connection refused", not the connector's repr."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or str(exc.os_error) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _error_body(data: bytes) -> dict[str, Any] | None:
     """vLLM's error JSON in OpenAI's shape: new vLLM nests it under "error", old vLLM did not."""
     try:
         parsed = orjson.loads(data)
@@ -50,8 +88,3 @@ def _upstream_error_body(data: bytes) -> dict[str, Any] | None:
         param=inner.get("param") if isinstance(inner.get("param"), str) else None,
         code=None if code is None else str(code),
     )
-
-
-def _upstream_message(data: bytes) -> str | None:
-    body = _upstream_error_body(data)
-    return None if body is None else str(body["error"]["message"])

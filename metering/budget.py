@@ -192,8 +192,12 @@ class SpendTracker:
         spend = self._roll(tenant, utc(now))
         return spend.spent_day, spend.spent_month
 
-    def check(self, tenant: str, budget: Budget, now: datetime) -> BudgetStatus:
-        return budget.check(*self.spent(tenant, now), now)
+    def check(
+        self, tenant: str, budget: Budget, now: datetime, pending: Decimal = ZERO
+    ) -> BudgetStatus:
+        """The tenant's status now, or once ``pending`` more is spent."""
+        day, month = self.spent(tenant, now)
+        return budget.check(day + pending, month + pending, now)
 
     def claim_refresh(self, tenant: str, now: datetime, every_s: float = 1.0) -> bool:
         """True when a refresh from the ledger is due; claims it, so one caller does it."""

@@ -12,14 +12,13 @@
   (``metering.utilisation``); a replica idle all window long gives its only
   request the whole window's idle cost, which is what it really cost. The
   share is priced in whole millionths (``idle_millionths``): finer than any
-  window measures it, and it keeps the hot path's divisors small.
+  window measures it.
 
 Arithmetic: every input is turned into an exact integer ratio (a float's
 exact binary value, a configured Decimal's exact decimal value, the idle
 share's millionths), the product is formed in integers and rounded once, half
 to even, to nano-dollars (``metering.money``). No float and no Decimal context
-touches a result, and a price costs a fraction of the same sums in Decimal
-(measured; it runs on every request).
+touches a result.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import partial
 from typing import NamedTuple
 
 from metering.money import NANOS_PER_USD, Ratio, from_nanos, ratio, round_half_even, to_nanos
@@ -75,8 +73,6 @@ class Cost(NamedTuple):
 
 
 NO_COST = Cost()  # nothing charged
-# Cost((marginal, loaded)) without the Python-level ``__new__``: the hot path's.
-_cost: Callable[[tuple[int, int]], Cost] = partial(tuple.__new__, Cost)
 
 
 def idle_millionths(idle_per_busy: float) -> int:
@@ -90,110 +86,46 @@ def idle_millionths(idle_per_busy: float) -> int:
     return 0
 
 
-def gpu_cost(gpu_seconds: float, gpu_hourly_usd: Decimal) -> Decimal:
-    return from_nanos(price_gpu(gpu_seconds, ratio(gpu_hourly_usd), 0.0, (1, 1)).marginal_nanos)
-
-
-def token_cost(prompt_tokens: int, completion_tokens: int, prices: TokenPrices) -> Decimal:
-    return from_nanos(_token_nanos(prompt_tokens, completion_tokens, prices))
-
-
-def price_gpu(gpu_seconds: float, hourly: Ratio, idle_per_busy: float, factor: Ratio) -> Cost:
-    """The reference price: ``hourly`` and ``factor`` exact ratios (``money.ratio``).
+def price_gpu(gpu_us: int, hourly: Ratio, idle_per_busy: float, factor: Ratio) -> Cost:
+    """``gpu_us`` micro-GPU-seconds (what the header prints, so a reader can redo the sum)
+    at ``hourly`` dollars per GPU-hour; ``hourly`` and ``factor`` exact ratios
+    (``money.ratio``).
 
     marginal = GPU-seconds x hourly / 3600; loaded = marginal x (1 + idle) x factor,
     with idle in whole millionths (``idle_millionths``), each rounded once from the
     exact product.
     """
-    gn, gd = gpu_seconds.as_integer_ratio()
-    num = gn * hourly[0] * NANOS_PER_USD
-    den = gd * hourly[1] * SECONDS_PER_HOUR
-    marginal = round_half_even(num, den)
-    fn, fd = factor
+    num = gpu_us * hourly[0] * NANOS_PER_USD
+    den = hourly[1] * SECONDS_PER_HOUR * MICROS_PER_SECOND
     idle = idle_millionths(idle_per_busy)
-    loaded = round_half_even(num * (IDLE_SCALE + idle) * fn, den * IDLE_SCALE * fd)
-    return Cost(marginal, loaded)
+    loaded = round_half_even(num * (IDLE_SCALE + idle) * factor[0], den * IDLE_SCALE * factor[1])
+    return Cost(round_half_even(num, den), loaded)
 
 
 class GpuTariff:
-    """One replica's GPU price and the overhead factor, pre-multiplied for the hot path.
+    """One replica's GPU price, the overhead factor, and where its idle share comes from.
 
-    ``price(gpu_us, idle_per_busy)`` is ``price_gpu`` of ``gpu_us / 1e6``
-    GPU-seconds (what the header prints, so a reader can redo the sum). It runs
-    once per request, so its ratios are kept in lowest terms (small divisors
-    divide in one machine step) and the loaded ratio is remade only when the
-    idle share changes; ``price_at(gpu_us, now)`` reads the share itself from
-    ``idle_of`` (the replica's window), again only once ``fresh_s`` has passed.
+    ``price_at(gpu_us, now)`` is ``price_gpu`` at the replica's idle share
+    ``idle_of(now)`` (over its recent window, ``metering.utilisation``), read
+    again only once ``fresh_s`` has passed: the share of a five-minute window
+    does not move within a tenth of a second.
     """
 
-    __slots__ = ("_base", "_fresh_s", "_idle", "_idle_of", "_loaded", "_marginal", "_until")
-
     def __init__(
-        self,
-        hourly: Ratio,
-        factor: Ratio,
-        idle_of: Callable[[float], float] | None = None,
-        fresh_s: float = 0.1,
+        self, hourly: Ratio, factor: Ratio, idle_of: Callable[[float], float], fresh_s: float = 0.1
     ):
-        self._idle_of = idle_of  # the replica's idle share at a time (``price_at``)
+        self.hourly = hourly
+        self.factor = factor
+        self._idle_of = idle_of
         self._fresh_s = fresh_s
-        self._until = -math.inf  # the idle share read last holds until then
-        hn, hd = hourly
-        per = SECONDS_PER_HOUR * MICROS_PER_SECOND  # hourly price -> per micro-GPU-second
-        self._marginal = _lowest(hn * NANOS_PER_USD, hd * per)
-        self._base = (hn * NANOS_PER_USD * factor[0], hd * per * factor[1])
         self._idle = 0.0
-        self._loaded = _lowest(*self._base)
+        self._until = -math.inf  # the idle share read last holds until then
 
     def price_at(self, gpu_us: int, now: float) -> Cost:
-        """``price`` at the idle share ``idle_of(now)``, read again only once more than
-        ``fresh_s`` has passed since the last read.
-
-        The request path's one call (the arithmetic is here, not behind another
-        call): the share of a five-minute window does not move within a tenth of
-        a second (``metering.utilisation``).
-        """
         if now > self._until:
-            self._refresh(now)
-        mn, md = self._marginal
-        marginal, rest = divmod(gpu_us * mn, md)
-        if 2 * rest > md or (2 * rest == md and marginal & 1):
-            marginal += 1
-        ln, ld = self._loaded
-        loaded, rest = divmod(gpu_us * ln, ld)
-        if 2 * rest > ld or (2 * rest == ld and loaded & 1):
-            loaded += 1
-        return _cost((marginal, loaded))
-
-    def rates_at(self, now: float) -> tuple[Ratio, Ratio]:
-        """The marginal and loaded nano-dollars per micro-GPU-second at ``now``, as
-        ``price_at`` uses them (for ``metering.native``, which prices in C)."""
-        if now > self._until:
-            self._refresh(now)
-        return self._marginal, self._loaded
-
-    def _refresh(self, now: float) -> None:
-        if self._idle_of is None:
-            raise TypeError("this tariff was built without an idle share to read")
-        self._until = now + self._fresh_s
-        self._use(self._idle_of(now))
-
-    def price(self, gpu_us: int, idle_per_busy: float) -> Cost:
-        """At the idle share given (kept until ``price_at`` next reads one)."""
-        self._use(idle_per_busy)
-        return self.price_at(gpu_us, -math.inf)  # no time is later than the last read
-
-    def _use(self, idle_per_busy: float) -> None:
-        if idle_per_busy != self._idle:  # also for NaN, which prices as 0
-            idle = idle_millionths(idle_per_busy)
-            bn, bd = self._base
-            self._loaded = _lowest(bn * (IDLE_SCALE + idle), bd * IDLE_SCALE)
-            self._idle = idle_per_busy
-
-
-def _lowest(numerator: int, denominator: int) -> Ratio:
-    common = math.gcd(numerator, denominator) or 1
-    return numerator // common, denominator // common
+            self._until = now + self._fresh_s
+            self._idle = self._idle_of(now)
+        return price_gpu(gpu_us, self.hourly, self._idle, self.factor)
 
 
 def _token_nanos(prompt_tokens: int, completion_tokens: int, prices: TokenPrices) -> int:
@@ -211,20 +143,3 @@ def price_tokens(
     """A token-priced tier: tokens x prices; loaded = the rounded marginal x ``factor``."""
     marginal = _token_nanos(prompt_tokens, completion_tokens, prices)
     return Cost(marginal, round_half_even(marginal * factor[0], factor[1]))
-
-
-def price_request(
-    *,
-    gpu_seconds: float,
-    gpu_hourly_usd: Decimal,
-    prompt_tokens: int,
-    completion_tokens: int,
-    token_prices: TokenPrices | None,
-    idle_per_busy: float,
-    overhead_factor: Decimal = DEFAULT_OVERHEAD,
-) -> Cost:
-    """Both figures for one request; token prices, when the tier has them, win."""
-    factor = ratio(overhead_factor)
-    if token_prices is not None:
-        return price_tokens(prompt_tokens, completion_tokens, token_prices, factor)
-    return price_gpu(gpu_seconds, ratio(gpu_hourly_usd), idle_per_busy, factor)

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Installs what tollway needs on a fresh Debian 12 machine, idempotently:
 # apt packages (redis-server, prometheus for promtool and the live scrape
-# tests, gcc for the C metering step metering/_relay.c, and any named in
-# TOLLWAY_APT_EXTRA) and the
+# tests, and any named in TOLLWAY_APT_EXTRA) and the
 # project's virtualenv in .venv with the package installed editable.
 # Re-running is cheap: each step is skipped when its stamp is current.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-APT_PACKAGES="redis-server curl prometheus gcc ${TOLLWAY_APT_EXTRA:-}"
+APT_PACKAGES="redis-server curl prometheus ${TOLLWAY_APT_EXTRA:-}"
 
 need_apt=()
 for pkg in $APT_PACKAGES; do
@@ -26,8 +25,8 @@ if ((${#need_apt[@]})); then
 fi
 
 stamp="$VENV/.tollway-stamp"
-# Rebuilt when the package's build inputs change (the C extension is built in place).
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/metering/_relay.c" | sha256sum | cut -c1-16)"
+# Rebuilt when the package's dependencies change.
+want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "bootstrap: creating $VENV"
     python3.11 -m venv "$VENV"

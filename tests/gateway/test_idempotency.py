@@ -21,8 +21,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from cache.sse import chunk_of_event, event
-from gateway.idempotent import _replayed_events
+from gateway.sse import chunk_of_event, event
+from gateway.idempotent import replayed_events
 from tests.conftest import KEY, OTHER_KEY, gateway_config, reset_sim, set_faults, sim_stats
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.redis_server import RedisServer, run_redis
@@ -233,7 +233,7 @@ async def test_a_replayed_stream_says_what_the_replay_cost_or_nothing_with_meter
     ]
 
     async def replay(figures: dict[str, object] | None) -> list[bytes]:
-        return [raw async for raw in _replayed_events(stored, figures)]
+        return [raw async for raw in replayed_events(stored, figures)]
 
     saved = await replay({"cost_usd": "0.000000000", "cache": "replay"})
     assert saved[0] == stored[0]

@@ -7,11 +7,9 @@ import logging
 import httpx2 as httpx
 import pytest
 from starlette.requests import Request
-from starlette.responses import Response
 
 from gateway.app import create_app
 from gateway.config import parse_settings
-from gateway.schemas import Endpoint
 from tests.conftest import KEY, gateway_config
 
 
@@ -21,10 +19,10 @@ async def test_unknown_exception_is_a_clean_500(
     settings = parse_settings(gateway_config(["http://127.0.0.1:9"], ["http://127.0.0.1:10"]), "t")
     app = create_app(settings)
 
-    async def broken(self: object, request: Request, endpoint: Endpoint) -> Response:
+    async def broken(self: object, ctx: object, request: Request) -> object:
         raise RuntimeError("secret internals: /etc/passwd line 42")
 
-    monkeypatch.setattr("gateway.pipeline.Pipeline.handle", broken)
+    monkeypatch.setattr("gateway.pipeline.Pipeline._prepare", broken)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
         with caplog.at_level(logging.ERROR, logger="tollway.errors"):

@@ -14,7 +14,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.sse import (
+from gateway.sse import (
     DONE,
     CompletionBuilder,
     chunk_of_event,
