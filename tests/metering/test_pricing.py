@@ -23,11 +23,10 @@ from metering.pricing import (
     TokenPrices,
     idle_millionths,
     price_gpu,
-    price_request,
     price_tokens,
 )
 
-seconds = st.floats(min_value=0, max_value=1e5, allow_nan=False, allow_infinity=False)
+micros = st.integers(min_value=0, max_value=10**11)  # micro-GPU-seconds, up to ~28 GPU-hours
 idle = st.one_of(st.just(0.0), st.floats(min_value=0, max_value=1e3, allow_nan=False))
 prices = st.decimals(min_value=0, max_value=1000, places=4, allow_nan=False, allow_infinity=False)
 factors = st.decimals(min_value=1, max_value=3, places=3, allow_nan=False, allow_infinity=False)
@@ -38,13 +37,14 @@ def oracle(usd: Fraction) -> int:
 
 
 @settings(max_examples=500, deadline=None)
-@given(gpu_s=seconds, hourly=prices, idle_per_busy=idle, factor=factors)
-@example(gpu_s=1.0, hourly=Decimal("0.1185"), idle_per_busy=1.0, factor=Decimal("1.185"))  # a tie
+@given(gpu_us=micros, hourly=prices, idle_per_busy=idle, factor=factors)
+@example(gpu_us=10**6, hourly=Decimal("0.1185"), idle_per_busy=1.0, factor=Decimal("1.185"))  # tie
 def test_gpu_price_is_the_exact_product_rounded_once(
-    gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
+    gpu_us: int, hourly: Decimal, idle_per_busy: float, factor: Decimal
 ) -> None:
-    cost = price_gpu(gpu_s, ratio(hourly), idle_per_busy, ratio(factor))
-    exact = Fraction(gpu_s) * Fraction(hourly) / 3600
+    """The whole micro-GPU-seconds the header prints are what is priced, exactly."""
+    cost = price_gpu(gpu_us, ratio(hourly), idle_per_busy, ratio(factor))
+    exact = Fraction(gpu_us, 1_000_000) * Fraction(hourly) / 3600
     assert cost.marginal_nanos == oracle(exact)
     idle = Fraction(idle_millionths(idle_per_busy), 1_000_000)
     assert abs(idle - Fraction(idle_per_busy)) <= Fraction(1, 2_000_000)  # priced to millionths
@@ -67,21 +67,6 @@ def test_token_price_is_exact(
     assert cost.marginal_nanos == marginal
     # Loaded is the marginal the client saw, times the factor (as before).
     assert cost.loaded_nanos == oracle(Fraction(marginal, 1_000_000_000) * Fraction(factor))
-
-
-def test_price_request_picks_token_prices_when_the_tier_has_them() -> None:
-    by_gpu = price_request(
-        gpu_seconds=3600.0, gpu_hourly_usd=Decimal("2.10"), prompt_tokens=1_000_000,
-        completion_tokens=0, token_prices=None, idle_per_busy=1.0,
-        overhead_factor=Decimal("1.25"),
-    )  # fmt: skip
-    assert by_gpu == Cost.of_usd(Decimal("2.10"), Decimal("5.25"))  # (2.10 x 2) x 1.25
-    by_tokens = price_request(
-        gpu_seconds=3600.0, gpu_hourly_usd=Decimal("2.10"), prompt_tokens=1_000_000,
-        completion_tokens=0, token_prices=TokenPrices(Decimal("0.5"), Decimal("1")),
-        idle_per_busy=1.0, overhead_factor=Decimal("1.25"),
-    )  # fmt: skip
-    assert by_tokens == Cost.of_usd(Decimal("0.5"), Decimal("0.625"))
 
 
 @pytest.mark.parametrize(
@@ -107,50 +92,12 @@ def test_cost_keeps_nanos_and_gives_decimals_back() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(seconds, prices), min_size=1, max_size=200))
-def test_sums_of_printed_costs_equal_sums_of_nanos(items: list[tuple[float, Decimal]]) -> None:
+@given(st.lists(st.tuples(micros, prices), min_size=1, max_size=200))
+def test_sums_of_printed_costs_equal_sums_of_nanos(items: list[tuple[int, Decimal]]) -> None:
     """Finance adds the headers; the ledger and Prometheus add the integers: the same."""
-    costs = [price_gpu(s, ratio(h), 0.25, ratio(Decimal("1.25"))) for s, h in items]
+    costs = [price_gpu(us, ratio(h), 0.25, ratio(Decimal("1.25"))) for us, h in items]
     printed = sum(Decimal(fmt_nanos(c.marginal_nanos)) for c in costs)
     assert to_nanos(printed) == sum(c.marginal_nanos for c in costs)
-
-
-@settings(max_examples=300, deadline=None)
-@given(gpu_s=seconds, hourly=prices, idle_per_busy=idle, factor=factors)
-def test_a_tariff_prices_as_price_gpu_does(
-    gpu_s: float, hourly: Decimal, idle_per_busy: float, factor: Decimal
-) -> None:
-    """The hot path prices the whole micro-GPU-seconds the header prints, exactly."""
-    gpu_us = round(gpu_s * 1_000_000)
-    tariff = GpuTariff(ratio(hourly), ratio(factor))
-    got = tariff.price(gpu_us, idle_per_busy)
-    # marginal = gpu_us x hourly x 1e9 / (3600 x 1e6), loaded = marginal x (1 + idle)
-    # x factor, each rounded once, half to even, from the exact product.
-    exact = Fraction(gpu_us, 1_000_000) * Fraction(hourly) / 3600
-    idle = Fraction(idle_millionths(idle_per_busy), 1_000_000)
-    assert got.marginal_nanos == oracle(exact)
-    assert got.loaded_nanos == oracle(exact * (1 + idle) * Fraction(factor))
-    # price_gpu of the float nearest gpu_us / 1e6 agrees but for the float's own error,
-    # which the loaded multiplier magnifies: within a nano-dollar per ~1e15 of them.
-    expected = price_gpu(gpu_us / 1_000_000, ratio(hourly), idle_per_busy, ratio(factor))
-    assert abs(got.marginal_nanos - expected.marginal_nanos) <= 1
-    assert abs(got.loaded_nanos - expected.loaded_nanos) <= 1 + got.loaded_nanos // 10**15
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    hourly=prices,
-    factor=factors,
-    calls=st.lists(st.tuples(st.integers(0, 10**11), idle), min_size=1, max_size=30),
-)
-def test_a_tariff_remembers_no_stale_idle_share(
-    hourly: Decimal, factor: Decimal, calls: list[tuple[int, float]]
-) -> None:
-    """One tariff priced many times, the idle share changing or not: as a fresh one each time."""
-    tariff = GpuTariff(ratio(hourly), ratio(factor))
-    for gpu_us, idle_per_busy in calls:
-        fresh = GpuTariff(ratio(hourly), ratio(factor)).price(gpu_us, idle_per_busy)
-        assert tariff.price(gpu_us, idle_per_busy) == fresh
 
 
 @settings(max_examples=100, deadline=None)
@@ -185,7 +132,7 @@ def test_a_tariff_priced_at_a_time_reads_the_idle_share_at_most_every_fresh_s(
             assert len(reads) == 1 or reads[-1] > reads[-2] + 0.1
         else:
             assert now <= reads[-1] + 0.1  # reused only while fresh
-        assert cost == GpuTariff(hourly, factor).price(gpu_us, share_read)
+        assert cost == price_gpu(gpu_us, hourly, share_read, factor)
 
 
 @pytest.mark.parametrize(
@@ -196,5 +143,5 @@ def test_an_idle_share_that_is_not_a_positive_number_prices_as_none(
     share: float, millionths: int
 ) -> None:
     assert idle_millionths(share) == millionths
-    cost = GpuTariff(ratio(Decimal("2")), ratio(Decimal("1.25"))).price(3_600_000_000, share)
+    cost = price_gpu(3_600_000_000, ratio(Decimal("2")), share, ratio(Decimal("1.25")))
     assert cost.loaded_nanos == round(2 * 1.25 * 1_000_000_000 * (1 + millionths / 1e6))
