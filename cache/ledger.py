@@ -189,7 +189,7 @@ class UsageLedger:
                 # Linger so a busy gateway writes one large batch a second instead
                 # of a round trip per request: a batch costs ~0.5 ms of CPU before
                 # its first row (redis-py, three EVALs), so at 1 s (~1,000 rows at
-                # 1,000 req/s) that is under a microsecond a request (bench/RESULTS.md).
+                # 1,000 req/s) that is under a microsecond a request.
                 await asyncio.sleep(self.linger_s)
             taken = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             self._busy = True

@@ -68,7 +68,7 @@ MARKER_TTL_S = 86_400
 # - ``x`` (text): every entry's values spelled by the gateway, tab-terminated,
 #   an entry every ``width`` of them (a group that does not pack).
 # One argument per group instead of thirty-two per request, and no number
-# spelled in Python, was most of the writer's CPU (bench/RESULTS.md).
+# spelled in Python: a batch is a few large arguments, not thousands of small ones.
 APPLY = """
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end

@@ -12,7 +12,7 @@ Identical requests in flight are coalesced (``join_flight``/``land``, over
 stored answer and report ``x-tollway-cache: coalesced`` at zero cost.
 
 Hot entries are kept in the process for ``cache.local_ttl_s`` (``LocalEntries``),
-saving the Redis round trip that dominated a hit's cost (bench/RESULTS.md).
+saving the Redis round trip a hit would otherwise wait for.
 
 Only complete answers are stored (every choice finished with stop, length or
 a tool call); errors and aborted streams never are. Streams are stored once

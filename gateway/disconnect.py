@@ -8,8 +8,7 @@ the listener cancels the request's task, which closes the upstream connection,
 and vLLM aborts the request and frees its batch slot. (Streams keep the same
 watch while they are relayed: ``gateway.streaming``.)
 
-One task per request rather than two plus ``asyncio.wait``: it is on the hot
-path (bench/RESULTS.md).
+One listener task per request: the request's own task does the work.
 """
 
 from __future__ import annotations

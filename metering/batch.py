@@ -1,12 +1,9 @@
-"""A batch of finished requests read in C: grouped by what they share, field by field.
+"""A batch of settled requests grouped by what they share and read column by column.
 
-Prometheus and the usage ledger count reports a batch at a time
-(``gateway.recorder``, ``cache.ledger``). Reading one field of a report in
-Python costs a few hundred instructions; transposed, a batch gives every
-field of every report for a few dozen each, and a sum or a ``struct.pack``
-of a column runs in C too (bench/RESULTS.md, 2026-11-23). So the consumers
-split a batch by the fields they group on (``grouped``) and read each group
-column by column (``Columns``); their Python runs once per group.
+The usage ledger's writer (``cache.ledger_write``) gets a batch of reports at
+a time (``gateway.recorder``). It splits the batch by the fields it groups on
+(``grouped``) and reads each group column by column (``Columns``), so its
+sums and packed arguments are built once per group.
 """
 
 from __future__ import annotations

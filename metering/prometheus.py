@@ -1,12 +1,13 @@
-"""The gateway's Prometheus metrics: what ``/metrics`` exposes, and the cheap calls that feed it.
+"""The gateway's Prometheus metrics: what ``/metrics`` exposes, and the calls that feed it.
 
 ``GatewayMetrics`` owns its own ``CollectorRegistry`` (never the process-wide
 default), so several gateways, or tests, can live in one process. The
 gateway hands ``observe_requests`` its finished requests' ``RequestReport``s a
-batch at a time, calls ``observe_attempt`` once per upstream try, and the other
-methods from the scheduler, cache and ledger; ``render()`` is the body of
-``GET /metrics``. Dashboards, alert rules and the autoscaler query the names
-below, so they are an interface: rename nothing without migrating those.
+batch at a time (the recorder's), calls ``observe_attempt`` once per upstream
+try, and the other methods from the scheduler, cache and ledger; ``render()``
+is the body of ``GET /metrics``. Dashboards, alert rules and the autoscaler
+query the names below, so they are an interface: rename nothing without
+migrating those.
 
 Metrics (every name is prefixed ``tollway_``; units are in the names)::
 
@@ -68,8 +69,8 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   running), foreign (other gateways' requests, seen in vLLM's running count)
   and idle. The three add up to wall time x GPUs. Read from a callback at
   scrape time (``register_replica_source``), not pushed: the occupancy ledger
-  already keeps the running totals, so the hot path pays nothing and the
-  values are as fresh as the scrape. When one vLLM process serves several
+  already keeps the running totals, so requests push nothing and the values
+  are as fresh as the scrape. When one vLLM process serves several
   tiers, its ``tier`` label is the tier names joined with "+", so it is
   exported once and never double-counted.
 - ``replica_in_flight``, ``replica_slots`` (``max_num_seqs``), ``replica_healthy``
@@ -117,11 +118,17 @@ is labelled ``other``. An empty value (a request refused before auth or
 routing) is labelled ``none``. No ``_created`` series (they would double the
 series count of every counter).
 
-Cost on the hot path: the counters and histograms are plain numbers in cells
-found by one dict lookup per request, turned into metric families only at
-scrape time (``metering.prom_cells``). Everything, ``render()`` included, runs
-on the event loop's thread (serve ``/metrics`` from an ``async def`` route):
-the replica source advances the occupancy ledgers, which the loop also writes.
+How the values are kept: prometheus_client's ``Counter``, ``Gauge`` and
+``Histogram``, except for the counters of figures the headers print in fixed
+point, GPU-seconds (six decimals) and dollars (nine): those are summed as
+integer micro-GPU-seconds and nano-dollars and divided once, at scrape time,
+so a counter equals the sum of the headers it counted (a float counter would
+drift from it by a rounding per request). prometheus_client would add a
+``_created`` sample to every counter and histogram; this registry's collector
+drops them, leaving every other registry in the process as it is.
+Everything, ``render()`` included, runs on the event loop's thread (serve
+``/metrics`` from an ``async def`` route): the replica source advances the
+occupancy ledgers, which the loop also writes.
 
 OpenTelemetry GenAI conventions (``gen_ai.*``, development status) map as:
 ``gen_ai.client.token.usage`` (histogram by ``gen_ai.token.type``
@@ -139,19 +146,30 @@ they never collide with an OTel SDK exporting ``gen_ai_*`` from the same process
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from metering.batch import chunks, grouped
 from metering.money import NANOS_PER_USD
 from metering.occupancy import OccupancySnapshot
-from metering.prom_cells import INF, NONE, OTHER, Capped, Families, HistVec, Vec
-from metering.report import FREE, MICROS, RequestReport
+from metering.pricing import MICROS_PER_SECOND
+from metering.report import RequestReport
 
 log = logging.getLogger(__name__)
+
+OTHER = "other"  # a tenant or model past its cap
+NONE = "none"  # an empty label value: a request refused before auth or routing
+INF = float("inf")
 
 # Seconds. LLM requests run from a cache hit (milliseconds) to a long generation (minutes).
 DURATION = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, INF)
@@ -266,41 +284,91 @@ class _ReplicaCollector:
         )
 
 
-# The fields a report's series is found by (``observe_requests``).
-_LABELS = ("tier", "model", "tenant", "status", "cache")
+_Stock = TypeVar("_Stock", Counter, Gauge, Histogram)
 
 
+class _WithoutCreated:
+    """prometheus_client metric objects, collected without their ``_created`` samples.
+
+    ``prometheus_client.disable_created_metrics()`` would drop them for every
+    registry in the process; here only this registry's are.
+    """
+
+    def __init__(self) -> None:
+        self._metrics: list[Counter | Gauge | Histogram] = []
+
+    def add(self, metric: _Stock) -> _Stock:
+        self._metrics.append(metric)
+        return metric
+
+    def describe(self) -> Iterable[Metric]:
+        return [family for metric in self._metrics for family in metric.describe()]
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._metrics:
+            for family in metric.collect():
+                created = family.name + "_created"
+                family.samples = [s for s in family.samples if s.name != created]
+                yield family
+
+
+class _FixedPointCounter:
+    """A counter summed as an integer of 1/``per_unit`` units, exported divided by ``per_unit``.
+
+    For the figures headers print in fixed point (micro-GPU-seconds,
+    nano-dollars): the integer sum is exact and the one division, int by int,
+    is correctly rounded, so the exported value is the float nearest the sum
+    of the headers, however many requests were added.
+    """
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...], per_unit: int):
+        self._name, self._doc, self._labels, self._per_unit = name, doc, labels, per_unit
+        self._units: dict[tuple[str, ...], int] = {}
+
+    def add(self, labels: tuple[str, ...], units: int) -> None:
+        self._units[labels] = self._units.get(labels, 0) + units
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._doc, labels=self._labels)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, units in list(self._units.items()):
+            family.add_metric(labels, units / self._per_unit)
+        return [family]
+
+
+class _Capped:
+    """Label values admitted first-come up to ``limit``; later ones become ``other``."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if not value:
+            return NONE
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
 class _Series:
-    """Every cell one (tier, model, tenant, status, cache) request touches, found in one lookup."""
+    """What one (tier, model, tenant, status, cache) label set of requests updates."""
 
-    __slots__ = (
-        "cached",
-        "completion",
-        "duration",
-        "gpu",
-        "labels",
-        "loaded",
-        "marginal",
-        "prompt",
-        "requests",
-        "saved",
-        "ttft",
-        "upstream",
-    )
-
-    def __init__(self, m: GatewayMetrics, labels: tuple[str, str, str, str, str]):
-        tier, model, tenant, _, cache = self.labels = labels
-        self.requests = m._requests.cell(*labels)
-        self.prompt = m._tokens.cell(tier, model, tenant, cache, "prompt")
-        self.completion = m._tokens.cell(tier, model, tenant, cache, "completion")
-        self.cached = m._cached_tokens.cell(tier, model, tenant, cache)
-        self.gpu = m._gpu.cell(tier, model, tenant)
-        self.marginal = m._marginal.cell(tier, model, tenant)
-        self.loaded = m._loaded.cell(tier, model, tenant)
-        self.saved: list[int] | None = None  # made by the first saving: no zero series
-        self.upstream = m._upstream.cell(tier)
-        self.duration = m._duration.cell(tier, model, cache)
-        self.ttft = m._ttft.cell(tier, model, cache)
+    requests: Counter
+    prompt: Counter
+    completion: Counter
+    cached: Counter
+    upstream: Counter
+    duration: Histogram
+    ttft: Histogram
+    spend: tuple[str, str, str]  # (tier, model, tenant): GPU-seconds and dollars
+    saved: tuple[str, str, str, str]  # (tier, model, tenant, cache)
 
 
 class GatewayMetrics:
@@ -308,169 +376,166 @@ class GatewayMetrics:
 
     def __init__(self, *, max_tenants: int = 1000, max_models: int = 100):
         self.registry = CollectorRegistry()
-        self._tenant = Capped(max_tenants)
-        self._model = Capped(max_models)
-        self._series: dict[tuple[str, str, str, int, str], _Series] = {}
-        vecs = Families()
+        self._tenant = _Capped(max_tenants)
+        self._model = _Capped(max_models)
+        self._series: dict[tuple[str, str, str, str, str], _Series] = {}
+        stock = _WithoutCreated()
 
-        def count(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:
-            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0))
-            return vec
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return stock.add(Counter(name, doc, labels, registry=None))
 
-        def micros(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:  # micro-seconds
-            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0, MICROS))
-            return vec
+        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
+            return stock.add(Gauge(name, doc, labels, registry=None))
 
-        def usd(name: str, labels: tuple[str, ...], doc: str) -> Vec[int]:  # in nano-dollars
-            vecs.vecs.append(vec := Vec("counter", name, doc, labels, 0, NANOS_PER_USD))
-            return vec
-
-        def hist(name: str, labels: tuple[str, ...], b: Sequence[float], doc: str) -> HistVec:
-            vecs.vecs.append(vec := HistVec(name, doc, labels, b))
-            return vec
+        def histogram(
+            name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+        ) -> Histogram:
+            return stock.add(Histogram(name, doc, labels, registry=None, buckets=buckets))
 
         req, tok, lat = (
             ("tier", "model", "tenant"),
             ("tier", "model", "tenant", "cache"),
             ("tier", "model", "cache"),
         )
-        self._requests = count(
+        self._requests = counter(
             "tollway_requests_total",
-            (*req, "status", "cache"),
             "Finished client requests, cache hits, replays and errors included.",
+            (*req, "status", "cache"),
         )
-        self._tokens = count(
+        self._tokens = counter(
             "tollway_tokens_total",
-            (*tok, "kind"),
             "Tokens in responses' usage (prompt|completion).",
+            (*tok, "kind"),
         )
-        self._cached_tokens = count(
-            "tollway_cached_prompt_tokens_total", tok, "Prompt tokens from vLLM's prefix cache."
+        self._cached_tokens = counter(
+            "tollway_cached_prompt_tokens_total", "Prompt tokens from vLLM's prefix cache.", tok
         )
-        self._gpu = micros("tollway_gpu_seconds_total", req, "GPU-seconds attributed to requests.")
-        self._marginal = usd(
-            "tollway_cost_marginal_usd_total", req, "Marginal cost: GPU-seconds or tokens, priced."
+        self._gpu = _FixedPointCounter(
+            "tollway_gpu_seconds_total",
+            "GPU-seconds attributed to requests.",
+            req,
+            MICROS_PER_SECOND,
         )
-        self._loaded = usd(
-            "tollway_cost_loaded_usd_total", req, "Fully loaded cost: (marginal + idle) x overhead."
+        self._marginal = _FixedPointCounter(
+            "tollway_cost_marginal_usd_total",
+            "Marginal cost: GPU-seconds or tokens, priced.",
+            req,
+            NANOS_PER_USD,
         )
-        self._saved = usd(
-            "tollway_cost_saved_usd_total", tok, "What cache hits and replays would have cost."
+        self._loaded = _FixedPointCounter(
+            "tollway_cost_loaded_usd_total",
+            "Fully loaded cost: (marginal + idle) x overhead.",
+            req,
+            NANOS_PER_USD,
         )
-        self._duration = hist(
-            "tollway_request_duration_seconds", lat, DURATION, "Arrival to last byte."
+        self._saved = _FixedPointCounter(
+            "tollway_cost_saved_usd_total",
+            "What cache hits and replays would have cost.",
+            tok,
+            NANOS_PER_USD,
         )
-        self._ttft = hist(
-            "tollway_time_to_first_token_seconds", lat, TTFT, "Arrival to first content byte."
+        self._duration = histogram(
+            "tollway_request_duration_seconds", "Arrival to last byte.", lat, DURATION
         )
-        self._upstream = count(
-            "tollway_upstream_requests_total", ("tier",), "Requests with an upstream attempt."
+        self._ttft = histogram(
+            "tollway_time_to_first_token_seconds", "Arrival to first content byte.", lat, TTFT
         )
-        self._attempts = count(
+        self._upstream = counter(
+            "tollway_upstream_requests_total", "Requests with an upstream attempt.", ("tier",)
+        )
+        self._attempts = counter(
             "tollway_upstream_attempts_total",
-            ("tier", "replica", "outcome"),
             "Upstream attempts, retries included.",
+            ("tier", "replica", "outcome"),
         )
-        self._burn = Vec(
-            "gauge",
+        self._burn = gauge(
             "tollway_burn_rate_usd_per_hour",
             "Loaded spend per hour over the routing window (budget-aware routing).",
             ("scope",),
-            0.0,
         )
-        vecs.vecs.append(self._burn)
-        self._queue_depth = Vec(
-            "gauge", "tollway_queue_depth", "Requests awaiting admission.", ("tier",), 0
+        self._queue_depth = gauge("tollway_queue_depth", "Requests awaiting admission.", ("tier",))
+        self._queue_wait = histogram(
+            "tollway_queue_wait_seconds", "Queueing to dispatch.", ("tier",), QUEUE_WAIT
         )
-        vecs.vecs.append(self._queue_depth)
-        self._queue_wait = hist(
-            "tollway_queue_wait_seconds", ("tier",), QUEUE_WAIT, "Queueing to dispatch."
+        self._shed = counter(
+            "tollway_shed_total", "Requests refused by admission (429/503).", ("tier", "reason")
         )
-        self._shed = count(
-            "tollway_shed_total", ("tier", "reason"), "Requests refused by admission (429/503)."
-        )
-        self._fallbacks = count(
+        self._fallbacks = counter(
             "tollway_fallbacks_total",
-            ("from_tier", "to_tier", "reason"),
             "Requests served by a fallback tier.",
+            ("from_tier", "to_tier", "reason"),
         )
-        self._ejections = count(
+        self._ejections = counter(
             "tollway_replica_ejections_total",
-            ("replica", "tier"),
             "Passive outlier ejections of a replica.",
+            ("replica", "tier"),
         )
-        self._cache = count(
-            "tollway_cache_requests_total", ("tier", "result"), "Response-cache lookups."
+        self._cache = counter(
+            "tollway_cache_requests_total", "Response-cache lookups.", ("tier", "result")
         )
-        self._redis = count(
-            "tollway_redis_failures_total", ("operation",), "Redis failures (failed open)."
+        self._redis = counter(
+            "tollway_redis_failures_total", "Redis failures (failed open).", ("operation",)
         )
-        self._ledger_lost = count(
-            "tollway_ledger_writes_lost_total", (), "Usage-ledger rows dropped."
+        self._ledger_lost = counter(
+            "tollway_ledger_writes_lost_total", "Usage-ledger rows dropped.", ()
         )
-        self._telemetry = count(
-            "tollway_telemetry_failures_total", ("kind",), "Telemetry failures (failed open)."
+        self._telemetry = counter(
+            "tollway_telemetry_failures_total", "Telemetry failures (failed open).", ("kind",)
         )
-        self._routes = count(
-            "tollway_route_decisions_total", ("tier", "band"), "Routed requests by score band."
+        self._routes = counter(
+            "tollway_route_decisions_total", "Routed requests by score band.", ("tier", "band")
         )
-        self._ledger_lost.cell()  # a label-free counter exists from the start, at 0
         self._replicas = _ReplicaCollector(lambda: self.telemetry_failure("replica_source"))
-        self.registry.register(vecs)
-        self.registry.register(self._replicas)
+        for collector in (stock, self._gpu, self._marginal, self._loaded, self._saved):
+            self.registry.register(collector)
+        self.registry.register(self._replicas)  # last: its failures show in the next scrape
 
-    def observe_requests(self, reports: Sequence[RequestReport]) -> None:
-        """Count a batch of finished requests: sums per label set, not additions per request.
+    def observe_requests(self, reports: Iterable[RequestReport]) -> None:
+        """Count a batch of finished requests (the recorder's), one report at a time."""
+        for r in reports:
+            usage, cost = r.usage, r.cost
+            if min(*usage, r.gpu_us, *cost, r.saved_nanos) < 0:
+                # A counter that went down would read as a reset to rate(): a bug upstream.
+                log.error("request %s has a negative figure: not counted", r.request_id)
+                self.telemetry_failure("negative_figure")
+                continue
+            s = self._series_of(r)
+            s.requests.inc()
+            s.prompt.inc(usage.prompt_tokens)
+            s.completion.inc(usage.completion_tokens)
+            s.cached.inc(usage.cached_prompt_tokens)
+            self._gpu.add(s.spend, r.gpu_us)
+            self._marginal.add(s.spend, cost.marginal_nanos)
+            self._loaded.add(s.spend, cost.loaded_nanos)
+            if r.free:  # a saving, even of nothing: the series exists for free answers only
+                self._saved.add(s.saved, r.saved_nanos)
+            if r.attempts > 0:  # reached a replica
+                s.upstream.inc()
+            s.duration.observe(r.duration_s)
+            if r.ttft_s is not None:
+                s.ttft.observe(r.ttft_s)
 
-        The batch is split by its labels and read column by column, a chunk at
-        a time (``metering.batch``), each group's figures summed per column:
-        the work per request runs in C, the Python per label set
-        (bench/RESULTS.md, 2026-11-23).
-        """
-        for chunk in chunks(reports):
-            self._observe_chunk(chunk)
-
-    def _observe_chunk(self, reports: Sequence[RequestReport]) -> None:
-        for key, cols in grouped(reports, *_LABELS):
-            s = self._series.get(key)
-            if s is None:
-                s = self._new_series(key)
-            prompt, completion, cached, gpu, marginal, loaded, saved = cols.figures()
-            s.requests[0] += len(cols)
-            s.prompt[0] += sum(prompt)
-            s.completion[0] += sum(completion)
-            s.cached[0] += sum(cached)
-            s.gpu[0] += sum(gpu)
-            s.marginal[0] += sum(marginal)
-            s.loaded[0] += sum(loaded)
-            if key[4] in FREE:  # the cache status: a saving, even of nothing
-                if s.saved is None:
-                    tier, model, tenant, _, cache = s.labels
-                    s.saved = self._saved.cell(tier, model, tenant, cache)
-                s.saved[0] += sum(saved)
-            s.upstream[0] += len(cols) - cols["attempts"].count(0)  # reached a replica
-            s.duration.observe_many(cols["duration_s"])
-            ttfts = cols["ttft_s"]
-            if ttfts.count(None) < len(ttfts):
-                s.ttft.observe_many([t for t in ttfts if t is not None])
-
-    def _new_series(self, key: tuple[str, str, str, int, str]) -> _Series:
-        tier, model, tenant, status, cache = key
-        labels = (
-            tier or NONE,
-            self._model(model),
-            self._tenant(tenant),
-            str(status),
-            cache or NONE,
-        )
-        series = _Series(self, labels)
-        capped = (labels[1] == OTHER != model) or (labels[2] == OTHER != tenant)
-        if not capped:  # forgotten otherwise, so the dict stays as bounded as the labels
-            self._series[key] = series
+    def _series_of(self, r: RequestReport) -> _Series:
+        tier, cache = r.tier or NONE, r.cache or NONE
+        model, tenant = self._model(r.model), self._tenant(r.tenant)
+        key = (tier, model, tenant, str(r.status), cache)
+        series = self._series.get(key)  # as bounded as the label values
+        if series is None:
+            series = self._series[key] = _Series(
+                requests=self._requests.labels(*key),
+                prompt=self._tokens.labels(tier, model, tenant, cache, "prompt"),
+                completion=self._tokens.labels(tier, model, tenant, cache, "completion"),
+                cached=self._cached_tokens.labels(tier, model, tenant, cache),
+                upstream=self._upstream.labels(tier),
+                duration=self._duration.labels(tier, model, cache),
+                ttft=self._ttft.labels(tier, model, cache),
+                spend=(tier, model, tenant),
+                saved=(tier, model, tenant, cache),
+            )
         return series
 
     def observe_attempt(self, tier: str, replica: str, outcome: str) -> None:
-        self._attempts.cell(tier, replica, outcome)[0] += 1
+        self._attempts.labels(tier, replica, outcome).inc()
 
     def register_replica_source(self, source: ReplicaSource) -> None:
         """``source()`` is called at every scrape, on its thread; it replaces any earlier source."""
@@ -479,38 +544,38 @@ class GatewayMetrics:
     def observe_burn(self, scope: str, usd_per_hour: float) -> None:
         """Spend rate, loaded USD per hour: ``scope`` is "gateway" or a tenant (capped)."""
         label = scope if scope == "gateway" else self._tenant(scope)
-        self._burn.cell(label)[0] = usd_per_hour
+        self._burn.labels(label).set(usd_per_hour)
 
     def observe_queue(self, tier: str, depth: int) -> None:
-        self._queue_depth.cell(tier)[0] = depth
+        self._queue_depth.labels(tier).set(depth)
 
     def observe_queue_wait(self, tier: str, seconds: float) -> None:
-        self._queue_wait.cell(tier).observe(seconds)
+        self._queue_wait.labels(tier).observe(seconds)
 
     def shed(self, tier: str, reason: str) -> None:
-        self._shed.cell(tier, reason)[0] += 1
+        self._shed.labels(tier, reason).inc()
 
     def fallback(self, from_tier: str, to_tier: str, reason: str) -> None:
-        self._fallbacks.cell(from_tier, to_tier, reason)[0] += 1
+        self._fallbacks.labels(from_tier, to_tier, reason).inc()
 
     def ejection(self, replica: str, tier: str) -> None:
-        self._ejections.cell(replica, tier)[0] += 1
+        self._ejections.labels(replica, tier).inc()
 
     def observe_route(self, tier: str, score: float | None) -> None:
         """One routed-alias decision: the tier and the score's band (0.1 wide)."""
-        self._routes.cell(tier, score_band(score))[0] += 1
+        self._routes.labels(tier, score_band(score)).inc()
 
     def cache_event(self, tier: str, result: str) -> None:
-        self._cache.cell(tier, result)[0] += 1
+        self._cache.labels(tier, result).inc()
 
     def redis_failure(self, operation: str) -> None:
-        self._redis.cell(operation)[0] += 1
+        self._redis.labels(operation).inc()
 
     def ledger_write_lost(self, n: int = 1) -> None:
-        self._ledger_lost.cell()[0] += n
+        self._ledger_lost.inc(n)
 
     def telemetry_failure(self, kind: str) -> None:
-        self._telemetry.cell(kind)[0] += 1
+        self._telemetry.labels(kind).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for ``GET /metrics``."""

@@ -8,11 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import metering.prometheus
-from metering.money import to_nanos
+from metering.money import fmt_nanos, to_nanos
 from metering.occupancy import OccupancyLedger
 from metering.pricing import Cost
 from metering.prometheus import GatewayMetrics, ReplicaGpu
@@ -119,6 +119,25 @@ def test_dollars_are_summed_exactly_then_converted() -> None:
     assert scrape(m)["tollway_cost_marginal_usd_total"] == [(ACME, 0.3)]
 
 
+def test_dollars_and_gpu_seconds_equal_the_sum_of_the_headers() -> None:
+    m = GatewayMetrics()
+    nanos = [123_456_789 * (i % 7 + 1) + i for i in range(1000)]
+    micros = [250_001 * (i % 5 + 1) + i for i in range(1000)]
+    for marginal, gpu_us in zip(nanos, micros, strict=True):  # one batch each
+        m.observe_requests([report(cost=Cost(marginal, marginal), gpu_us=gpu_us)])
+    headers = sum(Decimal(fmt_nanos(n)) for n in nanos)  # what x-tollway-cost-usd printed
+    gpu_headers = sum(Decimal(f"{n // 1_000_000}.{n % 1_000_000:06d}") for n in micros)
+    s = scrape(m)
+
+    assert s["tollway_cost_marginal_usd_total"] == [(ACME, float(headers))]
+    assert s["tollway_cost_loaded_usd_total"] == [(ACME, float(headers))]
+    assert s["tollway_gpu_seconds_total"] == [(ACME, float(gpu_headers))]
+    float_sum = 0.0
+    for n in nanos:
+        float_sum += n / 1e9
+    assert float_sum != float(headers)  # adding floats, as a plain Counter does, would drift
+
+
 def test_savings_are_counted_by_cache_result() -> None:
     m = GatewayMetrics()
     observe(m, report(cache="miss"), duration_s=1.0, ttft_s=0.2)
@@ -223,9 +242,31 @@ def test_tenants_and_models_past_the_cap_are_other() -> None:
         row("b", "llama-8b", 1.0),
         row("other", "llama-8b", 3.0),
     )
-    for n in range(1000):  # values past the cap are not remembered either
+    for n in range(1000):  # however many more come, no new series
         observe(m, report(tenant=f"t{n}"), duration_s=0.1, ttft_s=None)
-    assert len(m._series) == 2  # (a, llama-8b) and (b, llama-8b): nothing capped is kept
+    assert scrape(m)["tollway_requests_total"] == rows(
+        row("a", "llama-8b", 2.0),
+        row("a", "other", 1.0),
+        row("b", "llama-8b", 1.0),
+        row("other", "llama-8b", 1003.0),
+    )
+
+
+def test_a_report_with_a_negative_figure_is_not_counted_and_the_rest_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = GatewayMetrics()
+    bad = report(request_id="req-bad", usage=TokenUsage(-5, 3))
+    with caplog.at_level(logging.ERROR, logger="metering.prometheus"):
+        m.observe_requests([report(), bad, report(cost=Cost(-1, 0)), report()])
+    s = scrape(m)
+
+    assert s["tollway_requests_total"] == [({**ACME, "status": "200", "cache": "miss"}, 2.0)]
+    assert s["tollway_telemetry_failures_total"] == [({"kind": "negative_figure"}, 2.0)]
+    assert [r.message for r in caplog.records] == [
+        "request req-bad has a negative figure: not counted",
+        "request req-1 has a negative figure: not counted",
+    ]
 
 
 def test_instances_do_not_share_values() -> None:
@@ -371,6 +412,17 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
         if family.type == "counter":
             assert {s.name for s in family.samples} == {family.name + "_total"}
     assert b"_created" not in body
+
+
+def test_created_series_are_dropped_from_this_registry_only() -> None:
+    m = GatewayMetrics()
+    observe(m, report(), duration_s=0.1, ttft_s=0.1)
+    m.observe_queue_wait("small", 0.1)
+    other = CollectorRegistry()
+    Counter("someone_elses_total", "Another library's counter.", registry=other).inc()
+
+    assert b"_created" not in m.render()[0]
+    assert b"someone_elses_created" in generate_latest(other)  # no process-wide switch
 
 
 def test_burn_rate_gauge_by_scope() -> None:

@@ -1,1 +1,0 @@
-"""bench/metering: what metering (Prometheus, spans, the Redis ledger) costs the gateway."""
