@@ -107,9 +107,37 @@ def test_request_span_tree_and_attributes(traced: tuple[Proc, Proc, Collector]) 
     assert set(by_parent) == {"tollway.route", "tollway.cache_lookup", "POST"}
     assert attributes(by_parent["tollway.cache_lookup"]) == {"tollway.cache": "miss"}
     upstream = by_parent["POST"]
-    assert attributes(upstream)["http.response.status_code"] == 200
+    assert attributes(upstream) == {
+        "http.request.method": "POST",
+        "server.address": "127.0.0.1",
+        "server.port": int(small.url.rsplit(":", 1)[1]),
+        "url.full": small.url + "/v1/chat/completions",
+        "http.response.status_code": 200,
+    }
     sent = http_json("GET", small.url + "/sim/requests")[-1]["headers"]
     assert sent["traceparent"] == f"00-{CLIENT_TRACE}-{upstream.span_id.hex()}-01"
+
+
+def test_an_unsampled_client_trace_is_not_recorded_but_reaches_vllm(
+    traced: tuple[Proc, Proc, Collector],
+) -> None:
+    gateway, small, collector = traced
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0) as client:
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "not sampled"}],
+            max_tokens=4,
+            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"},
+        )
+        sent = http_json("GET", small.url + "/sim/requests")[-1]["headers"]
+        client.chat.completions.create(  # sampled (no traceparent): exported after the first
+            model="sim-large", messages=[{"role": "user", "content": "sampled"}], max_tokens=4
+        )
+    collector.wait_for("chat sim-large")
+    assert [s.name for s in collector.spans if s.trace_id.hex() == CLIENT_TRACE] == []
+    version, trace_id, span_id, flags = sent["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", CLIENT_TRACE, "00")
+    assert span_id != CLIENT_SPAN  # the gateway's own (unrecorded) span
 
 
 def test_a_queued_request_has_a_queue_wait_span(traced: tuple[Proc, Proc, Collector]) -> None:

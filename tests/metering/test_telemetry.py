@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +24,7 @@ from metering.pricing import NO_COST, Cost
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan, Telemetry, request_attributes
 from metering.usage import TokenUsage
+from tests.support.otlp_collector import Collector, running_collector
 
 W3C = TraceContextTextMapPropagator()
 UPSTREAM = "http://10.0.0.5:8000/v1/chat/completions"
@@ -430,6 +431,41 @@ def test_finish_happens_once(spans: Spans) -> None:
     assert "error.type" not in (root.attributes or {})
 
 
+def test_a_sampled_request_is_traced_and_open_until_finished(spans: Spans) -> None:
+    span = spans.telemetry.start_request(operation="chat", request_model="auto")
+    assert (span.traced, span.open) == (True, True)
+    span.finish(make_report())
+    assert (span.traced, span.open) == (True, False)
+
+
+def test_no_span_is_ever_made_current(spans: Spans) -> None:
+    span = spans.telemetry.start_request(operation="chat", request_model="auto")
+    with span.child("tollway.route"), span.upstream(UPSTREAM):
+        assert trace.get_current_span() is trace.INVALID_SPAN
+    span.finish(make_report())
+    assert len(spans.exporter.get_finished_spans()) == 3
+
+
+def test_a_traceparent_in_raw_asgi_header_lines_is_joined(spans: Spans) -> None:
+    raw = [
+        (b"host", b"gateway"),
+        (b"traceparent", f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-01".encode()),
+        (b"tracestate", b"vendor=abc"),
+    ]
+    span = spans.telemetry.start_request(operation="chat", request_model="auto", parent_headers=raw)
+    sent: dict[str, str] = {}
+    span.inject_headers(sent)
+    span.finish(make_report())
+
+    (root,) = spans.exporter.get_finished_spans()
+    assert root.parent is not None
+    assert (root.parent.trace_id, root.parent.span_id) == (CLIENT_TRACE, CLIENT_SPAN)
+    assert sent == {
+        "traceparent": f"00-{CLIENT_TRACE:032x}-{root.context.span_id:016x}-01",
+        "tracestate": "vendor=abc",
+    }
+
+
 def test_content_is_not_recorded_by_default(spans: Spans) -> None:
     span = spans.telemetry.start_request(operation="chat", request_model="auto")
     assert not span.wants_content
@@ -540,7 +576,7 @@ def test_disabled_telemetry_is_inert() -> None:
         parent_headers={"traceparent": f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-01"},
     )
     assert not telemetry.enabled
-    assert not span.wants_content
+    assert (span.traced, span.open, span.wants_content) == (False, False, False)
     sent = run_lifecycle(telemetry, make_report())
     assert sent == {"content-type": "application/json"}
     with span.child("tollway.route") as step:
@@ -634,6 +670,81 @@ def test_from_env_exports_otlp_and_survives_a_dead_collector(
     assert set(failures) == {"export"}
     assert not telemetry.enabled
     assert run_lifecycle(telemetry, make_report()) == {"content-type": "application/json"}
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with running_collector() as collector:
+        yield collector
+
+
+def otlp_attributes(span: Any) -> dict[str, Any]:
+    """An OTLP span's attributes as plain values (arrays of strings as lists)."""
+    out: dict[str, Any] = {}
+    for kv in span.attributes:
+        kind = kv.value.WhichOneof("value")
+        if kind == "array_value":
+            out[kv.key] = [v.string_value for v in kv.value.array_value.values]
+        else:
+            out[kv.key] = getattr(kv.value, kind)
+    return out
+
+
+def test_from_env_exports_what_the_collector_decodes(
+    monkeypatch: pytest.MonkeyPatch, collector: Collector
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    failures: list[str] = []
+    telemetry = Telemetry.from_env(service_name="tollway-test", on_failure=failures.append)
+    incoming = {"traceparent": f"00-{CLIENT_TRACE:032x}-{CLIENT_SPAN:016x}-01"}
+    sent = run_lifecycle(telemetry, make_report(), headers=incoming)
+    telemetry.shutdown()  # flushes the batch
+
+    assert failures == []
+    assert len(collector.bodies) == 1
+    by_name = {span.name: span for span in collector.spans}
+    assert sorted(by_name) == [
+        "POST",
+        "chat auto",
+        "tollway.cache_lookup",
+        "tollway.queue_wait",
+        "tollway.route",
+    ]
+    root, post = by_name["chat auto"], by_name["POST"]
+    assert (root.trace_id.hex(), root.parent_span_id.hex()) == (
+        f"{CLIENT_TRACE:032x}",
+        f"{CLIENT_SPAN:016x}",
+    )
+    attributes = otlp_attributes(root)
+    assert 0 < attributes.pop("gen_ai.response.time_to_first_chunk") < 5  # a real clock
+    assert attributes == {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in common(**{"gen_ai.response.time_to_first_chunk": None}).items()
+    }
+    assert otlp_attributes(post) == {
+        "http.request.method": "POST",
+        "server.address": "10.0.0.5",
+        "server.port": 8000,
+        "url.full": UPSTREAM,
+        "http.response.status_code": 200,
+    }
+    assert sent["traceparent"] == f"00-{CLIENT_TRACE:032x}-{post.span_id.hex()}-01"
+    assert {s.parent_span_id for s in collector.spans if s.name != "chat auto"} == {root.span_id}
+
+
+def test_a_batch_the_collector_refuses_is_counted(
+    monkeypatch: pytest.MonkeyPatch, collector: Collector
+) -> None:
+    collector.status = 400  # not retried
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    failures: list[str] = []
+    telemetry = Telemetry.from_env(on_failure=failures.append)
+    run_lifecycle(telemetry, make_report())
+    telemetry.shutdown()
+    assert len(collector.bodies) == 1
+    assert failures == ["export"]
 
 
 def test_service_name_from_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
