@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from tests.conftest import FAST_SIM, KEY, gateway_config, http_json
 from tests.support.otlp_collector import Collector, running_collector
-from tests.support.procs import Proc, start_gateway, start_sim
+from tests.support.procs import Proc, running, start_gateway, start_sim
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -39,8 +40,11 @@ def attributes(span: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def traced(log_dir: Path) -> Iterator[tuple[Proc, Proc, Collector]]:
-    with running_collector() as collector:
-        sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
+    with running_collector() as collector, ExitStack() as procs:  # stopped even if one fails
+        sims = [
+            procs.enter_context(running(start_sim(log_dir, [name], *FAST_SIM)))
+            for name in ("sim-small", "sim-large")
+        ]
         env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
             "OTEL_BSP_SCHEDULE_DELAY": "50",
@@ -48,13 +52,8 @@ def traced(log_dir: Path) -> Iterator[tuple[Proc, Proc, Collector]]:
         }
         config = gateway_config([sims[0].url], [sims[1].url])
         config["tiers"][0]["fallback"] = ["large"]
-        gateway = start_gateway(log_dir, config, env=env)
-        try:
-            yield gateway, sims[0], collector
-        finally:
-            gateway.stop()
-            for sim in sims:
-                sim.stop()
+        gateway = procs.enter_context(running(start_gateway(log_dir, config, env=env)))
+        yield gateway, sims[0], collector
 
 
 def test_request_span_tree_and_attributes(traced: tuple[Proc, Proc, Collector]) -> None:
