@@ -9,7 +9,7 @@ what was generated; ``StreamUsage`` keeps the latest figures.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 
 class TokenUsage(NamedTuple):
@@ -27,22 +27,24 @@ class TokenUsage(NamedTuple):
     def from_openai(cls, usage: Any) -> TokenUsage | None:
         """Parse an OpenAI/vLLM ``usage`` object; None when absent or malformed.
 
-        Counts must be JSON integers (``true`` is not a count).
+        Counts must be JSON integers, none negative (``true`` is not a count).
         """
         if not isinstance(usage, dict):
             return None
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
-        if type(prompt) is not int or type(completion) is not int:
+        if not _count(prompt) or not _count(completion):
             return None
         details = usage.get("prompt_tokens_details")
-        if details is None:  # vLLM without prefix caching: the common answer
-            return cls(prompt, completion)
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        return cls(prompt, completion, cached if type(cached) is int else 0)
+        return cls(prompt, completion, cached if _count(cached) else 0)
 
 
 NO_USAGE = TokenUsage()
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
 
 
 class StreamUsage:

@@ -40,6 +40,7 @@ def test_counts_and_cached_tokens_are_read(
         {"prompt_tokens": "1", "completion_tokens": 2},  # a string is not a count
         {"prompt_tokens": True, "completion_tokens": 2},  # nor is a boolean
         {"prompt_tokens": 1.0, "completion_tokens": 2},
+        {"prompt_tokens": -1, "completion_tokens": 2},  # nor is a negative number
     ],
 )
 def test_what_is_not_a_usage_object_gives_none(usage: Any) -> None:
@@ -47,7 +48,7 @@ def test_what_is_not_a_usage_object_gives_none(usage: Any) -> None:
 
 
 def test_odd_details_count_no_cached_tokens() -> None:
-    for details in ({"cached_tokens": None}, {"cached_tokens": "3"}, "x", {}):
+    for details in ({"cached_tokens": None}, {"cached_tokens": "3"}, {"cached_tokens": -3}, "x"):
         usage = {"prompt_tokens": 4, "completion_tokens": 5, "prompt_tokens_details": details}
         assert TokenUsage.from_openai(usage) == TokenUsage(4, 5, 0)
 
