@@ -21,8 +21,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from gateway.sse import chunk_of_event, event
 from gateway.idempotent import replayed_events
+from gateway.sse import chunk_of_event, event
 from tests.conftest import KEY, OTHER_KEY, gateway_config, reset_sim, set_faults, sim_stats
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.redis_server import RedisServer, run_redis

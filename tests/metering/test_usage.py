@@ -26,7 +26,8 @@ def test_counts_and_cached_tokens_are_read(
     got = TokenUsage.from_openai(usage)
     cached = details["cached_tokens"] if details else 0
     assert got == TokenUsage(prompt, done, cached)
-    assert got is not None and got.total_tokens == prompt + done
+    assert got is not None
+    assert got.total_tokens == prompt + done
 
 
 @pytest.mark.parametrize(
