@@ -1,2 +1,2 @@
 """tollway's benchmarks: one script per benchmark (``bench/<name>/run.py``), shared code in
-``bench.lib``, results appended to ``bench/RESULTS.md``."""
+``bench.lib``, each one's latest results in its section of ``bench/RESULTS.md``."""

@@ -19,8 +19,8 @@ Around every gateway run it reads the simulator's ``/sim/stats``: if the
 upstream received any request while the gateway was under load, the load was
 not served from the cache and the run fails. Prints a Markdown table with the
 targets (>= 4,000 requests/s at 16 connections, p50 <= 0.4 ms at 1
-connection) and, unless ``--no-record``, appends it to ``bench/RESULTS.md``
-with the date, command, commit and machine. ``--profile`` adds a py-spy run
+connection) and, unless ``--no-record``, makes it the ``cachehit`` section of
+``bench/RESULTS.md`` with the date, command, commit and machine. ``--profile`` adds a py-spy run
 against the gateway. See ``bench/cachehit/README.md``.
 
     .venv/bin/python bench/cachehit/run.py [--duration 10] [--repeats 2]
@@ -57,9 +57,9 @@ from bench.lib.cpu import cpu_seconds, load_average
 from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env, run_benchmark
 from bench.lib.measure import measure
 from bench.lib.net import http
-from bench.lib.procs import Procs, run_quiet
+from bench.lib.procs import Procs
 from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
-from bench.lib.redis_server import RedisServer, start_redis
+from bench.lib.redis_server import RedisServer, redis_version, start_redis
 from bench.lib.report import publish, section_head
 from bench.lib.stack import (
     MODEL,
@@ -307,7 +307,12 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         result=result,
         notes=notes,
         head=section_head(
-            "cachehit (cache hits through one gateway core)", started, command, [redis_version()]
+            "cachehit",
+            "Requests answered from tollway's response cache (a real Redis) on one gateway "
+            "core, with the upstream called directly for reference.",
+            started,
+            command,
+            [redis_version()],
         ),
         pinning=f"gateway on cpu {args.gateway_cpu}; "
         f"wrk, simulator and Redis on cpu {args.load_cpu}",
@@ -315,12 +320,6 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         profile_text=profile_text,
         no_record=args.no_record,
     )
-
-
-def redis_version() -> str:
-    words = run_quiet(["redis-server", "--version"]).stdout.split()
-    version = next((w.removeprefix("v=") for w in words if w.startswith("v=")), "unknown")
-    return f"redis-server {version}"
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@
 - ``measure``: one timed wrk run with the CPU figures taken around it.
 - ``stack``: the simulator and gateways with a given config; readiness and sanity checks.
 - ``redis_server``: a throwaway ``redis-server`` on loopback.
-- ``otlp_sink``: a null OTLP/HTTP trace collector that counts the spans it receives.
-- ``report``: Markdown tables, machine facts, the git commit, appending to ``RESULTS.md``.
+- ``report``: Markdown tables, machine facts, the git commit, a benchmark's ``RESULTS.md`` section.
 - ``profile``: recording a process with py-spy and summarising where its CPU went.
 
 The names below are shared by all of them.

@@ -31,26 +31,6 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TOLLWAY_"))}
 
 
-def add_fresh_every_argument(parser: argparse.ArgumentParser) -> None:
-    """``--fresh-every N``: start the gateways anew every N rounds (default 1). A gateway
-    process keeps its own luck, up to ~1.4% of its CPU, for its whole life
-    (bench/RESULTS.md, 2026-11-23, session 9): only new processes average it out."""
-    parser.add_argument(
-        "--fresh-every",
-        type=_at_least_one,
-        default=1,
-        help="start the gateways anew after this many rounds (default 1: each round its own "
-        "processes; one process can sit a point apart for its whole life)",
-    )
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_load_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -65,7 +45,9 @@ def add_load_arguments(
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per path")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print only; leave RESULTS.md as it is"
+    )
     parser.add_argument("--gateway-cpu", type=int, default=0, help=gateway_help)
     parser.add_argument("--load-cpu", type=int, default=1, help=load_help)
 

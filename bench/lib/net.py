@@ -43,8 +43,8 @@ def http(
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
-def wait_ready(proc: Proc, url: str, timeout: float = 60.0) -> None:
-    """Until ``GET url`` answers 200; fails early, with the log, if ``proc`` exits."""
+def wait_ready(proc: Proc, url: str, timeout: float = 60.0, *, expect: int = 200) -> None:
+    """Until ``GET url`` answers ``expect``; fails early, with the log, if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -58,7 +58,7 @@ def wait_ready(proc: Proc, url: str, timeout: float = 60.0) -> None:
         except OSError as exc:
             last = str(exc)
         else:
-            if status == 200:
+            if status == expect:
                 return
             last = f"HTTP {status}"
         time.sleep(0.1)

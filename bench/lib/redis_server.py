@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.lib import HOST, BenchError
 from bench.lib.net import free_port
-from bench.lib.procs import Proc, Procs, check_pinned, pinned
+from bench.lib.procs import Proc, Procs, check_pinned, pinned, run_quiet
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,10 @@ def start_redis(procs: Procs, tmp: Path, cpu: int, timeout: float = 10.0) -> Red
         time.sleep(0.05)
     check_pinned(proc, cpu)
     return RedisServer(proc, port)
+
+
+def redis_version() -> str:
+    """``redis-server X.Y.Z``, for the machine line of a benchmark that uses Redis."""
+    words = run_quiet(["redis-server", "--version"]).stdout.split()
+    version = next((w.removeprefix("v=") for w in words if w.startswith("v=")), "unknown")
+    return f"redis-server {version}"

@@ -1,7 +1,10 @@
 """What a benchmark prints and records: Markdown tables, machine facts, the commit, RESULTS.md.
 
-``bench/RESULTS.md`` is an append-only log; ``record`` adds one section at the
-end and refuses to create the file (its header explains the log).
+``bench/RESULTS.md`` is the current results page: an introduction, then one
+section per benchmark (``## overhead``, ``## cachehit``, ...) holding its latest
+recorded run. ``record`` replaces the section of the benchmark that ran, or adds
+it at the end if that benchmark has none yet; every other section and the
+introduction stay as they were. Earlier runs are in git's history of the file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from bench.lib import REPO, BenchError
 from bench.lib.procs import run_quiet
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+HEADING = "## "
+FENCE = "```"
 
 
 def ms(us: float | None, signed: bool = False) -> str:
@@ -59,7 +64,9 @@ def machine_facts() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    wrk_version = run_quiet(["wrk", "-v"]).stdout.splitlines()
+    wrk_version: list[str] = []
+    with contextlib.suppress(OSError):  # no wrk: a benchmark that does not use it
+        wrk_version = run_quiet(["wrk", "-v"]).stdout.splitlines()
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
@@ -90,24 +97,84 @@ def command_line() -> str:
 
 
 def section_head(
-    title: str, started: dt.datetime, command: str, machine_extra: Sequence[str] = ()
+    benchmark: str,
+    what: str,
+    started: dt.datetime,
+    command: str,
+    machine_extra: Sequence[str] = (),
 ) -> list[str]:
-    """The lines every recorded section starts with: title, command, commit, machine."""
+    """The lines every section starts with: the benchmark's heading, what it measures,
+    then the date, command, commit and machine of the run."""
     return [
-        f"## {started:%Y-%m-%d %H:%M} UTC: {title}",
+        f"{HEADING}{benchmark}",
         "",
+        what,
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`",
         f"- commit: {git_commit()}",
         machine_line(machine_extra),
     ]
 
 
-def record(section: str) -> None:
-    """Append ``section`` to RESULTS.md, after a blank line."""
-    if not RESULTS.exists():
-        raise BenchError(f"{RESULTS} is missing; it holds the header that explains the log")
-    with RESULTS.open("a") as out:
-        out.write("\n" + section)
+def section_name(section: str) -> str:
+    """The benchmark a section belongs to: its first line, ``## NAME``."""
+    first = section.split("\n", 1)[0]
+    if not first.startswith(HEADING) or not first[len(HEADING) :].strip():
+        raise BenchError(f"a section must start with '{HEADING}NAME', not {first!r}")
+    return first[len(HEADING) :].strip()
+
+
+def split_page(page: str) -> tuple[str, list[tuple[str, str]]]:
+    """The introduction, then (name, text) per section in page order.
+
+    A section runs from its ``## NAME`` line to the next one; a line in a code
+    block (a profile) is never a heading. Each text keeps its own lines exactly.
+    """
+    intro: list[str] = []
+    sections: list[tuple[str, list[str]]] = []
+    in_code = False
+    for line in page.splitlines(keepends=True):
+        if line.startswith(FENCE):
+            in_code = not in_code
+        if not in_code and line.startswith(HEADING):
+            sections.append((line[len(HEADING) :].strip(), []))
+        (sections[-1][1] if sections else intro).append(line)
+    return "".join(intro), [(name, "".join(lines)) for name, lines in sections]
+
+
+def replace_section(page: str, section: str) -> tuple[str, bool]:
+    """``page`` with ``section`` in place of its benchmark's section; True if it replaced one.
+
+    A benchmark without a section yet gets one at the end. The other sections,
+    their order and the introduction keep their text; only the blank lines
+    between sections are made one.
+    """
+    name = section_name(section)
+    body = section.strip("\n") + "\n"
+    intro, sections = split_page(page)
+    replaced = False
+    texts = []
+    for other, text in sections:
+        if other == name:
+            texts.append(body)
+            replaced = True
+        else:
+            texts.append(text)
+    if not replaced:
+        texts.append(body)
+    parts = [intro] if intro.strip() else []
+    parts += texts
+    return "\n".join(part.strip("\n") + "\n" for part in parts), replaced
+
+
+def record(section: str, results: Path = RESULTS) -> bool:
+    """Put ``section`` in RESULTS.md in place of its benchmark's; True if it replaced one."""
+    if not results.exists():
+        raise BenchError(f"{results} is missing; it holds the introduction that explains the page")
+    page, replaced = replace_section(results.read_text(), section)
+    results.write_text(page)
+    return replaced
 
 
 def publish(
@@ -115,12 +182,12 @@ def publish(
     result: str,
     notes: Sequence[str],
     head: Sequence[str],
-    pinning: str,
-    runs_detail: str,
+    pinning: str | None = None,
+    runs_detail: str | None = None,
     profile_text: str | None = None,
     no_record: bool = False,
 ) -> None:
-    """Print a benchmark's table and notes; unless ``no_record``, append them to RESULTS.md.
+    """Print a benchmark's table and notes; unless ``no_record``, make them its RESULTS.md section.
 
     ``head`` is ``section_head(...)``; ``runs_detail`` (one line per run) goes in a
     collapsed block; a profile, when there is one, follows as a code block.
@@ -135,10 +202,17 @@ def publish(
         print(profile_text)
     if no_record:
         return
-    lines = [*head, f"- pinning: {pinning}", *(f"- {note}" for note in notes), "", result, ""]
-    lines += ["<details><summary>individual runs</summary>", "", runs_detail, "", "</details>", ""]
+    lines = [*head]
+    if pinning:
+        lines.append(f"- pinning: {pinning}")
+    lines += [*(f"- {note}" for note in notes), "", result, ""]
+    if runs_detail:
+        lines += ["<details><summary>individual runs</summary>", "", runs_detail, "", "</details>"]
+        lines.append("")
     section = "\n".join(lines)
     if profile_text:
         section += "\n```\n" + profile_text + "\n```\n"
-    record(section)
-    print(f"\nappended to {RESULTS}")
+    replaced = record(section)
+    print(
+        f"\n{'replaced' if replaced else 'added'} the {section_name(section)} section of {RESULTS}"
+    )

@@ -9,7 +9,8 @@ same arrival schedule for both. Reports per path: offered and completed
 rates, goodput (ok requests whose TTFT met ``--slo-ms``), TTFT p50/p99,
 429s and how fast they came back, errors, unfinished requests, the
 simulator's peak waiting queue and the gateway's. Prints a Markdown table
-and, unless ``--no-record``, appends it to ``bench/RESULTS.md``. See
+and, unless ``--no-record``, makes it the ``overload`` section of
+``bench/RESULTS.md``. See
 ``bench/overload/README.md``.
 
     .venv/bin/python bench/overload/run.py [--duration 20] [--repeats 3] [--no-record]
@@ -77,7 +78,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-base-ms", type=float, default=10.0)
     parser.add_argument("--decode-per-seq-ms", type=float, default=0.5)
     parser.add_argument("--output-tokens", default="48:80", help="min:max natural answer length")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print only; leave RESULTS.md as it is"
+    )
     parser.add_argument("--gateway-cpu", type=int, default=0)
     parser.add_argument(
         "--load-cpu", type=int, default=1, help="the load generator, the simulator and Redis"
@@ -267,7 +270,11 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
         result=table(medians(stats)),
         notes=notes,
         head=section_head(
-            f"overload ({args.overload:g}x a tier: through tollway vs direct)", started, command
+            "overload",
+            f"{args.overload:g}x the load a simulator tier can serve, open-loop and streamed: "
+            "through tollway (admission) vs direct.",
+            started,
+            command,
         ),
         pinning=f"gateway on cpu {args.gateway_cpu}; load generator, simulator and Redis on "
         f"cpu {args.load_cpu}",

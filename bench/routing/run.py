@@ -18,7 +18,7 @@ tier's price is added.
 
 Decision time is ``score`` + ``choose_tier`` per prompt, timed with timeit
 over the whole set (best of 5). Prints a Markdown table; unless
-``--no-record``, appends it to ``bench/RESULTS.md``.
+``--no-record``, makes it the ``routing`` section of ``bench/RESULTS.md``.
 
     .venv/bin/python bench/routing/run.py [--config deploy/local/tollway.yaml] [--no-record]
 """
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 import yaml
 
-from bench.lib.report import command_line, markdown_table, record, section_head
+from bench.lib.report import command_line, markdown_table, publish, section_head
 from router.calibrate import LabelledPrompt, calibrate, load_labelled, share_at
 from router.features import CHARS_PER_TOKEN
 from router.score import ComplexityScorer
@@ -113,13 +113,23 @@ def evaluate(
     ]
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repo when it is inside it, so the record reads the same anywhere."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "deploy/local/tollway.yaml")
     parser.add_argument("--prompts", type=Path, default=HERE / "prompts.jsonl")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--tokens-per-s", type=float, default=1000.0)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print only; leave RESULTS.md as it is"
+    )
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
 
@@ -175,18 +185,22 @@ def main() -> int:
         ("saved $", "r"),
     ]
     table = markdown_table(columns, rows)
-    summary = (
-        f"- prompts: {len(prompts)} ({hard_share:.1%} labelled hard), `{args.prompts.name}`\n"
-        f"- decision time (score + choose_tier): {best * 1e6:.1f} µs per request "
-        f"(mean over the set, best of 5)\n"
-        f"- tier prices per Mtok (in/out): "
+    notes = [
+        f"prompts: {len(prompts)} ({hard_share:.1%} labelled hard), `{args.prompts.name}`",
+        f"decision time (score + choose_tier): {best * 1e6:.1f} µs per request "
+        "(mean over the set, best of 5)",
+        "tier prices per Mtok (in/out): "
         + ", ".join(f"{t} {i * 1e6:.3f}/{o * 1e6:.3f}" for t, i, o in prices)
-        + f" (config {args.config})"
+        + f" (config {shown(args.config)})",
+    ]
+    head = section_head(
+        "routing",
+        "The complexity router on a labelled prompt set: accuracy, large-tier share, cost "
+        "saved, decision time per request.",
+        started,
+        command_line(),
     )
-    print(summary + "\n\n" + table)
-    if not args.no_record:
-        head = section_head("routing (complexity score)", started, command_line())
-        record("\n".join([*head, summary, "", table, ""]))
+    publish(result=table, notes=notes, head=head, no_record=args.no_record)
     return 0
 
 
