@@ -40,6 +40,7 @@ from cache.idempotency import (
 )
 from gateway.config import IdempotencyConfig
 from gateway.context import RequestContext
+from gateway.disconnect import cancel_on_disconnect
 from gateway.errors import IdempotencyConflict, IdempotencyMismatch, InvalidRequest
 from gateway.sse import chunk_of_event, event
 from gateway.streaming import EventStreamResponse
@@ -83,10 +84,9 @@ class IdempotencyLayer:
         """``serve()`` as the first request with ``key``, or ``replay`` its stored answer;
         raises 409 (still running) or 422 (another body)."""
         outcome: Outcome | Conflict = await self.store.begin(ctx.tenant, key, fingerprint)
-        if isinstance(outcome, Running):
-            outcome = await self.store.wait(
-                ctx.tenant, key, fingerprint, timeout_s=self.config.wait_s
-            )
+        if isinstance(outcome, Running):  # a client that leaves stops waiting at once
+            waiting = self.store.wait(ctx.tenant, key, fingerprint, timeout_s=self.config.wait_s)
+            outcome = await cancel_on_disconnect(waiting, ctx.receive)
         if isinstance(outcome, Replay):
             return replay(outcome.response)
         if isinstance(outcome, Mismatch):

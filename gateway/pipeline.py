@@ -114,10 +114,17 @@ class Pipeline:
         try:
             response = await self._respond(ctx, request)
             if response is not None:
-                await response(request.scope, request.receive, send)
+                await self._send(ctx, response, request, send)
         finally:
             await ctx.run_after()
             self.settlement.settle(ctx)
+
+    @staticmethod
+    async def _send(ctx: RequestContext, response: Response, request: Request, send: Send) -> None:
+        try:
+            await response(request.scope, request.receive, send)
+        except OSError:  # an ASGI 2.4 server's word for a client that left: not a bug
+            log.info("request %s: the client left before its answer was sent", ctx.request_id)
 
     async def _respond(self, ctx: RequestContext, request: Request) -> Response | None:
         """The response to send, an error's included; None when the client has gone."""

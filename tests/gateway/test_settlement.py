@@ -810,11 +810,6 @@ async def test_cancelled_by_the_server_mid_call(gw: Gateway, fakes: Fakes) -> No
     await asyncio.wait_for(held.closed.wait(), 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pipeline.run lets the OSError of a send after the client left escape: "
-    "logged as an unhandled error with its traceback",
-)
 async def test_client_gone_before_the_answer_is_written_on_an_asgi_2_4_server(
     gw: Gateway, fakes: Fakes, caplog: pytest.LogCaptureFixture
 ) -> None:
