@@ -167,10 +167,9 @@ class SchedulingConfig(Strict):
 
 class LimitsConfig(Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    # A client has this long to send its whole request head, then its whole body;
-    # past it the connection is closed (the body's with a 408). Slow or stalled
-    # clients otherwise hold a connection, and its memory, forever.
-    header_read_timeout_s: PositiveFloat = 5.0
+    # A client has this long to send its whole body once its head is in; past it the
+    # answer is 408 and the connection closes. (The head's own timeout is the
+    # proxy's in front: uvicorn has none, see docs/configuration.md.)
     body_read_timeout_s: PositiveFloat = 10.0
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what tollway needs on a fresh Debian 12 machine, idempotently:
 # apt packages (redis-server, prometheus for promtool and the live scrape
-# tests, and any named in TOLLWAY_APT_EXTRA) and the
+# tests, nginx for the shipped proxy config's test, and any named in
+# TOLLWAY_APT_EXTRA) and the
 # project's virtualenv in .venv with the package installed editable.
 # Re-running is cheap: each step is skipped when its stamp is current.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-APT_PACKAGES="redis-server curl prometheus ${TOLLWAY_APT_EXTRA:-}"
+APT_PACKAGES="redis-server curl prometheus nginx ${TOLLWAY_APT_EXTRA:-}"
 
 need_apt=()
 for pkg in $APT_PACKAGES; do
@@ -22,6 +23,7 @@ if ((${#need_apt[@]})); then
     # Debian starts the packaged services; tollway's tests start their own on loopback.
     $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
     $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
 
 stamp="$VENV/.tollway-stamp"
