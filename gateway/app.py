@@ -32,9 +32,8 @@ def create_app(settings: Settings) -> ASGIApp:
 # CPython's 700. A request allocates a few hundred, nearly all freed by reference
 # counting as it ends, so at 700 the collector ran every few requests and, worse,
 # promoted what was merely in flight (request state, reports queued for the
-# ledger) into the older generations it then scanned again and again: with
-# metering on that was ~5% of the gateway's CPU (bench/RESULTS.md, 2026-11-23).
-# Cycles are still collected, a fraction of a second later.
+# ledger) into the older generations it then scanned again and again, a few
+# per cent of the gateway's CPU. Cycles are still collected, a moment later.
 GC_THRESHOLDS = (50_000, 50, 100)
 
 

@@ -7,7 +7,7 @@ resolved model and the fields that change the output (``cache.cache_key``).
 It runs before the gateway touches the body. ``lookup`` and ``store`` go
 through the fail-open Redis client: an outage is a miss and no store.
 
-Identical requests in flight are coalesced (``join_flight``/``land``, over
+Identical requests in flight are coalesced (``join_flight``/``end_flight``, over
 ``cache.singleflight``): one leader goes upstream, the others wait for its
 stored answer and report ``x-tollway-cache: coalesced`` at zero cost.
 
@@ -138,7 +138,7 @@ class CacheLayer:
         )
         return result if isinstance(result, CachedResponse | Leader) else None
 
-    async def land(self, plan: CachePlan, flight: CachedResponse | Leader | None) -> None:
+    async def end_flight(self, plan: CachePlan, flight: CachedResponse | Leader | None) -> None:
         """The leader is done (answer stored or not): followers may look now."""
         if isinstance(flight, Leader) and self.flights is not None and plan.digest is not None:
             await self.flights.release(plan.digest, flight.token)

@@ -122,7 +122,7 @@ class Serving:
             self.caching.on_event(ctx.decision.tier, "coalesced")
             return self._replay(ctx, flight, prepared.shaper, "coalesced")
         if flight is not None:  # the leader: followers look once its answer is stored
-            ctx.after.append(functools.partial(self.caching.land, plan, flight))
+            ctx.after.append(functools.partial(self.caching.end_flight, plan, flight))
         if prepared.shaper is None:
             return await self.serve_full(ctx, prepared)
         return await self.serve_stream(ctx, prepared, prepared.shaper)
