@@ -1,0 +1,1 @@
+"""bench/bigbody: the gateway's RSS under big many-message request bodies."""
