@@ -34,8 +34,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 from bench.lib import REPO, BenchError
 from bench.lib.cpu import load_average
 from bench.lib.entry import clean_env, run_benchmark
-from bench.lib.net import free_port, wait_ready
+from bench.lib.net import free_port, http, wait_ready
 from bench.lib.procs import Procs, check_pinned, pinned, run_quiet
 from bench.lib.report import markdown_table, publish, section_head
 from bench.lib.stack import MODEL, Server, gateway_config, start_gateway, wait_gateway
@@ -241,25 +239,13 @@ def chat_body(messages: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def post(url: str, body: bytes, timeout: float) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, data=body, method="POST")
-    request.add_header("Authorization", f"Bearer {API_KEY}")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status: int = response.status
-            return status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
 def send(url: str, body: bytes, args: argparse.Namespace, deadline: float, what: str) -> float:
     """POST ``body``; its seconds. Anything but a 200 within the limits fails the run."""
     if time.monotonic() > deadline:
         raise BenchError(f"--deadline {args.deadline:g} s passed before the {what}")
     started = time.monotonic()
     try:
-        status, _, data = post(url, body, args.timeout)
+        status, _, data = http("POST", url, body, key=API_KEY, timeout=args.timeout)
     except OSError as exc:
         raise BenchError(f"the {what} failed: {exc}") from exc
     if status != 200:

@@ -23,13 +23,14 @@ def free_port() -> int:
 def http(
     method: str,
     url: str,
-    body: dict[str, Any] | None = None,
+    body: dict[str, Any] | bytes | None = None,
     *,
     key: str | None = None,
     timeout: float = 5.0,
 ) -> tuple[int, dict[str, str], bytes]:
-    """(status, lower-cased headers, body); an HTTP error status is returned, not raised."""
-    data = None if body is None else json.dumps(body).encode()
+    """(status, lower-cased headers, body); an HTTP error status is returned, not raised.
+    ``body``: a JSON object, or its bytes already encoded."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     if key is not None:
         request.add_header("Authorization", f"Bearer {key}")
