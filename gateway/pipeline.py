@@ -116,8 +116,10 @@ class Pipeline:
             if response is not None:
                 await self._send(ctx, response, request, send)
         finally:
-            await ctx.run_after()
-            self.settlement.settle(ctx)
+            try:
+                await ctx.run_after()  # before settling: it may still add to the GPU bill
+            finally:
+                self.settlement.settle(ctx)  # even if the after-answer work was cancelled
 
     @staticmethod
     async def _send(ctx: RequestContext, response: Response, request: Request, send: Send) -> None:
