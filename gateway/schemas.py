@@ -1,18 +1,26 @@
 """OpenAI request schemas: what the gateway checks before anything goes upstream.
 
-The models validate the parsed body but are not what is forwarded: the
+The structs validate the parsed body but are not what is forwarded: the
 gateway forwards the client's own dict, so fields it does not know (vLLM's
 extra sampling parameters, new OpenAI fields) reach vLLM untouched. Only the
 fields the gateway relies on, or that would make vLLM fail obscurely, are
 typed here.
+
+Validation is ``msgspec.convert`` into structs that ignore unknown fields: a
+body of 100,000 messages is checked in milliseconds and a few MB, where a
+model object per message cost hundreds of milliseconds and tens of MB that
+the allocator then kept. Types are strict, as OpenAI's schema is: ``"true"``
+is not a boolean, ``1.5`` is not a token count.
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import msgspec
+from msgspec import Meta
 
 from gateway.errors import InvalidRequest
 
@@ -31,11 +39,7 @@ class Endpoint(StrEnum):
         return "chat" if self is Endpoint.CHAT else "text_completion"
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class StreamOptions(_Open):
+class StreamOptions(msgspec.Struct, gc=False):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
 
@@ -43,44 +47,40 @@ class StreamOptions(_Open):
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
-class Message(_Open):
+class Message(msgspec.Struct, gc=False):
     role: Role
     content: str | list[dict[str, Any]] | None = None
 
 
-class _Sampling(_Open):
-    model: str = Field(min_length=1)
+class _Sampling(msgspec.Struct, kw_only=True, gc=False):
+    model: Annotated[str, Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     user: str | None = None
 
 
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+class ChatRequest(_Sampling, kw_only=True, gc=False):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
 
 
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+class CompletionRequest(_Sampling, kw_only=True, gc=False):
+    # A string, or a list of strings, of token ids, or of lists of token ids (checked below:
+    # a msgspec union holds one list type).
+    prompt: str | list[Any]
 
 
-_ADAPTERS: dict[Endpoint, TypeAdapter[ChatRequest] | TypeAdapter[CompletionRequest]] = {
-    Endpoint.CHAT: TypeAdapter(ChatRequest),
-    Endpoint.COMPLETIONS: TypeAdapter(CompletionRequest),
+_TYPES: dict[Endpoint, type[ChatRequest] | type[CompletionRequest]] = {
+    Endpoint.CHAT: ChatRequest,
+    Endpoint.COMPLETIONS: CompletionRequest,
 }
-
-
-def _param(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
+_MISSING = re.compile(r"Object missing required field `(.+)`")
 
 
 def validate(endpoint: Endpoint, body: Any) -> ChatRequest | CompletionRequest:
@@ -88,26 +88,37 @@ def validate(endpoint: Endpoint, body: Any) -> ChatRequest | CompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        return _ADAPTERS[endpoint].validate_python(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        first = errors[0]
-        # A union reports one error per member, each tagged with the member's
-        # type name; the field itself is the prefix they share.
-        loc = first["loc"]
-        for other in errors[1:]:
-            if other["loc"][:1] == loc[:1]:
-                loc = _common_prefix(loc, other["loc"])
-        param = _param(loc)
-        if first["type"] == "missing":
-            message = f"Missing required parameter: '{param}'."
-        else:
-            message = f"Invalid value for '{param}': {first['msg']}."
-        raise InvalidRequest(message, param=param, code="invalid_value") from None
+        parsed = msgspec.convert(body, _TYPES[endpoint])
+    except msgspec.ValidationError as exc:
+        raise _invalid(str(exc)) from None
+    if isinstance(parsed, CompletionRequest) and not _prompt_form(parsed.prompt):
+        raise _invalid(
+            "Expected a string, or an array of strings, of token ids or of arrays of token ids"
+            " - at `$.prompt`"
+        )
+    return parsed
 
 
-def _common_prefix(a: tuple[int | str, ...], b: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
+def _prompt_form(prompt: str | list[Any]) -> bool:
+    if isinstance(prompt, str):
+        return True
+    if all(isinstance(p, str) for p in prompt):
+        return True
+    if all(type(p) is int for p in prompt):
+        return True
+    return all(isinstance(p, list) and all(type(t) is int for t in p) for p in prompt)
+
+
+def _invalid(text: str) -> InvalidRequest:
+    """msgspec's "<what> - at `$.a[0].b`" as OpenAI's error, the field as ``param``."""
+    what, _, where = text.partition(" - at `")
+    path = where.rstrip("`").removeprefix("$").removeprefix(".")
+    missing = _MISSING.fullmatch(what)
+    if missing is not None:
+        param = f"{path}.{missing[1]}" if path else missing[1]
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", param=param, code="invalid_value"
+        )
+    return InvalidRequest(
+        f"Invalid value for '{path}': {what}.", param=path or None, code="invalid_value"
+    )
