@@ -88,8 +88,7 @@ class Serving:
 
     def headers(self, ctx: RequestContext) -> dict[str, str]:
         """The answer's headers: where it ran, its figures (pricing it), the budget left."""
-        assert ctx.decision is not None
-        headers = {**_route_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache}
+        headers = _where(ctx)
         report = self.meter.report(ctx)
         headers.update(self.meter.headers(report))
         headers.update(self.budgets.headers_for(report))
@@ -168,9 +167,8 @@ class Serving:
         if shaper.builder is not None:
             ctx.after.append(functools.partial(self._store_stream, ctx, shaper, prepared))
         ctx.answered(200)
-        headers = {**_route_headers(ctx.decision), **ctx.headers, "x-tollway-cache": ctx.cache}
         end = functools.partial(self._end_stream, ctx, reply, shaper)
-        return EventStreamResponse(relay_events(reply, shaper, end), headers)
+        return EventStreamResponse(relay_events(reply, shaper, end), _where(ctx))
 
     def _end_stream(
         self,
@@ -337,12 +335,13 @@ def _finish_reasons(completion: dict[str, Any]) -> list[str]:
     ]
 
 
-def _route_headers(decision: Decision | None) -> dict[str, str]:
-    if decision is None:
-        return {}
+def _where(ctx: RequestContext) -> dict[str, str]:
+    """Where the answer came from: tier, model, route, the request's extra headers, cache."""
+    decision = ctx.decision
+    assert decision is not None
     headers = {"x-tollway-tier": decision.tier, "x-tollway-model": decision.model}
     if decision.routed:
         headers["x-tollway-route-reason"] = decision.reason
         if decision.score is not None:
             headers["x-tollway-route-score"] = f"{decision.score:.4f}"
-    return headers
+    return {**headers, **ctx.headers, "x-tollway-cache": ctx.cache}

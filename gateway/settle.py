@@ -4,7 +4,7 @@
 request does, from reading its head to its last byte, whatever happened:
 answered, replayed, a cache hit, coalesced, refused after its span started
 (409, 422, 429), an upstream error, a fallback, a client that left at any
-stage. A request that did some work (its span started) is priced
+stage. A request that was routed is priced
 (``Meter.report``, the same report its headers or final stream event showed,
 if any) and that report is recorded everywhere it goes:
 
@@ -25,12 +25,11 @@ fails is logged; it never fails the request or the other sinks.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 from gateway.budgets import BudgetGuard
 from gateway.context import RequestContext
-from gateway.meter import NOT_ROUTED, Meter
+from gateway.meter import Meter
 from gateway.recorder import Recorder
 from metering.report import RequestReport
 from metering.telemetry import server_of
@@ -63,7 +62,7 @@ class Settlement:
             return None
         ctx.settled = True
         if not ctx.started_work:
-            refusal = self._refusal(ctx)
+            refusal = self.meter.report(ctx)  # unrouted: tier and model "none", no cost
             if ctx.span is not None:  # refused while routing: the span ends, failed
                 ctx.span.fail(refusal.error_type or str(refusal.status))
             self._call(self.count_refused, refusal)
@@ -76,19 +75,6 @@ class Settlement:
         if self.recorder is not None:
             self.recorder.add(report)
         return report
-
-    @staticmethod
-    def _refusal(ctx: RequestContext) -> RequestReport:
-        return RequestReport(
-            ctx.request_id,
-            ctx.tenant or NOT_ROUTED,
-            NOT_ROUTED,
-            NOT_ROUTED,
-            ctx.endpoint.operation,
-            status=499 if ctx.status is None else ctx.status,
-            duration_s=time.monotonic() - ctx.started,
-            error_type=None if ctx.error is None else ctx.error.error_type,
-        )
 
     @staticmethod
     def _end_span(ctx: RequestContext, report: RequestReport) -> None:

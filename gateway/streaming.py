@@ -96,7 +96,6 @@ class EventStreamResponse(Response):
             {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
              "x-accel-buffering": "no", **headers}
         )  # fmt: skip
-        self.client_left = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sender = asyncio.ensure_future(self._send_all(send))
@@ -112,7 +111,6 @@ class EventStreamResponse(Response):
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await task
         if sender not in done:
-            self.client_left = True
             log.info("client disconnected mid-stream; upstream request cancelled")
 
     async def _send_all(self, send: Send) -> None:

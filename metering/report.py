@@ -77,11 +77,6 @@ class RequestReport(NamedTuple):
         """What a free answer would have cost (None for any other)."""
         return from_nanos(self.saved_nanos) if self.cache in FREE else None
 
-    def figures(self) -> dict[str, str]:
-        """The numbers, by short name: header suffixes and the stream object's keys."""
-        n = len(HEADER_PREFIX)
-        return {name[n:]: value for name, value in self.headers().items()}
-
     def headers(self) -> dict[str, str]:
         """Every ``x-tollway-*`` figure of the report, as the response's headers spell them."""
         usage = self.usage

@@ -45,7 +45,7 @@ from bench.lib.cpu import load_average
 from bench.lib.entry import clean_env, run_benchmark
 from bench.lib.net import free_port, http, wait_ready
 from bench.lib.procs import Procs, check_pinned, pinned, run_quiet
-from bench.lib.report import markdown_table, publish, section_head
+from bench.lib.report import git_commit, markdown_table, publish, section_head
 from bench.lib.stack import MODEL, Server, gateway_config, start_gateway, wait_gateway
 
 API_KEY = "sk-tollway-bench-bigbody"
@@ -116,13 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def describe_checkout(root: Path) -> str:
-    head = run_quiet(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
-    if head.returncode != 0:
-        return "not a git checkout"
-    status = run_quiet(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
-    changed = [line for line in status.stdout.splitlines() if line.strip()]
-    dirty = f" (dirty: {len(changed)} tracked files modified)" if changed else ""
-    return f"commit {head.stdout.strip()}{dirty}"
+    return f"commit {git_commit(root)}"
 
 
 def export_rev(rev: str, tmp: Path) -> Code:

@@ -47,11 +47,12 @@ def markdown_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[s
     return "\n".join(lines)
 
 
-def git_commit() -> str:
-    head = run_quiet(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+def git_commit(root: Path = REPO) -> str:
+    """``root``'s short commit, marked dirty if tracked files were modified."""
+    head = run_quiet(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
     if head.returncode != 0:
         return "unknown (not a git checkout)"
-    status = run_quiet(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    status = run_quiet(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
     changed = [ln for ln in status.stdout.splitlines() if ln.strip()]
     suffix = f" (dirty: {len(changed)} tracked files modified)" if changed else ""
     return head.stdout.strip() + suffix
