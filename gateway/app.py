@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
+from gateway import admin_routes, usage_routes
 from gateway.config import Settings
 from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound, error_response
 from gateway.request_id import RequestIdMiddleware, request_id_of
@@ -59,6 +60,8 @@ def create_api(services: Services) -> FastAPI:
     app = FastAPI(title="tollway", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     app.include_router(router)
+    app.include_router(usage_routes.router)
+    app.include_router(admin_routes.router)
 
     async def on_error(request: Request, exc: Exception) -> Response:
         return error_response(exc, request_id_of(request.scope))

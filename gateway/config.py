@@ -54,12 +54,38 @@ class IdempotencyConfig(Strict):
     wait_s: PositiveFloat = 30.0  # a retry waits this long for the first, then 409
 
 
+class DatabaseConfig(Strict):
+    """The PostgreSQL database that holds the usage ledger and the managed API keys.
+
+    ``url`` is a libpq URL (``postgresql://user:pass@host:5432/db``); keep the
+    password out of the file: ``url: ${TOLLWAY_DATABASE_URL}``. Its schema is
+    created and upgraded by ``tollway db migrate``; a gateway refuses to start
+    on a schema version it does not know.
+    """
+
+    url: str = Field(pattern=r"^postgres(ql)?://", repr=False)
+    pool_size: int = Field(default=4, ge=1, le=100)
+    connect_timeout_s: PositiveFloat = 5.0
+    statement_timeout_s: PositiveFloat = 30.0  # a usage query past this is cancelled (503)
+
+
 class LedgerConfig(Strict):
-    retention_days: int = Field(default=400, ge=1)
-    # Rows wait this long to be written to Redis in one batch: a batch costs about
-    # half a millisecond of CPU before its first row, so longer batches are cheaper;
-    # /v1/usage lags the answers by about this much (budgets do not: see budgets.py).
+    """Where each metered request's row goes: a local spool on disk, then PostgreSQL.
+
+    Rows are appended to the spool and fsync'd every ``sync_interval_s`` (what
+    a SIGKILL can lose is at most that long of rows), then written to the
+    database in batches of up to ``batch_rows`` every ``write_interval_s``.
+    While the database is down rows wait on disk, up to ``spool_max_bytes``;
+    past it new rows are dropped, counted and logged (never blocking a request).
+    The spool directory belongs to one gateway process (it is locked).
+    """
+
+    spool_dir: str = "./tollway-spool"
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    sync_interval_s: float = Field(default=0.2, gt=0, le=5)
     write_interval_s: float = Field(default=1.0, gt=0, le=60)
+    batch_rows: int = Field(default=5000, ge=1, le=100_000)
+    retention_months: int = Field(default=25, ge=1)  # older monthly partitions are dropped
 
 
 class BudgetConfig(Strict):
@@ -200,6 +226,9 @@ class Settings(Strict):
     scheduling: SchedulingConfig = SchedulingConfig()
     metering: MeteringConfig = MeteringConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    # None: no ledger (rows are not kept, /v1/usage answers 503) and only the
+    # keys in auth.keys; a warning says so at start.
+    database: DatabaseConfig | None = None
     ledger: LedgerConfig = LedgerConfig()
     cache: CacheConfig = CacheConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
@@ -284,6 +313,8 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Env vars that replace a whole field, applied after interpolation.
 ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     "TOLLWAY_REDIS_URL": ("redis", "url"),
+    "TOLLWAY_DATABASE_URL": ("database", "url"),
+    "TOLLWAY_SPOOL_DIR": ("ledger", "spool_dir"),
     "TOLLWAY_HOST": ("listen", "host"),
     "TOLLWAY_PORT": ("listen", "port"),
 }

@@ -38,12 +38,14 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     # Set while preparing: a request refused before it is routed did no work.
     tenant: str = ""
+    key_id: str = ""  # the API key's id (never the key): the ledger's key column
     decision: Decision | None = None
     span: RequestSpan | None = None
     ticket: Ticket | None = None  # admission: tenant, priority, deadline
     content: Content | None = None  # only when spans record content (opt-in)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
     cache: str = "miss"  # miss | bypass | hit | coalesced | replay
+    fallback_from: str | None = None  # the tier routed to, when a fallback tier served it
     # What serving it did and what the answer said.
     bill: GpuBill = field(default_factory=GpuBill)
     usage: TokenUsage | None = None

@@ -77,6 +77,9 @@ class Meter:
             finish_reasons=tuple(ctx.finish_reasons),
             response_id=ctx.response_id,
             error_type=None if error is None else error.error_type,
+            key_id=ctx.key_id,
+            route_score=decision.score if decision else None,
+            fallback_from=ctx.fallback_from,
         )
         return ctx.report
 

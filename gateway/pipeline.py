@@ -147,6 +147,7 @@ class Pipeline:
         headers = request.headers
         principal = self.auth.authenticate(headers.get("authorization"))
         ctx.tenant = principal.tenant
+        ctx.key_id = principal.key_id
         budget = self.budgets.check(principal.tenant)  # 429 when spent
         raw = await self._read_body(request)
         body = _parse_json(raw)

@@ -28,6 +28,7 @@ from gateway.serving import Serving
 from gateway.settle import Settlement
 from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
+from ledger.database import Pool, open_pool
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
 from metering.telemetry import Telemetry
@@ -51,6 +52,7 @@ class Services:
     budgets: BudgetGuard
     recorder: Recorder
     health: HealthChecker | None = None
+    database: Pool | None = None  # opened by start() when settings.database is set
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -90,7 +92,6 @@ class Services:
         )
         ledger = UsageLedger(
             redis,
-            retention_days=settings.ledger.retention_days,
             on_lost=metrics.ledger_write_lost,
             linger_s=0.0,  # the recorder already hands it one batch per write interval
         )
@@ -147,6 +148,9 @@ class Services:
         )  # fmt: skip
 
     async def start(self) -> None:
+        if self.settings.database is not None:
+            self.database = await open_pool(self.settings.database)
+        await self.auth.start(self.database)
         await self.redis.start()
         await self.ledger.start()
         await self.recorder.start()
@@ -166,6 +170,9 @@ class Services:
         await self.recorder.stop()  # hands the last requests to the ledger and the metrics
         await self.ledger.stop()  # writes what is queued, within its grace period
         await self.redis.close()
+        await self.auth.stop()
+        if self.database is not None:
+            await self.database.close()
         self.telemetry.shutdown()
 
 

@@ -270,6 +270,7 @@ class Serving:
         ctx.decision = dataclasses.replace(
             routed, tier=tier.name, model=tier.models[0], reason=f"fallback: {slot.fallback}"
         )
+        ctx.fallback_from = routed.tier
         ctx.headers["x-tollway-fallback-from"] = routed.tier
         ctx.headers["x-tollway-fallback-reason"] = slot.fallback
         if ctx.span is not None:

@@ -62,6 +62,10 @@ class RequestReport(NamedTuple):
     finish_reasons: tuple[str, ...] = ()  # these two only span attributes read: a
     response_id: str | None = None  # non-streamed answer fills them only when traced
     error_type: str | None = None
+    # The ledger's: who (the key's id, never the key) and how it was routed.
+    key_id: str = ""
+    route_score: float | None = None  # the complexity score, when one decided the tier
+    fallback_from: str | None = None  # the tier first chosen, when a fallback served it
 
     @property
     def gpu_seconds(self) -> float:

@@ -1,0 +1,94 @@
+"""``tollway db``: create and upgrade the database schema, and show its version.
+
+The database comes from ``--database-url``, else ``--config``'s ``database.url``,
+else ``TOLLWAY_DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from gateway.config import ConfigError, DatabaseConfig, load_settings
+from ledger import schema
+from ledger.database import UNREACHABLE, connect
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="db_command", required=True)
+    for name, run, text in (
+        ("migrate", _migrate, "apply the schema migrations the database lacks"),
+        ("status", _status, "print the schema version: applied, and known to this tollway"),
+    ):
+        command = sub.add_parser(name, help=text)
+        add_database_args(command)
+        command.set_defaults(func=run)
+
+
+def add_database_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a tollway.yaml whose database.url to use")
+    parser.add_argument("--database-url", help="postgresql://... (overrides --config)")
+
+
+def database_config(args: argparse.Namespace) -> DatabaseConfig:
+    """The database the command names; ``SystemExit`` with a message if it names none."""
+    if args.database_url:
+        return DatabaseConfig(url=args.database_url)
+    if args.config:
+        try:
+            settings = load_settings(args.config)
+        except ConfigError as exc:
+            raise SystemExit(f"tollway: {exc}") from None
+        if settings.database is None:
+            raise SystemExit(f"tollway: {args.config} has no database section")
+        return settings.database
+    url = os.environ.get("TOLLWAY_DATABASE_URL")
+    if not url:
+        raise SystemExit(
+            "tollway: name the database: --database-url, --config or TOLLWAY_DATABASE_URL"
+        )
+    return DatabaseConfig(url=url)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_migrate(database_config(args)))
+
+
+async def _run_migrate(config: DatabaseConfig) -> int:
+    try:
+        conn = await connect(config)
+    except UNREACHABLE as exc:
+        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        done = await schema.migrate(conn)
+    except schema.SchemaError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    for migration in done:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    print(f"schema at version {schema.latest()}" + ("" if done else " (nothing to do)"))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_status(database_config(args)))
+
+
+async def _run_status(config: DatabaseConfig) -> int:
+    try:
+        conn = await connect(config)
+    except UNREACHABLE as exc:
+        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        applied = await schema.applied(conn)
+    finally:
+        await conn.close()
+    have = applied[-1] if applied else 0
+    print(f"applied: {have}  known to this tollway: {schema.latest()}")
+    return 0 if have == schema.latest() else 3

@@ -1,0 +1,1 @@
+"""The usage ledger of record in PostgreSQL, the on-disk spool in front of it, and managed keys."""
