@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs what tollway needs on a fresh Debian 12 machine, idempotently:
-# apt packages (redis-server, prometheus for promtool and the live scrape
-# tests, nginx for the shipped proxy config's test, and any named in
-# TOLLWAY_APT_EXTRA) and the
+# apt packages (redis-server, postgresql for the usage ledger, prometheus for
+# promtool and the live scrape tests, nginx for the shipped proxy config's
+# test, and any named in TOLLWAY_APT_EXTRA) and the
 # project's virtualenv in .venv with the package installed editable.
 # Re-running is cheap: each step is skipped when its stamp is current.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-APT_PACKAGES="redis-server curl prometheus nginx ${TOLLWAY_APT_EXTRA:-}"
+APT_PACKAGES="redis-server postgresql curl prometheus nginx ${TOLLWAY_APT_EXTRA:-}"
 
 need_apt=()
 for pkg in $APT_PACKAGES; do
@@ -24,6 +24,16 @@ if ((${#need_apt[@]})); then
     $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
     $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
     $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
+    # Debian also makes and starts a cluster "15 main" on port 5432; tollway's local
+    # stack and tests run their own clusters. Without systemd the package starts it
+    # through its init script: stop it, and mark it manual so a reboot does not start it.
+    $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+    if [ -f /etc/postgresql/15/main/start.conf ]; then
+        echo manual | $SUDO tee /etc/postgresql/15/main/start.conf >/dev/null
+        if pg_lsclusters -h 2>/dev/null | grep -q '^15 *main .* online'; then
+            $SUDO pg_ctlcluster 15 main stop || true
+        fi
+    fi
 fi
 
 stamp="$VENV/.tollway-stamp"
