@@ -114,6 +114,9 @@ class ApiKey(Strict):
 
 class AuthConfig(Strict):
     keys: list[ApiKey] = Field(min_length=1)
+    # How often each gateway polls the database for managed keys that changed
+    # (created, revoked, rotated): a revocation reaches every gateway within about this.
+    refresh_s: PositiveFloat = 1.0
 
 
 class Replica(Strict):
