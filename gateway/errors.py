@@ -2,9 +2,10 @@
 
     GatewayError                       -> status, OpenAI ``type`` and ``code``
     ├── InvalidRequest          400    malformed JSON, schema violations
-    ├── AuthenticationFailed    401    missing or unknown API key
+    ├── AuthenticationFailed    401    missing, unknown, revoked or expired API key
     ├── PermissionDenied        403    a valid key asking for what it may not see
     ├── ModelNotFound           404    model not served by any tier
+    ├── KeyNotFound             404    no managed API key has this id (admin API)
     ├── RouteNotFound           404    unknown path
     ├── MethodNotAllowed        405
     ├── RequestTimeout          408    the body did not arrive within its read timeout
@@ -100,6 +101,12 @@ class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class KeyNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "key_not_found"
 
 
 class RouteNotFound(GatewayError):

@@ -169,6 +169,7 @@ class Pipeline:
                 decision, shift = self._route(parsed.model, body, principal.tenant)
         ctx.decision = decision
         span.set_route(decision.tier, decision.score, decision.reason)
+        _check_access(principal, parsed.model, decision.tier)
         plan = self.caching.plan(
             headers,
             tenant=principal.tenant,
@@ -262,6 +263,17 @@ class _Exchange(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.pipeline.run(self.request, self.endpoint, send)
+
+
+def _check_access(principal: Principal, model: str, tier: str) -> None:
+    """A key's ``allowed_models``: any other model does not exist for it (404, as in
+    /v1/models); its ``allowed_tiers``: a request routed elsewhere is refused (403)."""
+    if not principal.may_use_model(model):
+        raise _unknown_model(model)
+    if not principal.may_use_tier(tier):
+        raise PermissionDenied(
+            f"This API key may not use tier '{tier}', where the model '{model}' was routed."
+        )
 
 
 def _unknown_model(model: str) -> ModelNotFound:

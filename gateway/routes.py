@@ -24,7 +24,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "malformed JSON or an invalid field (`param` names it)",
         401: "missing or wrong API key",
-        404: "unknown model",
+        403: "the key may not use the tier the request was routed or forced to",
+        404: "unknown model, or one the key may not use (its `allowed_models`)",
         408: "the body did not arrive within `limits.body_read_timeout_s`",
         409: "a request with this Idempotency-Key is still running",
         413: "body over `limits.max_body_bytes`",
@@ -58,13 +59,18 @@ async def completions(request: Request) -> Response:
 
 @router.get("/v1/models", responses={401: _ERRORS[401]})
 async def list_models(request: Request) -> Response:
+    """The models this key may use: its ``allowed_models``, served by its ``allowed_tiers``
+    (an alias is listed if allowed: where it routes is known per request only)."""
     services = _services(request)
-    services.auth.authenticate(request.headers.get("authorization"))
+    principal = services.auth.authenticate(request.headers.get("authorization"))
     created = int(services.started_at)
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "tollway"}
-        for name in services.routes.model_names()
-    ]
+    data = []
+    for name in services.routes.model_names():
+        decision = services.routes.resolve(name)
+        if principal.may_use_model(name) and (
+            decision.routed or principal.may_use_tier(decision.tier)
+        ):
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "tollway"})
     return _json({"object": "list", "data": data})
 
 
