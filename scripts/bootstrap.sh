@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Installs what tollway needs on a fresh Debian 12 machine, idempotently:
-# apt packages (redis-server, postgresql for the usage ledger, prometheus for
-# promtool and the live scrape tests, nginx for the shipped proxy config's
-# test, and any named in TOLLWAY_APT_EXTRA) and the
+# apt packages (redis-server, postgresql for the usage ledger and acl to let its
+# server user reach the local stack's data dir, prometheus for promtool and the
+# live scrape tests, nginx for the shipped proxy config's test, and any named
+# in TOLLWAY_APT_EXTRA) and the
 # project's virtualenv in .venv with the package installed editable.
 # Re-running is cheap: each step is skipped when its stamp is current.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-APT_PACKAGES="redis-server postgresql curl prometheus nginx ${TOLLWAY_APT_EXTRA:-}"
+APT_PACKAGES="redis-server postgresql acl curl prometheus nginx ${TOLLWAY_APT_EXTRA:-}"
 
 need_apt=()
 for pkg in $APT_PACKAGES; do
