@@ -16,6 +16,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -117,7 +118,7 @@ def known_rows(count: int = 600, seed: int = 20) -> list[LedgerRow]:
 ROWS = known_rows()
 
 
-async def put(conn: asyncpg.Connection, rows: list[LedgerRow]) -> None:
+async def put(conn: Any, rows: list[LedgerRow]) -> None:  # a connection, or a pool's
     for month in store.months(rows):
         await store.ensure_partition(conn, month)
     await store.insert(conn, rows)
@@ -401,7 +402,7 @@ def test_csv_cells() -> None:
 # -- the plans ---------------------------------------------------------------------
 
 
-async def plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
+async def plan(conn: Any, sql: str, *args: object) -> str:
     lines = await conn.fetch(f"EXPLAIN {sql}", *args)
     return "\n".join(line[0] for line in lines)
 
