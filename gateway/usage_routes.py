@@ -75,9 +75,9 @@ def _when(value: str | None, param: str) -> datetime | None:
     for text in candidates:
         try:
             parsed = datetime.fromisoformat(text)
-        except ValueError:
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):  # OverflowError: past year 1 or 9999 in UTC
             continue
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     raise InvalidRequest(
         f"'{param}' must be an ISO 8601 date or time, e.g. 2026-11-01 or 2026-11-01T13:00Z.",
         param=param,
@@ -89,13 +89,19 @@ def _range(since: datetime | None, until: datetime | None, param: str) -> None:
         raise InvalidRequest(f"'{param}' must be after the range's start.", param=param)
 
 
-def _tenant(principal: Principal, asked: str | None) -> str | None:
-    """The tenant a key may read: any (or all) for an admin, else its own."""
-    if principal.admin:
-        return asked
-    if asked not in (None, principal.tenant):
-        raise PermissionDenied("This API key may only read its own tenant's usage.")
-    return principal.tenant
+def _filters(
+    principal: Principal, tenant: str | None, key: str | None, tier: str | None, model: str | None
+) -> Filters:
+    """The filters asked for, in the tenant the key may read: any (or all) for an admin
+    key, else its own."""
+    for param, value in (("tenant", tenant), ("key", key), ("tier", tier), ("model", model)):
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold it
+            raise InvalidRequest(f"'{param}' must not contain a NUL character.", param=param)
+    if not principal.admin:
+        if tenant not in (None, principal.tenant):
+            raise PermissionDenied("This API key may only read its own tenant's usage.")
+        tenant = principal.tenant
+    return Filters(tenant, key, tier, model)
 
 
 def _limit(value: str | None, csv: bool) -> int | None:
@@ -158,7 +164,7 @@ async def usage_sums(
     since = _when(start, "start") or now.replace(hour=0, minute=0, second=0, microsecond=0)
     until = _when(end, "end") or now
     _range(since, until, "end")
-    filters = Filters(_tenant(principal, tenant), key, tier, model)
+    filters = _filters(principal, tenant, key, tier, model)
     async with _database(services) as db:
         found = await usage(db, group, since, until, filters)
     if csv:
@@ -202,7 +208,7 @@ async def usage_requests(
     csv = _choice(output, FORMATS, "format") == "csv"
     rows = _limit(limit, csv)
     query = RequestQuery(
-        Filters(_tenant(principal, tenant), key, tier, model),
+        _filters(principal, tenant, key, tier, model),
         since=_when(since, "since"),
         until=_when(until, "until"),
         status=_status(status),

@@ -68,7 +68,12 @@ def hour_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     first = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     last = end.astimezone(UTC)
     floor = last.replace(minute=0, second=0, microsecond=0)
-    return first, floor if floor == last else floor + HOUR
+    if floor == last:
+        return first, last
+    try:
+        return first, floor + HOUR
+    except OverflowError:  # in 9999-12-31 23:00, the last hour a datetime has
+        return first, floor
 
 
 @dataclass(frozen=True, slots=True)

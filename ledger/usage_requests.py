@@ -21,7 +21,7 @@ import base64
 import binascii
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ledger.usage import Db
 
 MICROSECOND = timedelta(microseconds=1)
+_LAST_US = (datetime.max.replace(tzinfo=UTC) - EPOCH) // MICROSECOND  # a datetime's last
 
 # route_score is a real (float4): through its shortest text it reads back as 0.73,
 # not as the double nearest the float4 (0.7300000190734863).
@@ -62,7 +63,8 @@ class Cursor:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise ValueError("not a cursor") from None
         micros, sep, request_id = raw.partition(":")
-        if not sep or not request_id or not micros.isdigit() or len(micros) > 18:
+        digits = micros.isascii() and micros.isdigit() and len(micros) <= 18
+        if not (sep and request_id and digits) or "\x00" in request_id or int(micros) > _LAST_US:
             raise ValueError("not a cursor")
         return cls(int(micros), request_id)
 

@@ -243,6 +243,10 @@ async def test_a_range_is_widened_to_whole_hours_and_says_so(api: Api) -> None:
     # An offset is honoured, also when the query string turned its "+" into a space.
     shifted = await api.ok("/v1/usage", OTHER_KEY, start="2026-03-10T11:30 01:00", end="2026-03-11")
     assert shifted["start"] == "2026-03-10T10:00:00Z"
+    # The ends of time are ranges too.
+    ever = await api.ok("/v1/usage", OTHER_KEY, start="0001-01-01T01:00Z", end="9999-12-31T23:30Z")
+    assert (ever["start"], ever["end"]) == ("0001-01-01T01:00:00Z", "9999-12-31T23:00:00Z")
+    assert ever["total"]["requests"] == len(ROWS) + BULK
 
 
 # -- per-request rows -----------------------------------------------------------------
@@ -300,6 +304,10 @@ async def test_requests_page_newest_first_and_stay_in_the_tenant(api: Api) -> No
         ("/v1/usage/requests", {"limit": "ten"}, "limit"),
         ("/v1/usage/requests", {"limit": "0", "format": "csv"}, "limit"),
         ("/v1/usage/requests", {"cursor": "not-a-cursor"}, "cursor"),
+        ("/v1/usage/requests", {"cursor": "MTowAA"}, "cursor"),  # "1:0\x00"
+        ("/v1/usage", {"start": "0001-01-01T00:00+01:00"}, "start"),
+        ("/v1/usage", {"tenant": "a\x00b"}, "tenant"),
+        ("/v1/usage/requests", {"model": "\x00"}, "model"),
         ("/v1/usage/requests", {"status": "6xx"}, "status"),
         ("/v1/usage/requests", {"format": "tsv"}, "format"),
     ],

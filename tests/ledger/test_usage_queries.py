@@ -332,7 +332,9 @@ def test_cursors_and_status_filters_parse_strictly() -> None:
     cursor = Cursor(us(FEB), "req:with:colons/and+signs")
     assert Cursor.decode(cursor.encode()) == cursor
     assert cursor.finished_at == FEB
-    for bad in ("", "x", "!!!!", Cursor(1, "").encode(), "MTIz", "YWJjOmRlZg"):
+    assert Cursor.decode(Cursor(253402300799999999, "r").encode()).finished_us > us(FEB)
+    odd = (Cursor(1, "").encode(), Cursor(1, "a\x00").encode(), Cursor(253402300800000000, "r"))
+    for bad in ("", "x", "!!!!", "MTIz", "YWJjOmRlZg", "wrI6eA", *odd[:2], odd[2].encode()):
         with pytest.raises(ValueError, match="not a cursor"):
             Cursor.decode(bad)
     assert status_range("4xx") == (400, 500)
