@@ -122,7 +122,8 @@ def _requests(args: argparse.Namespace) -> int:
         raise ApiError("--limit must be at least 1")
     query = {"since": args.since, "until": args.until, "status": args.status, **_filters(args)}
     if args.csv:
-        _copy(args, "/v1/usage/requests", {**query, "limit": args.limit, "format": "csv"})
+        export = {**query, "limit": args.limit, "cursor": args.cursor, "format": "csv"}
+        _copy(args, "/v1/usage/requests", export)
         return 0
     want = 100 if args.limit is None else args.limit
     rows: list[dict[str, Any]] = []

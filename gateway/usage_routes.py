@@ -109,7 +109,8 @@ def _limit(value: str | None, csv: bool) -> int | None:
     if value is None:
         return None if csv else DEFAULT_PAGE
     top = None if csv else MAX_PAGE
-    if not value.isdigit() or int(value) < 1 or (top is not None and int(value) > top):
+    digits = value.isascii() and value.isdigit() and len(value) <= 9
+    if not digits or int(value) < 1 or (top is not None and int(value) > top):
         most = "a positive integer" if top is None else f"between 1 and {top}"
         raise InvalidRequest(f"'limit' must be {most}.", param="limit")
     return int(value)
@@ -215,9 +216,10 @@ async def usage_requests(
     )
     _range(query.since, query.until, "until")
     after = _cursor(cursor)
-    first_rows = rows if rows is not None and (not csv or rows <= EXPORT_PAGE) else EXPORT_PAGE
     async with _database(services) as db:
-        first = await page(db, query, first_rows, after)
+        first = await page(
+            db, query, EXPORT_PAGE if rows is None else min(rows, EXPORT_PAGE), after
+        )
     if csv:
         left = None if rows is None else rows - len(first.rows)
         return StreamingResponse(

@@ -302,6 +302,8 @@ async def test_requests_page_newest_first_and_stay_in_the_tenant(api: Api) -> No
         ("/v1/usage/requests", {"limit": "0"}, "limit"),
         ("/v1/usage/requests", {"limit": "1001"}, "limit"),
         ("/v1/usage/requests", {"limit": "ten"}, "limit"),
+        ("/v1/usage/requests", {"limit": "\u00b2"}, "limit"),
+        ("/v1/usage/requests", {"limit": "9" * 5000, "format": "csv"}, "limit"),
         ("/v1/usage/requests", {"limit": "0", "format": "csv"}, "limit"),
         ("/v1/usage/requests", {"cursor": "not-a-cursor"}, "cursor"),
         ("/v1/usage/requests", {"cursor": "MTowAA"}, "cursor"),  # "1:0\x00"
@@ -539,6 +541,10 @@ def test_cli_lists_requests_and_says_where_to_go_on(gateways: list[Proc]) -> Non
         r.request_id for r in want[5:]
     ]
     assert more.stderr == ""
+    rest = tollway(gateways[0], KEY, "--requests", "--csv", "--cursor", cursor)
+    assert rest.returncode == 0, rest.stderr
+    lines = list(csv.DictReader(io.StringIO(rest.stdout)))
+    assert [line["request_id"] for line in lines] == [r.request_id for r in want[5:]]
 
 
 def test_cli_writes_the_csv(gateways: list[Proc]) -> None:
