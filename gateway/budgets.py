@@ -2,7 +2,8 @@
 
 The spend of the current UTC day and month is kept per tenant in a
 ``SpendTracker`` (``metering.budget``): what this gateway metered, plus, at
-most about once a second per tenant, the ledger's total in Redis, so that
+most about once a second per tenant, the spend counters in Redis
+(``cache.spend``), so that
 several gateways see each other's spend (the larger of the two wins; each
 undercounts). The refresh runs in a background task that the guard holds
 and cancels at shutdown; a request never waits on Redis for its budget.
@@ -21,7 +22,7 @@ import logging
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from cache.ledger import UsageLedger
+from cache.spend import SpendCounters
 from gateway.config import BudgetConfig
 from gateway.errors import BudgetExceeded
 from metering.budget import Budget, BudgetStatus, SpendTracker, budget_amount
@@ -31,7 +32,7 @@ log = logging.getLogger("tollway.budgets")
 
 
 class BudgetGuard:
-    def __init__(self, budgets: dict[str, BudgetConfig], ledger: UsageLedger | None):
+    def __init__(self, budgets: dict[str, BudgetConfig], counters: SpendCounters | None):
         self.budgets = {
             tenant: Budget(
                 None if b.daily_usd is None else Decimal(str(b.daily_usd)),
@@ -40,7 +41,7 @@ class BudgetGuard:
             for tenant, b in budgets.items()
         }
         self.active = bool(self.budgets)  # any tenant budgeted: else nothing to spend
-        self.ledger = ledger
+        self.counters = counters
         self.tracker = SpendTracker()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -50,7 +51,7 @@ class BudgetGuard:
         if budget is None:
             return None
         now = datetime.now(UTC)
-        if self.ledger is not None and self.tracker.claim_refresh(tenant, now):
+        if self.counters is not None and self.tracker.claim_refresh(tenant, now):
             task = asyncio.get_running_loop().create_task(self._refresh(tenant, now))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -77,9 +78,9 @@ class BudgetGuard:
             self.tracker.add(report.tenant, budget_amount(report.cost), datetime.now(UTC))
 
     async def _refresh(self, tenant: str, now: datetime) -> None:
-        assert self.ledger is not None
+        assert self.counters is not None
         try:
-            spent = await self.ledger.spend(tenant, now)
+            spent = await self.counters.spend(tenant, now)
         except Exception:  # a bug, not Redis (which fails open): keep serving, say so
             log.exception("refreshing the spend of tenant %s failed", tenant)
             return

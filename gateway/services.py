@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.idempotency import IdempotencyStore
-from cache.ledger import UsageLedger
 from cache.redis_client import RedisClient
 from cache.response_cache import ResponseCache
 from cache.singleflight import SingleFlight
+from cache.spend import SpendCounters
 from gateway.admission import Scheduler
 from gateway.auth import Authenticator
 from gateway.budgets import BudgetGuard
@@ -28,12 +29,16 @@ from gateway.serving import Serving
 from gateway.settle import Settlement
 from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
-from ledger.database import Pool, open_pool
+from ledger import counters
+from ledger.database import UNREACHABLE, Pool, check_schema, open_pool
+from ledger.writer import LedgerWriter
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
 from metering.telemetry import Telemetry
 from router.score import ComplexityScorer
 from router.table import RouteTable
+
+log = logging.getLogger("tollway.services")
 
 
 @dataclass(eq=False)
@@ -48,7 +53,8 @@ class Services:
     metrics: GatewayMetrics
     telemetry: Telemetry
     redis: RedisClient
-    ledger: UsageLedger
+    ledger: LedgerWriter | None  # None: no database configured
+    spend: SpendCounters
     budgets: BudgetGuard
     recorder: Recorder
     health: HealthChecker | None = None
@@ -90,12 +96,17 @@ class Services:
             on_failure=metrics.redis_failure,
             cluster=settings.redis.cluster,
         )
-        ledger = UsageLedger(
-            redis,
-            on_lost=metrics.ledger_write_lost,
-            linger_s=0.0,  # the recorder already hands it one batch per write interval
-        )
-        budgets = BudgetGuard(settings.budgets, ledger)
+        ledger = None
+        if settings.database is not None:
+            ledger = LedgerWriter(
+                settings.ledger,
+                on_written=metrics.ledger_rows_written,
+                on_dropped=lambda n: metrics.ledger_rows_dropped("spool_full", n),
+                on_rejected=lambda n: metrics.ledger_rows_dropped("rejected", n),
+            )
+            metrics.register_spool_source(lambda: ledger.waiting if ledger else 0)
+        spend = SpendCounters(redis)
+        budgets = BudgetGuard(settings.budgets, spend)
         cache = ResponseCache(
             redis,
             default_ttl_s=settings.cache.default_ttl_s,
@@ -109,9 +120,13 @@ class Services:
             redis, ttl_s=settings.idempotency.ttl_s, lease_s=settings.idempotency.lease_s
         )
         burn = BurnShift(settings.routing, metrics)
+        consumers = [metrics.observe_requests, spend.add_many]
+        if ledger is not None:
+            consumers.append(ledger.record_many)
         recorder = Recorder(
-            [metrics.observe_requests, ledger.record_many],
-            linger_s=settings.ledger.write_interval_s,  # /metrics drains it before a scrape
+            consumers,
+            # How often rows reach the spool on disk: what a SIGKILL can lose at most.
+            linger_s=settings.ledger.sync_interval_s,  # /metrics drains it before a scrape
         )
         sinks = [burn.record] if burn.active else []  # at once: the next route reads it
         meter = Meter(settings)
@@ -144,15 +159,24 @@ class Services:
         )
         return cls(
             settings, auth, routes, pools, scheduler, upstream, pipeline, metrics, telemetry,
-            redis, ledger, budgets, recorder,
+            redis, ledger, spend, budgets, recorder,
         )  # fmt: skip
 
     async def start(self) -> None:
-        if self.settings.database is not None:
-            self.database = await open_pool(self.settings.database)
+        database = self.settings.database
+        checked = False
+        if database is not None:
+            # A schema this code does not know stops the start (SchemaError); a
+            # database that does not answer does not: rows wait in the spool.
+            checked = await check_schema(database) is not None
+            self.database = await open_pool(database)
         await self.auth.start(self.database)
         await self.redis.start()
-        await self.ledger.start()
+        if self.ledger is not None:
+            await self.ledger.start(self.database, schema_checked=checked)
+        await self.spend.start()
+        if checked and self.budgets.active:
+            await self.rebuild_counters()
         await self.recorder.start()
         await self.upstream.start()
         self.health = HealthChecker(
@@ -168,12 +192,26 @@ class Services:
         await self.upstream.close()
         await self.budgets.stop()
         await self.recorder.stop()  # hands the last requests to the ledger and the metrics
-        await self.ledger.stop()  # writes what is queued, within its grace period
+        if self.ledger is not None:
+            await self.ledger.stop()  # spools all, writes what the database takes in time
+        await self.spend.stop()
         await self.redis.close()
         await self.auth.stop()
         if self.database is not None:
             await self.database.close()
         self.telemetry.shutdown()
+
+    async def rebuild_counters(self) -> None:
+        """Raise Redis's spend counters to the ledger's (after Redis lost them, say)."""
+        if self.database is None:
+            return
+        try:
+            async with self.database.acquire() as conn:
+                tenants = await counters.rebuild(conn, self.spend)
+        except UNREACHABLE as exc:  # ConnectionError (Redis) is an OSError too
+            log.warning("spend counters not rebuilt from the ledger: %s", exc)
+            return
+        log.info("spend counters rebuilt from the ledger for %d tenants", tenants)
 
 
 def count_refused(metrics: GatewayMetrics) -> Callable[[RequestReport], None]:

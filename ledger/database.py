@@ -7,11 +7,14 @@ statement timeout, so a slow query answers 503 instead of holding a worker.
 from __future__ import annotations
 
 import asyncpg
+import asyncpg.pool
 
 from gateway.config import DatabaseConfig
 from ledger import schema
 
 Pool = asyncpg.Pool
+# A connection of its own or one borrowed from the pool: the queries take either.
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 def server_settings(config: DatabaseConfig) -> dict[str, str]:

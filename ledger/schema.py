@@ -13,8 +13,10 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import asyncpg
+if TYPE_CHECKING:
+    from ledger.database import Conn
 
 VERSIONS_TABLE = "tollway_schema"
 _LOCK = 0x7011_3A7F  # pg_advisory_xact_lock key: one migrator at a time
@@ -50,7 +52,7 @@ def latest() -> int:
     return migrations()[-1].version
 
 
-async def applied(conn: asyncpg.Connection) -> list[int]:
+async def applied(conn: Conn) -> list[int]:
     """The versions applied to the database, oldest first (empty: no tollway schema yet)."""
     exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", VERSIONS_TABLE)
     if not exists:
@@ -59,7 +61,7 @@ async def applied(conn: asyncpg.Connection) -> list[int]:
     return [int(r["version"]) for r in rows]
 
 
-async def migrate(conn: asyncpg.Connection, upto: int | None = None) -> list[Migration]:
+async def migrate(conn: Conn, upto: int | None = None) -> list[Migration]:
     """Apply the missing migrations (up to ``upto``); the ones applied now, in order."""
     done: list[Migration] = []
     async with conn.transaction():
@@ -86,7 +88,7 @@ async def migrate(conn: asyncpg.Connection, upto: int | None = None) -> list[Mig
     return done
 
 
-async def check(conn: asyncpg.Connection) -> int:
+async def check(conn: Conn) -> int:
     """The schema's version if it is exactly the one this gateway knows; else ``SchemaError``."""
     have = await applied(conn)
     if not have:

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-import asyncpg
-
+from ledger.database import Conn
 from ledger.rows import COLUMNS, LedgerRow
 
 Month = tuple[int, int]  # (year, month)
@@ -85,7 +84,7 @@ def _next(month: Month) -> Month:
     return (year + 1, 1) if mon == 12 else (year, mon + 1)
 
 
-async def ensure_partition(conn: asyncpg.Connection, month: Month) -> None:
+async def ensure_partition(conn: Conn, month: Month) -> None:
     """Create ``month``'s partition if it is missing (safe with several gateways at once)."""
     start, end = (datetime(y, m, 1, tzinfo=UTC) for y, m in (month, _next(month)))
     async with conn.transaction():
@@ -96,7 +95,7 @@ async def ensure_partition(conn: asyncpg.Connection, month: Month) -> None:
         )
 
 
-async def insert(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> int:
+async def insert(conn: Conn, rows: Sequence[LedgerRow]) -> int:
     """Store ``rows`` (their months' partitions must exist): how many were new."""
     columns: list[list[object]] = [[] for _ in COLUMNS]
     for row in rows:
@@ -113,7 +112,7 @@ def column_values(row: LedgerRow) -> tuple[object, ...]:
     return (row.finished_at, *values[1:])
 
 
-async def months_present(conn: asyncpg.Connection) -> list[Month]:
+async def months_present(conn: Conn) -> list[Month]:
     """The months that have a partition, oldest first."""
     names = await conn.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -127,7 +126,7 @@ async def months_present(conn: asyncpg.Connection) -> list[Month]:
     return sorted(found)
 
 
-async def drop_before(conn: asyncpg.Connection, oldest_kept: Month) -> list[Month]:
+async def drop_before(conn: Conn, oldest_kept: Month) -> list[Month]:
     """Drop the partitions (and hourly sums) of months before ``oldest_kept``; those dropped."""
     dropped = [m for m in await months_present(conn) if m < oldest_kept]
     for month in dropped:

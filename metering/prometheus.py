@@ -36,7 +36,9 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   fallbacks_total                     counter    from_tier, to_tier, reason
   cache_requests_total                counter    tier, result
   redis_failures_total                counter    operation
-  ledger_writes_lost_total            counter    (none)
+  ledger_spool_rows                   gauge      (none)
+  ledger_rows_written_total           counter    (none)
+  ledger_rows_dropped_total           counter    reason
   telemetry_failures_total            counter    kind
   route_decisions_total               counter    tier, band
 
@@ -90,8 +92,14 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
 - ``cache_requests_total``: response-cache decisions, ``result`` hit|miss|
   bypass (not looked up: policy or Cache-Control); a miss answered by an
   identical request in flight also counts as coalesced.
-- ``redis_failures_total``, ``ledger_writes_lost_total`` and
-  ``telemetry_failures_total``: the fail-open paths, counted.
+- ``ledger_spool_rows``: ledger rows not yet in PostgreSQL (queued, or in the
+  spool on disk); it grows while the database is down and falls when it is
+  back. ``ledger_rows_written_total``: rows PostgreSQL acknowledged.
+  ``ledger_rows_dropped_total``: rows lost, ``reason`` spool_full (the spool
+  reached ``ledger.spool_max_bytes``) | rejected (set aside in the spool's
+  ``rejected.jsonl``: the database refused the row's data). Alert on any.
+- ``redis_failures_total`` and ``telemetry_failures_total``: the fail-open
+  paths, counted.
 
 PromQL::
 
@@ -476,8 +484,16 @@ class GatewayMetrics:
         self._redis = counter(
             "tollway_redis_failures_total", "Redis failures (failed open).", ("operation",)
         )
-        self._ledger_lost = counter(
-            "tollway_ledger_writes_lost_total", "Usage-ledger rows dropped.", ()
+        self._spool_rows = gauge(
+            "tollway_ledger_spool_rows",
+            "Ledger rows not yet in PostgreSQL (queued or spooled).",
+            (),
+        )
+        self._rows_written = counter(
+            "tollway_ledger_rows_written_total", "Ledger rows PostgreSQL acknowledged.", ()
+        )
+        self._rows_dropped = counter(
+            "tollway_ledger_rows_dropped_total", "Ledger rows lost.", ("reason",)
         )
         self._telemetry = counter(
             "tollway_telemetry_failures_total", "Telemetry failures (failed open).", ("kind",)
@@ -571,8 +587,15 @@ class GatewayMetrics:
     def redis_failure(self, operation: str) -> None:
         self._redis.labels(operation).inc()
 
-    def ledger_write_lost(self, n: int = 1) -> None:
-        self._ledger_lost.inc(n)
+    def register_spool_source(self, rows: Callable[[], int]) -> None:
+        """``rows()`` (the ledger rows not yet in PostgreSQL) is read at every scrape."""
+        self._spool_rows.set_function(rows)
+
+    def ledger_rows_written(self, n: int) -> None:
+        self._rows_written.inc(n)
+
+    def ledger_rows_dropped(self, reason: str, n: int) -> None:
+        self._rows_dropped.labels(reason).inc(n)
 
     def telemetry_failure(self, kind: str) -> None:
         self._telemetry.labels(kind).inc()

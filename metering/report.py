@@ -15,7 +15,6 @@ come from the validated configuration and request ids from
 from __future__ import annotations
 
 from decimal import Decimal
-from operator import attrgetter
 from typing import Any, NamedTuple
 
 from metering.money import fmt_nanos, from_nanos
@@ -115,19 +114,3 @@ class RequestReport(NamedTuple):
             "cost_saved_usd": fmt_nanos(self.saved_nanos) if self.cache in FREE else None,
             "cache": self.cache,
         }
-
-
-# A report's summed figures as C-level getters, one report at a time (the ledger's
-# text path checks each): tokens (prompt, completion, cached), micro-GPU-seconds,
-# nano-dollars (marginal, loaded, saved), in this order, which
-# ``metering.batch.Columns.figures`` keeps for a batch's columns.
-FIGURES = tuple(
-    attrgetter(name)
-    for name in (
-        "usage.prompt_tokens", "usage.completion_tokens", "usage.cached_prompt_tokens",
-        "gpu_us", "cost.marginal_nanos", "cost.loaded_nanos", "saved_nanos",
-    )
-)  # fmt: skip
-
-# A report is a tuple: its fields' positions, for ``itemgetter``s (``metering.batch``).
-FIELD = {name: index for index, name in enumerate(RequestReport._fields)}

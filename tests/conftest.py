@@ -9,6 +9,7 @@ faults cleared and counters zeroed.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +20,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support.procs import Proc, start_gateway, start_sim
+from tests.support.postgres_server import PostgresServer, run_postgres
+from tests.support.procs import BIN, Proc, start_gateway, start_sim
 from tests.support.redis_server import RedisServer, run_redis
 
 KEY = "sk-test-acme-0001"
@@ -115,6 +117,7 @@ class Stack:
     large: list[Proc]
     log_dir: Path
     redis: RedisServer
+    postgres: PostgresServer
     clients: list[openai.OpenAI] = field(default_factory=list)  # closed after each test
 
     @property
@@ -173,8 +176,34 @@ def stack_redis() -> Iterator[RedisServer]:
         yield server
 
 
+def migrate_database(url: str) -> None:
+    """``tollway db migrate``: the database at ``url`` gets the latest schema."""
+    subprocess.run(
+        [str(BIN / "tollway"), "db", "migrate", "--database-url", url],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture(scope="session")
-def _session_stack(log_dir: Path, stack_redis: RedisServer) -> Iterator[Stack]:
+def postgres() -> Iterator[PostgresServer]:
+    """The suite's PostgreSQL, migrated. Shared: never reset it, nor stop it for long (the
+    stack's gateway writes its ledger there); a test that does either starts its own."""
+    with run_postgres() as server:
+        migrate_database(server.url)
+        yield server
+
+
+def with_ledger(config: dict[str, Any], postgres: PostgresServer, spool: Path) -> dict[str, Any]:
+    """``config`` with its ledger in ``postgres`` and its spool in ``spool`` (one a gateway)."""
+    return {**config, "database": {"url": postgres.url}, "ledger": {"spool_dir": str(spool)}}
+
+
+@pytest.fixture(scope="session")
+def _session_stack(
+    log_dir: Path, stack_redis: RedisServer, postgres: PostgresServer
+) -> Iterator[Stack]:
     procs: list[Proc] = []
     try:
         small = start_sim(log_dir, ["sim-small"], "--max-num-seqs", "4", *FAST_SIM)
@@ -182,9 +211,10 @@ def _session_stack(log_dir: Path, stack_redis: RedisServer) -> Iterator[Stack]:
         large = [start_sim(log_dir, ["sim-large"], *FAST_SIM) for _ in range(2)]
         procs += large
         config = gateway_config([small.url], [s.url for s in large], stack_redis.url)
+        config = with_ledger(config, postgres, log_dir / "stack-spool")
         gateway = start_gateway(log_dir, config)
         procs.append(gateway)
-        yield Stack(gateway, small, large, log_dir, stack_redis)
+        yield Stack(gateway, small, large, log_dir, stack_redis, postgres)
     finally:
         for proc in reversed(procs):
             proc.stop()

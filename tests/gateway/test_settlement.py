@@ -10,7 +10,7 @@ For each request that was routed, whatever happened to it after, the test
 asserts exactly one report (its status, cache status and ``error.type``),
 exactly one ended request span (status ERROR with that ``error.type``, or
 unset), and exactly one ledger row, both as handed to the ledger and as
-written to its Redis stream. A request refused before it was routed did no
+stored in PostgreSQL. A request refused before it was routed did no
 work (``test_refused_before_routing``: a bad key, a body that does not parse,
 is cut short by a disconnect, is too slow or too large; an unknown model, a
 tier the key may not pick): it has no report and no ledger row and only
@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -52,7 +53,7 @@ from gateway.services import Services
 from metering.report import RequestReport
 from metering.telemetry import Telemetry
 from metering.usage import TokenUsage
-from tests.conftest import KEY, gateway_config
+from tests.conftest import KEY, gateway_config, with_ledger
 from tests.support.asgi import Hangup, Reply, call
 from tests.support.fake_vllm import (
     PROMPT_TOKENS,
@@ -66,6 +67,7 @@ from tests.support.fake_vllm import (
     vllm_error,
 )
 from tests.support.metrics import parse, value
+from tests.support.postgres_server import PostgresServer
 from tests.support.redis_server import RedisServer, run_redis
 
 CHAT = "/v1/chat/completions"
@@ -129,6 +131,7 @@ class Gateway:
         services.recorder.consumers.append(self.reports.extend)
         self.ledger_rows: list[RequestReport] = []  # what the ledger was handed
         ledger = services.ledger
+        assert ledger is not None
         consumers = services.recorder.consumers
 
         def to_ledger(batch: Sequence[RequestReport]) -> None:
@@ -183,16 +186,14 @@ class Gateway:
             and span.parent.span_id == int(CLIENT_SPAN, 16)
         ]
 
-    async def stream_entries(self, rid: str) -> list[dict[str, str]]:
-        """The ledger's Redis stream entries for ``rid``, once its writer has caught up."""
-        assert await self.services.ledger.flush()
-        client = redis.asyncio.Redis.from_url(self.redis_url, decode_responses=True)
-        try:
-            raw = await client.xrange(self.services.ledger.stream_key()) or []
-        finally:
-            await client.aclose()
-        entries = [{str(k): str(v) for k, v in (fields or {}).items()} for _, fields in raw]
-        return [entry for entry in entries if entry["request_id"] == rid]
+    async def stored_rows(self, rid: str) -> list[dict[str, Any]]:
+        """The ledger's rows for ``rid`` in PostgreSQL, once its writer has caught up."""
+        ledger, database = self.services.ledger, self.services.database
+        assert ledger is not None
+        assert database is not None
+        assert await ledger.flush()
+        rows = await database.fetch("SELECT * FROM usage_requests WHERE request_id = $1", rid)
+        return [dict(row) for row in rows]
 
     async def settled(
         self, rid: str, *, status: int, cache: str, error: str | None = None
@@ -204,9 +205,11 @@ class Gateway:
         report = reports[0]
         assert (report.status, report.cache, report.error_type) == (status, cache, error)
         assert [r for r in self.ledger_rows if r.request_id == rid] == [report]
-        entries = await self.stream_entries(rid)
-        assert len(entries) == 1, entries
-        assert (entries[0]["status"], entries[0]["cache"]) == (str(status), cache)
+        rows = await self.stored_rows(rid)
+        assert len(rows) == 1, rows
+        row = rows[0]
+        assert (row["status"], row["cache"], row["error_type"]) == (status, cache, error)
+        assert row["cost_loaded_nanos"] == report.cost.loaded_nanos
         spans = self.spans_of(rid)
         assert len(spans) == 1, f"{len(spans)} request spans for {rid}"
         span = spans[0]
@@ -226,7 +229,7 @@ class Gateway:
         self.services.recorder.drain()
         assert [r for r in self.reports if r.request_id == rid] == []
         assert [r for r in self.ledger_rows if r.request_id == rid] == []
-        assert await self.stream_entries(rid) == []
+        assert await self.stored_rows(rid) == []
         spans = self.spans_of(rid)
         assert len(spans) <= 1
         for span in spans:
@@ -315,6 +318,8 @@ Start = Callable[..., Awaitable[Gateway]]
 async def start(
     fakes: Fakes,
     settle_redis: RedisServer,
+    postgres: PostgresServer,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Start]:
@@ -327,6 +332,7 @@ async def start(
 
     async def make(small_tier: dict[str, Any] | None = None, **sections: Any) -> Gateway:
         config = gateway_config([fakes.small.url], [fakes.large.url], settle_redis.url)
+        config = with_ledger(config, postgres, tmp_path / f"spool-{len(started)}")
         config["redis"]["call_budget_ms"] = 2000  # Redis is not what these tests are about
         config["upstream"] = {
             "connect_timeout_s": 1,
