@@ -1,4 +1,5 @@
-"""``tollway db``: create and upgrade the database schema, and show its version.
+"""``tollway db``: create and upgrade the database schema, show its version, and rebuild
+Redis's spend counters from the ledger.
 
 The database comes from ``--database-url``, else ``--config``'s ``database.url``,
 else ``TOLLWAY_DATABASE_URL``.
@@ -11,8 +12,10 @@ import asyncio
 import os
 import sys
 
-from gateway.config import ConfigError, DatabaseConfig, load_settings
-from ledger import schema
+from cache.redis_client import RedisClient
+from cache.spend import SpendCounters
+from gateway.config import ConfigError, DatabaseConfig, RedisConfig, load_settings
+from ledger import counters, schema
 from ledger.database import UNREACHABLE, connect
 
 
@@ -25,6 +28,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         command = sub.add_parser(name, help=text)
         add_database_args(command)
         command.set_defaults(func=run)
+    rebuild = sub.add_parser(
+        "rebuild-counters",
+        help="raise Redis's spend counters (budgets) to the ledger's figures, e.g. after "
+        "Redis lost its data",
+    )
+    rebuild.add_argument("--config", required=True, help="a tollway.yaml: its database and redis")
+    rebuild.set_defaults(func=_rebuild_counters)
 
 
 def add_database_args(parser: argparse.ArgumentParser) -> None:
@@ -92,3 +102,36 @@ async def _run_status(config: DatabaseConfig) -> int:
     have = applied[-1] if applied else 0
     print(f"applied: {have}  known to this tollway: {schema.latest()}")
     return 0 if have == schema.latest() else 3
+
+
+def _rebuild_counters(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return 2
+    if settings.database is None:
+        print(f"tollway: {args.config} has no database section", file=sys.stderr)
+        return 2
+    return asyncio.run(_run_rebuild(settings.database, settings.redis))
+
+
+async def _run_rebuild(database: DatabaseConfig, redis_config: RedisConfig) -> int:
+    redis = RedisClient(redis_config.url, cluster=redis_config.cluster)
+    await redis.start()
+    try:
+        conn = await connect(database)
+    except UNREACHABLE as exc:
+        await redis.close()
+        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        tenants = await counters.rebuild(conn, SpendCounters(redis))
+    except ConnectionError as exc:
+        print(f"tollway: {exc} ({redis_config.url})", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+        await redis.close()
+    print(f"spend counters rebuilt from the ledger for {tenants} tenant(s)")
+    return 0

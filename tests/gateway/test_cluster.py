@@ -1,4 +1,4 @@
-"""The gateway against a local 3-node Redis Cluster: cache, coalescing, idempotency, ledger."""
+"""The gateway against a local 3-node Redis Cluster: cache, coalescing, idempotency, spend."""
 
 from __future__ import annotations
 
@@ -8,15 +8,20 @@ from pathlib import Path
 
 import openai
 
-from tests.conftest import FAST_SIM, KEY, gateway_config
+from tests.conftest import FAST_SIM, KEY, gateway_config, with_ledger
+from tests.support.postgres_server import PostgresServer
 from tests.support.procs import start_gateway, start_sim
 from tests.support.redis_server import run_redis
 
 
-def test_gateway_on_a_redis_cluster(log_dir: Path) -> None:
+def test_gateway_on_a_redis_cluster(
+    log_dir: Path, postgres: PostgresServer, tmp_path: Path
+) -> None:
     with run_redis(cluster=True) as cluster:
         sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
         config = gateway_config([sims[0].url], [sims[1].url], cluster.url)
+        config = with_ledger(config, postgres, tmp_path / "spool")
+        config["auth"]["keys"][0]["tenant"] = "cluster-acme"  # its own usage sums
         config["redis"]["cluster"] = True
         config["cache"] = {"local_ttl_s": 0}  # every hit must come from the cluster
         gateway = start_gateway(log_dir, config)

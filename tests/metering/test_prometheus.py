@@ -341,13 +341,13 @@ def test_a_failing_replica_source_does_not_break_the_scrape(
         raise RuntimeError("pool gone")
 
     m = GatewayMetrics()
-    m.ledger_write_lost()
+    m.ledger_rows_written(7)
     m.register_replica_source(broken)
     with caplog.at_level(logging.ERROR, logger="metering.prometheus"):
         first = scrape(m)
         second = scrape(m)
 
-    assert first["tollway_ledger_writes_lost_total"] == [({}, 1.0)]
+    assert first["tollway_ledger_rows_written_total"] == [({}, 7.0)]
     assert "tollway_replica_gpu_seconds_total" not in first
     # counted during the first scrape, after its own family was already exported
     assert second["tollway_telemetry_failures_total"] == [({"kind": "replica_source"}, 1.0)]
@@ -364,7 +364,10 @@ def test_queue_cache_and_fail_open_counters() -> None:
     m.cache_event("small", "hit")
     m.cache_event("small", "error")
     m.redis_failure("set")
-    m.ledger_write_lost(3)
+    m.ledger_rows_dropped("spool_full", 3)
+    m.ledger_rows_written(40)
+    waiting = [12]
+    m.register_spool_source(lambda: waiting[0])
     m.telemetry_failure("otlp_export")
     s = scrape(m)
 
@@ -376,7 +379,11 @@ def test_queue_cache_and_fail_open_counters() -> None:
         ({"tier": "small", "result": "hit"}, 2.0),
     )
     assert s["tollway_redis_failures_total"] == [({"operation": "set"}, 1.0)]
-    assert s["tollway_ledger_writes_lost_total"] == [({}, 3.0)]
+    assert s["tollway_ledger_rows_dropped_total"] == [({"reason": "spool_full"}, 3.0)]
+    assert s["tollway_ledger_rows_written_total"] == [({}, 40.0)]
+    assert s["tollway_ledger_spool_rows"] == [({}, 12.0)]
+    waiting[0] = 0  # read at each scrape
+    assert scrape(m)["tollway_ledger_spool_rows"] == [({}, 0.0)]
     assert s["tollway_telemetry_failures_total"] == [({"kind": "otlp_export"}, 1.0)]
 
 
@@ -396,6 +403,9 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
     m.fallback("small", "large", "unavailable")
     m.ejection("http://a:8000", "small")
     m.observe_route("small", 0.25)
+    m.ledger_rows_written(1)
+    m.ledger_rows_dropped("rejected", 1)
+    m.register_spool_source(lambda: 0)
     m.register_replica_source(lambda: [ReplicaGpu("http://a:8000", "small", 1, 1, 0, 1, True, 4)])
     body, content_type = m.render()
 
