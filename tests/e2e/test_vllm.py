@@ -18,7 +18,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import KEY, OTHER_KEY, gateway_config
+from tests.conftest import KEY, OTHER_KEY, gateway_config, with_ledger
+from tests.support.postgres_server import PostgresServer
 from tests.support.procs import Proc, free_port, start_gateway
 from tests.support.redis_server import run_redis
 from tests.support.vllm import run_vllm
@@ -26,12 +27,15 @@ from tests.support.watch import VllmWatcher
 
 pytestmark = pytest.mark.vllm
 
+TENANT = "vllm-e2e"  # OTHER_KEY's tenant here
 MESSAGES: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str]]:
-    """The gateway, and the vLLM URL behind it."""
+def vllm_stack(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
+) -> Iterator[tuple[Proc, str]]:
+    """The gateway (its ledger in the suite's PostgreSQL), and the vLLM URL behind it."""
     log_dir = tmp_path_factory.mktemp("vllm")
     with (
         run_redis() as redis_server,
@@ -49,6 +53,8 @@ def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc,
             tier["replicas"][0].update(max_num_seqs=4, gpu_hourly_usd=1.0)
         config["upstream"] = {"first_byte_timeout_s": 120, "total_timeout_s": 300}
         config["scheduling"] = {"deadline_ms": 240_000}  # CPU vLLM is slow: queue, never shed
+        config = with_ledger(config, postgres, log_dir / "spool")
+        config["auth"]["keys"][1]["tenant"] = TENANT  # its own sums in the shared ledger
         gateway = start_gateway(log_dir, config)
         try:
             yield gateway, vllm_url
@@ -170,11 +176,11 @@ def _occupancy(gateway: Proc) -> dict[str, float]:
 
 
 def _usage_total(gateway: Proc) -> dict[str, Any]:
-    """The usage of tenant globex, which only the metering test uses (no other test's
-    records, still in the ledger writer's queue, can land in its window)."""
+    """The usage of TENANT, which only the metering test uses (no other test's records,
+    still on their way to the ledger, can land in its window)."""
     response = httpx.get(
         gateway.url + "/v1/usage",
-        params={"tenant": "globex"},
+        params={"tenant": TENANT},
         headers={"authorization": f"Bearer {OTHER_KEY}"},
         timeout=10,
     )
