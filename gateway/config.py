@@ -85,7 +85,7 @@ class LedgerConfig(Strict):
     sync_interval_s: float = Field(default=0.2, gt=0, le=5)
     write_interval_s: float = Field(default=1.0, gt=0, le=60)
     batch_rows: int = Field(default=5000, ge=1, le=100_000)
-    retention_months: int = Field(default=25, ge=1)  # older monthly partitions are dropped
+    retention_months: int = Field(default=25, ge=1)  # what `tollway db prune` keeps
 
 
 class BudgetConfig(Strict):

@@ -1,5 +1,5 @@
-"""``tollway db``: create and upgrade the database schema, show its version, and rebuild
-Redis's spend counters from the ledger.
+"""``tollway db``: create and upgrade the database schema, show its version, rebuild
+Redis's spend counters from the ledger, and drop months past the retention.
 
 The database comes from ``--database-url``, else ``--config``'s ``database.url``,
 else ``TOLLWAY_DATABASE_URL``.
@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime
 
 from cache.redis_client import RedisClient
 from cache.spend import SpendCounters
 from gateway.config import ConfigError, DatabaseConfig, RedisConfig, load_settings
-from ledger import counters, schema
+from ledger import counters, schema, store
 from ledger.database import UNREACHABLE, connect
 
 
@@ -35,6 +36,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     rebuild.add_argument("--config", required=True, help="a tollway.yaml: its database and redis")
     rebuild.set_defaults(func=_rebuild_counters)
+    prune = sub.add_parser(
+        "prune", help="drop the ledger's months older than ledger.retention_months (export first)"
+    )
+    prune.add_argument("--config", required=True, help="a tollway.yaml: its database and ledger")
+    prune.add_argument("--keep-months", type=int, help="overrides ledger.retention_months")
+    prune.set_defaults(func=_prune)
 
 
 def add_database_args(parser: argparse.ArgumentParser) -> None:
@@ -134,4 +141,40 @@ async def _run_rebuild(database: DatabaseConfig, redis_config: RedisConfig) -> i
         await conn.close()
         await redis.close()
     print(f"spend counters rebuilt from the ledger for {tenants} tenant(s)")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return 2
+    if settings.database is None:
+        print(f"tollway: {args.config} has no database section", file=sys.stderr)
+        return 2
+    keep = args.keep_months or settings.ledger.retention_months
+    if keep < 1:
+        print("tollway: --keep-months must be at least 1", file=sys.stderr)
+        return 2
+    return asyncio.run(_run_prune(settings.database, keep))
+
+
+async def _run_prune(database: DatabaseConfig, keep: int) -> int:
+    """Keep the current month and the ``keep - 1`` before it."""
+    today = datetime.now(UTC)
+    index = today.year * 12 + today.month - 1 - (keep - 1)
+    oldest_kept = (index // 12, index % 12 + 1)
+    try:
+        conn = await connect(database)
+    except UNREACHABLE as exc:
+        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        dropped = await store.drop_before(conn, oldest_kept)
+    finally:
+        await conn.close()
+    for year, month in dropped:
+        print(f"dropped {year:04d}-{month:02d}")
+    print(f"kept from {oldest_kept[0]:04d}-{oldest_kept[1]:02d} on")
     return 0

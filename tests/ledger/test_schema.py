@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -13,8 +14,10 @@ import pytest
 import yaml
 
 from gateway.config import DatabaseConfig
-from ledger import schema
+from ledger import schema, store
 from ledger.database import connect
+from ledger.rows import LedgerRow
+from metering.report import RequestReport
 from tests.conftest import FAST_SIM, KEY, gateway_config, with_ledger
 from tests.support.postgres_server import PostgresServer, run_postgres
 from tests.support.procs import BIN, Proc, start_gateway, start_sim
@@ -144,3 +147,32 @@ def test_a_gateway_starts_with_the_database_down_and_writes_its_rows_when_it_is_
             break
         assert time.monotonic() < deadline, f"rows never written: {found!r} vs {ids}"
         time.sleep(0.2)
+
+
+async def test_prune_drops_whole_months_past_the_retention_and_keeps_the_rest(
+    conn: asyncpg.Connection, server: PostgresServer, tmp_path: Path
+) -> None:
+    await schema.migrate(conn)
+    now = datetime.now(UTC)
+    months = []
+    for back in range(4):  # this month and the three before
+        index = now.year * 12 + now.month - 1 - back
+        months.append((index // 12, index % 12 + 1))
+    rows = [
+        LedgerRow.of(RequestReport(f"r{y}{m}", "acme", "small", "m", "chat", finished_us=int(
+            datetime(y, m, 2, tzinfo=UTC).timestamp() * 1_000_000)))
+        for y, m in months
+    ]  # fmt: skip
+    for month in store.months(rows):
+        await store.ensure_partition(conn, month)
+    assert await store.insert(conn, rows) == 4
+    path = tmp_path / "tollway.yaml"
+    upstreams = gateway_config(["http://127.0.0.1:9"], ["http://127.0.0.1:10"])
+    path.write_text(yaml.safe_dump(with_ledger(upstreams, server, tmp_path / "spool")))
+    pruned = tollway("db", "prune", "--config", str(path), "--keep-months", "2")
+    assert pruned.returncode == 0, pruned.stderr
+    assert await store.months_present(conn) == sorted(months[:2])
+    left = await conn.fetch("SELECT request_id FROM usage_requests ORDER BY request_id")
+    assert sorted(r["request_id"] for r in left) == sorted(r.request_id for r in rows[:2])
+    hours = await conn.fetchval("SELECT count(*) FROM usage_hourly")
+    assert hours == 2
