@@ -27,7 +27,15 @@ from gateway.auth import Authenticator
 from gateway.config import AuthConfig
 from gateway.errors import AuthenticationFailed
 from ledger.key_store import KeySpec, StoredKey, digest
-from tests.conftest import FAST_SIM, KEY, OTHER_KEY, SdkFactory, gateway_config
+from tests.conftest import (
+    FAST_SIM,
+    KEY,
+    OTHER_KEY,
+    SdkFactory,
+    gateway_config,
+    migrate_database,
+    with_ledger,
+)
 from tests.support import postgres_server
 from tests.support.postgres_server import PostgresServer, run_postgres
 from tests.support.procs import Proc, start_gateway, start_sim
@@ -41,6 +49,11 @@ SPREAD_S = 2.5  # a change on one gateway is seen by every other within this (re
 T = TypeVar("T")
 
 
+def ledgered_config(pg: PostgresServer, sims: list[Proc], spool: Path) -> dict[str, Any]:
+    small, large = sims
+    return with_ledger(gateway_config([small.url], [large.url]), pg, spool)
+
+
 @dataclass
 class Cluster:
     pg: PostgresServer
@@ -48,21 +61,11 @@ class Cluster:
     two: Proc
     sims: list[Proc]
     log_dir: Path
-    spool_root: Path
+    spools: Path
     secrets: list[str] = field(default_factory=list)  # every secret handed out in this module
 
     def config(self, name: str) -> dict[str, Any]:
-        small, large = self.sims
-        return gateway_config(
-            [small.url],
-            [large.url],
-            database={"url": self.pg.url},
-            ledger={"spool_dir": str(self.spool_root / name)},
-        )
-
-
-def migrate(url: str) -> None:
-    subprocess.run([TOLLWAY, "db", "migrate", "--database-url", url], check=True)
+        return ledgered_config(self.pg, self.sims, self.spools / name)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +73,14 @@ def cluster(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     started: list[Proc] = []
     with run_postgres() as pg:
         try:
-            migrate(pg.url)
-            started.append(start_sim(log_dir, ["sim-small"], *FAST_SIM))
-            started.append(start_sim(log_dir, ["sim-large"], *FAST_SIM))
+            migrate_database(pg.url)  # its own database: a test here stops it
+            for model in ("sim-small", "sim-large"):
+                started.append(start_sim(log_dir, [model], *FAST_SIM))
+            sims = started[:2]
             spools = tmp_path_factory.mktemp("spools")
-            partial = Cluster(pg, started[0], started[0], started[:2], log_dir, spools)
-            one = start_gateway(log_dir, partial.config("one"))
-            started.append(one)
-            two = start_gateway(log_dir, partial.config("two"))
-            started.append(two)
-            yield Cluster(pg, one, two, started[:2], log_dir, spools, partial.secrets)
+            for name in ("one", "two"):
+                started.append(start_gateway(log_dir, ledgered_config(pg, sims, spools / name)))
+            yield Cluster(pg, started[2], started[3], sims, log_dir, spools)
         finally:
             for proc in reversed(started):
                 proc.stop()
@@ -142,7 +143,8 @@ def chat(client: openai.OpenAI, model: str = "sim-small", **kwargs: Any) -> str:
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4, **kwargs
     )
-    return reply.model
+    served: str = reply.model
+    return served
 
 
 def test_a_key_made_on_one_gateway_works_on_the_other(cluster: Cluster, sdk: SdkFactory) -> None:
@@ -393,7 +395,9 @@ def test_the_cli_creates_lists_rotates_and_revokes(cluster: Cluster) -> None:
     assert "403" in refused.stderr
 
 
-def test_keys_keep_working_while_the_database_is_down(cluster: Cluster, sdk: SdkFactory) -> None:
+def test_keys_keep_working_while_the_database_is_down(
+    cluster: Cluster, sdk: SdkFactory, procs: list[Proc]
+) -> None:
     key = create(cluster)
     secret = key["secret"]
     accepted_on(cluster.two, secret)
@@ -407,17 +411,16 @@ def test_keys_keep_working_while_the_database_is_down(cluster: Cluster, sdk: Sdk
         # A gateway that starts while the database is down serves its config keys,
         # and loads the managed ones once the database is back.
         three = start_gateway(cluster.log_dir, cluster.config("three"))
+        procs.append(three)
+        assert models(three, KEY).status_code == 200
+        assert models(three, secret).status_code == 401
     finally:
         cluster.pg.start()
-    try:
-        assert models(three, KEY).status_code == 200
-        accepted_on(three, secret)
-        wait_for(lambda: admin(cluster.one, "GET").status_code == 200)
-        later = create(cluster)
-        _, spread = wait_for(lambda: models(cluster.two, later["secret"]).status_code == 200)
-        assert spread <= SPREAD_S
-    finally:
-        three.stop()
+    accepted_on(three, secret)
+    wait_for(lambda: admin(cluster.one, "GET").status_code == 200)
+    later = create(cluster)
+    _, spread = wait_for(lambda: models(cluster.two, later["secret"]).status_code == 200)
+    assert spread <= SPREAD_S
 
 
 def test_no_secret_in_logs_metrics_or_the_database(cluster: Cluster) -> None:
