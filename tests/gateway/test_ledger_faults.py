@@ -17,7 +17,9 @@ Each test has its own tenant, whose rows are its rows.
   (ledger.sync_interval_s + 0.1 s)) + concurrency`` (the requests answered but
   not yet settled). To be sure rows *are* waiting in the spool at the kill
   (the writer otherwise empties it every ``write_interval_s``), the test holds
-  a lock that stalls the gateway's inserts for its last second.
+  a lock that stalls the gateway's inserts for its last 150 answers (under a
+  second); the dead process's stalled insert then commits, and the new
+  process's insert of the same rows must store nothing twice.
 
 Every test also asserts that no row is stored twice, that the hourly sums count
 each row once, and that no row was dropped.
@@ -106,10 +108,11 @@ async def metric(gw: Proc, name: str) -> float:
     return value(await asyncio.to_thread(scrape, gw.url), name)
 
 
-async def wait_spool_empty(gw: Proc, within_s: float = 30.0) -> float:
-    """Until every row the gateway holds is in the database; how long that took."""
+async def wait_spool(gw: Proc, at_most: float = 0, within_s: float = 30.0) -> float:
+    """Until at most ``at_most`` rows wait for the database (0: every row the gateway
+    holds is in it); how long that took."""
     started = time.monotonic()
-    while (rows := await spool_rows(gw)) != 0:
+    while (rows := await spool_rows(gw)) > at_most:
         if time.monotonic() - started > within_s:
             raise AssertionError(f"{rows} ledger rows still wait after {within_s} s:\n"
                                  + gw.log_tail())  # fmt: skip
@@ -172,7 +175,7 @@ async def test_postgres_killed_under_load_loses_no_row(
     tenant = TENANTS["postgres"]
     gw = gateway(world, tmp_path / "spool", procs)
     async with Load(gw.url, key_of(tenant), concurrency=CONCURRENCY, tag="pg") as load:
-        await load.wait_served(150)
+        await load.wait_served(300)
         before = await spool_rows(gw)
         await asyncio.to_thread(world.postgres.kill)
         down_at = time.monotonic()
@@ -183,16 +186,18 @@ async def test_postgres_killed_under_load_loses_no_row(
         finally:
             await asyncio.to_thread(world.postgres.start)
         outage_s = time.monotonic() - down_at
-        await load.wait_served(len(load.served) + 150)  # and on, with the database back
+        # Under load still, the backlog is written (the writer retries at most 5 s apart).
+        caught_up_s = await wait_spool(gw, at_most=waiting / 4)
     rate = len(load.served) / (load.stopped_at - load.started_at)
-    drain_s = await wait_spool_empty(gw)
+    drain_s = await wait_spool(gw)
     found = await assert_every_served_once(world, load, tenant)
     assert await metric(gw, "tollway_ledger_rows_dropped_total") == 0
     assert await metric(gw, "tollway_ledger_rows_written_total") >= found.rows
     print(
         f"\npostgres down {outage_s:.1f} s under {CONCURRENCY} clients at {rate:.0f} req/s: "
         f"{len(load.served)} served, {served_down} while down; spool rows {before:.0f} before, "
-        f"{waiting:.0f} at the end of the outage, 0 again {drain_s:.1f} s after the load stopped"
+        f"{waiting:.0f} at the end of the outage, under a quarter of that {caught_up_s:.1f} s "
+        f"after it (under load), 0 {drain_s:.1f} s after the load stopped"
     )
     # The outage's rows waited in the spool: all but those answered and not yet settled.
     assert waiting >= served_down - CONCURRENCY > 0
@@ -204,7 +209,7 @@ async def test_redis_killed_under_load_loses_no_row(
     tenant = TENANTS["redis"]
     gw = gateway(world, tmp_path / "spool", procs)
     async with Load(gw.url, key_of(tenant), concurrency=CONCURRENCY, tag="redis") as load:
-        await load.wait_served(150)
+        await load.wait_served(300)
         await asyncio.to_thread(world.redis.stop)
         down_at = time.monotonic()
         try:
@@ -213,9 +218,9 @@ async def test_redis_killed_under_load_loses_no_row(
         finally:
             await asyncio.to_thread(world.redis.start)
         outage_s = time.monotonic() - down_at
-        await load.wait_served(len(load.served) + 150)
+        await load.wait_served(len(load.served) + 300)  # and on, with Redis back
     rate = len(load.served) / (load.stopped_at - load.started_at)
-    drain_s = await wait_spool_empty(gw)
+    drain_s = await wait_spool(gw)
     await assert_every_served_once(world, load, tenant)
     assert await metric(gw, "tollway_ledger_rows_dropped_total") == 0
     print(
@@ -265,7 +270,7 @@ async def test_gateway_sigkilled_under_load_loses_at_most_the_unsynced_rows(
     restarted = world.log_dir / "restarted"
     restarted.mkdir(exist_ok=True)
     second = gateway(world, spool, procs, restarted, port=port)
-    drain_s = await wait_spool_empty(second)
+    drain_s = await wait_spool(second)
     from_spool = await metric(second, "tollway_ledger_rows_written_total")  # it served none
 
     found = await stored(world.postgres, tenant)
