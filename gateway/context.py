@@ -39,6 +39,7 @@ class RequestContext:
     # Set while preparing: a request refused before it is routed did no work.
     tenant: str = ""
     key_id: str = ""  # the API key's id (never the key): the ledger's key column
+    allowed_tiers: frozenset[str] | None = None  # the key's; None: any (fallbacks too)
     decision: Decision | None = None
     span: RequestSpan | None = None
     ticket: Ticket | None = None  # admission: tenant, priority, deadline

@@ -149,6 +149,7 @@ class Pipeline:
         principal = self.auth.authenticate(headers.get("authorization"))
         ctx.tenant = principal.tenant
         ctx.key_id = principal.key_id
+        ctx.allowed_tiers = principal.allowed_tiers
         budget = self.budgets.check(principal.tenant)  # 429 when spent
         raw = await self._read_body(request)
         body = _parse_json(raw)

@@ -35,7 +35,7 @@ from gateway.disconnect import cancel_on_disconnect
 from gateway.errors import JSON, GatewayError, NoHealthyUpstream, UpstreamError
 from gateway.idempotent import IdempotencyLayer, replayed_events
 from gateway.meter import Meter
-from gateway.pool import Pools
+from gateway.pool import Pools, TierPool
 from gateway.sse import DONE, chunks_from_completion
 from gateway.stream_shaper import StreamShaper
 from gateway.streaming import EventStreamResponse, relay_events
@@ -257,7 +257,7 @@ class Serving:
         its fallbacks are candidates now.
         """
         assert ctx.ticket is not None
-        candidates = self.candidates[routed.tier]
+        candidates = self._candidates(ctx, routed.tier)
         slot = await self.scheduler.acquire(
             candidates[1:] if fallen else candidates,
             ctx.ticket,
@@ -282,6 +282,12 @@ class Serving:
         readdressed["model"] = tier.models[0]
         return slot, orjson.dumps(readdressed)
 
+    def _candidates(self, ctx: RequestContext, tier: str) -> list[TierPool]:
+        """The tier, then those of its fallbacks the request's key may be served by."""
+        allowed = ctx.allowed_tiers
+        candidates = self.candidates[tier]
+        return candidates if allowed is None else [p for p in candidates if p.name in allowed]
+
     async def _send(self, ctx: RequestContext, body: bytes, stream: bool) -> UpstreamReply:
         """Admission, then the upstream call; falls back once more if the tier dies under it."""
         routed = ctx.decision
@@ -290,7 +296,7 @@ class Serving:
         try:
             return await self._post(ctx, slot, sent, stream)
         except NoHealthyUpstream:
-            if slot.fallback is not None or len(self.candidates[routed.tier]) == 1:
+            if slot.fallback is not None or len(self._candidates(ctx, routed.tier)) == 1:
                 raise
             # Its attempts ejected the tier's last replica: the fallbacks may still serve it.
             slot, sent = await self._admit(ctx, body, routed, fallen=True)

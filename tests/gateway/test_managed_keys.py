@@ -479,3 +479,30 @@ def test_the_authenticator_applies_the_newest_row_and_config_keys_win() -> None:
     auth.apply([stored("sk-tw-unit-0003", 1, expires_at=past)])
     with pytest.raises(AuthenticationFailed, match="expired"):
         auth.authenticate("Bearer sk-tw-unit-0003")
+
+
+def test_a_fallback_tier_the_key_may_not_use_is_not_tried(
+    cluster: Cluster, sdk: SdkFactory, procs: list[Proc]
+) -> None:
+    """The small tier is down and falls back to large: a key bound to small gets the
+    tier's 503, never an answer from large; a key allowed both is served by large."""
+    config = cluster.config("fallback")
+    config["tiers"][0]["replicas"] = [{"url": "http://127.0.0.1:9", "max_num_seqs": 4}]
+    config["tiers"][0]["fallback"] = ["large"]
+    gateway = start_gateway(cluster.log_dir, config)
+    procs.append(gateway)
+    bound = create(cluster, allowed_tiers=["small"])["secret"]
+    both = create(cluster, allowed_tiers=["small", "large"])["secret"]
+    accepted_on(gateway, bound)
+    accepted_on(gateway, both)
+    raw = sdk(gateway, both).chat.completions.with_raw_response.create(
+        model="sim-small", messages=[{"role": "user", "content": "fall back"}], max_tokens=4
+    )
+    assert (raw.headers["x-tollway-tier"], raw.headers["x-tollway-fallback-from"]) == (
+        "large", "small",
+    )  # fmt: skip
+    with pytest.raises(openai.InternalServerError) as refused:
+        sdk(gateway, bound).chat.completions.create(
+            model="sim-small", messages=[{"role": "user", "content": "fall back"}], max_tokens=4
+        )
+    assert refused.value.status_code == 503
