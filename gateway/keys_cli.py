@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
+
+from gateway.api_client import ApiError, call_json
 
 LIST_COLUMNS = ("id", "name", "tenant", "hint", "status", "expires_at", "created_at")
 
@@ -82,32 +82,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         command.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
-class ApiError(Exception):
-    """The gateway answered with an error, or did not answer; the message says which."""
-
-
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     """One admin API call: its JSON answer, or ``ApiError``."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        args.url.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"authorization": f"Bearer {args.api_key}", "content-type": "application/json"},
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read().decode(errors="replace")
-        try:
-            message = json.loads(raw)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = raw
-        raise ApiError(f"{exc.code}: {message}") from None
-    except OSError as exc:
-        raise ApiError(f"cannot reach {args.url}: {exc}") from None
+    return call_json(args.url, args.api_key, method, path, body=body, timeout=30)
 
 
 def _run(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:

@@ -16,11 +16,9 @@ import json
 import os
 import shutil
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
+from gateway.api_client import ApiError, call_json, open_api
 from ledger.usage import GROUPS
 
 PAGE = 1000  # the API's largest page
@@ -48,35 +46,12 @@ def configure_parser(usage: argparse.ArgumentParser) -> None:
     usage.set_defaults(func=_usage)
 
 
-class ApiError(Exception):
-    """The gateway answered with an error, or did not answer; the message says which."""
-
-
 def _open(args: argparse.Namespace, path: str, query: dict[str, Any]) -> http.client.HTTPResponse:
-    params = {name: value for name, value in query.items() if value is not None}
-    url = args.url.rstrip("/") + path + "?" + urllib.parse.urlencode(params)
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {args.api_key}"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        response: http.client.HTTPResponse = opener.open(request, timeout=60)
-    except urllib.error.HTTPError as exc:
-        raw = exc.read().decode(errors="replace")
-        try:
-            message = json.loads(raw)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = raw
-        raise ApiError(f"{exc.code}: {message}") from None
-    except OSError as exc:
-        raise ApiError(f"cannot reach {args.url}: {exc}") from None
-    return response
+    return open_api(args.url, args.api_key, "GET", path, query=query)
 
 
 def _get(args: argparse.Namespace, path: str, query: dict[str, Any]) -> Any:
-    with _open(args, path, query) as response:
-        try:
-            return json.loads(response.read())
-        except (OSError, http.client.HTTPException) as exc:
-            raise ApiError(f"the answer from {args.url} was cut short: {exc!r}") from None
+    return call_json(args.url, args.api_key, "GET", path, query=query)
 
 
 def _copy(args: argparse.Namespace, path: str, query: dict[str, Any]) -> None:
