@@ -3,13 +3,14 @@
 A request is priced before it is answered (its headers carry the price);
 counting it can wait a moment. ``Recorder.add`` queues the report (the
 settlement's last step); a background task hands what has gathered to every
-consumer (Prometheus, the usage ledger) every ``linger_s`` (the gateway's is
-``ledger.write_interval_s``, 1 s: the ledger writes each batch as it comes).
+consumer (Prometheus, the spend counters, the ledger's spool) every
+``linger_s`` (the gateway's is ``ledger.sync_interval_s``, 0.2 s: what a
+SIGKILL can lose of the ledger, see docs/ledger.md).
 
 ``GET /metrics`` drains first, so a scrape counts every request answered
 before it; ``stop()`` drains last, before the ledger stops. ``/v1/usage``
-lags the answers by up to about ``ledger.write_interval_s``, plus the write
-itself. Everything runs on the event loop's thread: no locks.
+lags the answers by about ``ledger.sync_interval_s`` plus
+``ledger.write_interval_s``. Everything runs on the event loop's thread: no locks.
 """
 
 from __future__ import annotations

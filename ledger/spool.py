@@ -38,6 +38,15 @@ log = logging.getLogger("tollway.ledger.spool")
 MAGIC = b"tollway-spool 1\n"
 HEADER = struct.Struct("<II")  # payload length, crc32 of payload
 SUFFIX = ".seg"
+READ_BYTES = 1 << 20  # read a backlog this much at a time, not a whole segment
+
+
+def _whole(file: BinaryIO, offset: int) -> int:
+    """The size of the record at ``offset``, header included (a read must hold one whole)."""
+    file.seek(offset)
+    head = file.read(HEADER.size)
+    file.seek(offset)
+    return HEADER.size + HEADER.unpack(head)[0] if len(head) == HEADER.size else HEADER.size
 
 
 class Position(NamedTuple):
@@ -147,16 +156,21 @@ class Spool:
         records: list[bytes] = []
         segment, offset = self._cursor
         while len(records) < max_records and segment in self._sizes:
+            size = self._sizes[segment]
             with open(self._path(segment), "rb") as file:
-                file.seek(offset)
-                data = file.read(self._sizes[segment] - offset)
-            at = 0
-            while len(records) < max_records and at + HEADER.size <= len(data):
-                length, _ = HEADER.unpack_from(data, at)
-                records.append(data[at + HEADER.size : at + HEADER.size + length])
-                at += HEADER.size + length
-            offset += at
-            if offset < self._sizes[segment] or segment == max(self._sizes):
+                while len(records) < max_records and offset < size:
+                    file.seek(offset)
+                    data = file.read(min(size - offset, max(READ_BYTES, _whole(file, offset))))
+                    at = 0
+                    while len(records) < max_records and at + HEADER.size <= len(data):
+                        length, _ = HEADER.unpack_from(data, at)
+                        end = at + HEADER.size + length
+                        if end > len(data):
+                            break  # the rest of it is in the next read
+                        records.append(data[at + HEADER.size : end])
+                        at = end
+                    offset += at
+            if offset < size or segment == max(self._sizes):
                 break
             segment, offset = segment + 1, len(MAGIC)
         return records, Position(segment, offset)
