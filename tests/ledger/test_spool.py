@@ -133,3 +133,13 @@ def test_a_segment_fully_acknowledged_before_a_crash_is_deleted_at_open(tmp_path
     assert len(after) < len(before)
     assert os.path.exists(tmp_path / after[0])
     assert drain(again) == payloads(10, 5)
+
+
+def test_records_that_straddle_a_read_come_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ledger.spool.READ_BYTES", 40)  # a few records a read, cut mid-record
+    spool = opened(tmp_path, segment_bytes=1000)
+    rows = payloads(0, 50) + [b"y" * 300]  # and one record bigger than a read
+    spool.append(rows)
+    assert drain(spool, batch=9) == rows
