@@ -140,6 +140,6 @@ def test_records_that_straddle_a_read_come_back_whole(
 ) -> None:
     monkeypatch.setattr("ledger.spool.READ_BYTES", 40)  # a few records a read, cut mid-record
     spool = opened(tmp_path, segment_bytes=1000)
-    rows = payloads(0, 50) + [b"y" * 300]  # and one record bigger than a read
+    rows = [*payloads(0, 50), b"y" * 300]  # and one record bigger than a read
     spool.append(rows)
     assert drain(spool, batch=9) == rows
