@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 
 if TYPE_CHECKING:
+    import uvicorn
+    from starlette.types import ASGIApp
+
     from gateway.config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_apps
     from gateway.config import ConfigError, load_settings
 
     try:
@@ -32,22 +36,56 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"tollway: database: {problem}", file=sys.stderr)
         return 2
-    host = args.host or settings.listen.host
-    port = args.port or settings.listen.port
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # client addresses are not used; skip the per-request middleware
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.drain_timeout,
-        backlog=4096,
+    apps = create_apps(settings)
+
+    def server(
+        app: ASGIApp, host: str, port: int, lifespan: Literal["on", "off"]
+    ) -> uvicorn.Server:
+        return uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                loop="uvloop",
+                http="httptools",
+                lifespan=lifespan,
+                access_log=False,
+                proxy_headers=False,  # client addresses are unused: skip that middleware
+                log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout,
+                backlog=4096,
+            )
+        )
+
+    public = server(
+        apps.public, args.host or settings.listen.host, args.port or settings.listen.port, "on"
     )
-    return 0
+    admin = None
+    if apps.admin is not None and settings.ops.admin_listen is not None:
+        listen = settings.ops.admin_listen
+        admin = server(apps.admin, listen.host, listen.port, "off")
+    with asyncio.Runner(loop_factory=public.config.get_loop_factory()) as runner:
+        runner.run(_run_servers(public, admin))
+    return 0 if public.started else 3  # 3: uvicorn's "startup failed"
+
+
+async def _run_servers(public: uvicorn.Server, admin: uvicorn.Server | None) -> None:
+    """Both listeners on one loop until the public one stops.
+
+    Each ``Server.serve`` catches SIGTERM/SIGINT while it runs and, once it has
+    shut down, restores the handler it found and raises the signal again: so a
+    SIGTERM stops both, one after the other, and the public listener drains its
+    requests in flight as it does alone. It also stops the admin listener when
+    it ends for any other reason (its lifespan failed to start)."""
+    if admin is None:
+        await public.serve()
+        return
+    admin_task = asyncio.create_task(admin.serve())
+    try:
+        await public.serve()
+    finally:
+        admin.should_exit = True
+        await admin_task
 
 
 def _database_problem(settings: Settings) -> str | None:
@@ -89,6 +127,8 @@ def _check_config(args: argparse.Namespace) -> int:
     resolved = settings.model_dump(mode="json")
     for key in resolved["auth"]["keys"]:
         key["key"] = key["key"][:3] + "...(redacted)"
+    if resolved["ops"]["metrics_token"] is not None:
+        resolved["ops"]["metrics_token"] = "(redacted)"
     sys.stdout.write(orjson.dumps(resolved, option=orjson.OPT_INDENT_2).decode() + "\n")
     print(f"tollway: {args.config} is valid", file=sys.stderr)
     return 0

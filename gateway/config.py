@@ -88,17 +88,36 @@ class LedgerConfig(Strict):
     retention_months: int = Field(default=25, ge=1)  # what `tollway db prune` keeps
 
 
+RedisDown = Literal["fail_open", "fail_closed"]
+
+
 class BudgetConfig(Strict):
     """A tenant's spend limits in USD (fully loaded cost), per UTC day and calendar month."""
 
     daily_usd: NonNegativeFloat | None = None
     monthly_usd: NonNegativeFloat | None = None
+    on_redis_down: RedisDown | None = None  # None: reservations.on_redis_down
 
     @model_validator(mode="after")
     def _some_limit(self) -> BudgetConfig:
         if self.daily_usd is None and self.monthly_usd is None:
             raise ValueError("give daily_usd, monthly_usd or both")
         return self
+
+
+class ReservationConfig(Strict):
+    """How budgets hold a request's worst-case cost before it runs (gateway.budgets)."""
+
+    # A reservation whose gateway died is let go after this; None: the upstream's
+    # total_timeout_s plus 30 s (a live request is always settled before).
+    hold_s: PositiveFloat | None = None
+    # A GPU-priced tier's cost per token before it has served anything, and the least
+    # it is ever taken to be (loaded USD per million tokens; see metering/estimate.py).
+    unobserved_usd_per_mtok: PositiveFloat = 20.0
+    floor_usd_per_mtok: NonNegativeFloat = 0.0
+    # Redis unreachable: serve unchecked (counted, reconciled from the ledger after)
+    # or refuse with 503. Per tenant: budgets.<tenant>.on_redis_down.
+    on_redis_down: RedisDown = "fail_open"
 
 
 class ApiKey(Strict):
@@ -144,6 +163,9 @@ class Tier(Strict):
     # admit a request within its deadline.
     fallback: list[str] = Field(default_factory=list)
     priority: int = Field(default=0, ge=-100, le=100)  # admission priority of its requests
+    # The most a request that sets no max_tokens is taken to generate, for budget
+    # reservations (not sent to vLLM).
+    max_output_tokens: int = Field(default=4096, ge=1)
 
 
 class RoutingConfig(Strict):
@@ -217,6 +239,31 @@ class TelemetryConfig(Strict):
     record_content: bool = False  # prompt and completion text on spans: opt-in only
 
 
+class OpsConfig(Strict):
+    """Who may read the operational endpoints: ``/metrics`` and the detailed ``/ready``.
+
+    Both show every tenant's figures and every replica's URL and last error, so
+    the public listener serves them only to a bearer ``metrics_token``
+    (``Authorization: Bearer <token>``); its plain ``/ready`` says ready or not
+    and nothing else. ``admin_listen`` adds a second listener, loopback by
+    default, that serves ``/metrics``, the detailed ``/ready`` and ``/health``
+    without a token: keep it off any network tenants reach. With neither set,
+    ``/metrics`` is refused (401) unless ``metrics_public: true`` says the
+    public port is itself private.
+    """
+
+    metrics_token: str | None = Field(default=None, min_length=16, repr=False)
+    admin_listen: ListenConfig | None = None
+    metrics_public: bool = False  # /metrics and the detailed /ready to anyone: opt-in only
+    docs: bool = True  # /openapi.json, /docs and /redoc
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> OpsConfig:
+        if self.metrics_public and self.metrics_token is not None:
+            raise ValueError("metrics_public: true serves /metrics to anyone; drop metrics_token")
+        return self
+
+
 class Settings(Strict):
     listen: ListenConfig = ListenConfig()
     redis: RedisConfig = RedisConfig()
@@ -236,6 +283,8 @@ class Settings(Strict):
     cache: CacheConfig = CacheConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
     budgets: dict[str, BudgetConfig] = Field(default_factory=dict)  # by tenant
+    reservations: ReservationConfig = ReservationConfig()
+    ops: OpsConfig = OpsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -320,6 +369,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     "TOLLWAY_SPOOL_DIR": ("ledger", "spool_dir"),
     "TOLLWAY_HOST": ("listen", "host"),
     "TOLLWAY_PORT": ("listen", "port"),
+    "TOLLWAY_METRICS_TOKEN": ("ops", "metrics_token"),
 }
 
 

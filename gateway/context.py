@@ -20,6 +20,7 @@ from gateway.admission import Ticket
 from gateway.errors import GatewayError
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
+from metering.budget import Budget
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan
 from metering.usage import TokenUsage
@@ -40,6 +41,7 @@ class RequestContext:
     tenant: str = ""
     key_id: str = ""  # the API key's id (never the key): the ledger's key column
     allowed_tiers: frozenset[str] | None = None  # the key's; None: any (fallbacks too)
+    key_budget: Budget | None = None  # a managed key's own budget
     decision: Decision | None = None
     span: RequestSpan | None = None
     ticket: Ticket | None = None  # admission: tenant, priority, deadline

@@ -35,7 +35,6 @@ from starlette.types import Receive, Scope, Send
 
 from cache.idempotency import fingerprint
 from gateway.auth import Authenticator, Principal
-from gateway.budgets import BudgetGuard
 from gateway.burn_shift import BurnShift
 from gateway.caching import CacheLayer, CachePlan
 from gateway.context import RequestContext
@@ -56,6 +55,7 @@ from gateway.settle import Settlement
 from gateway.sse import CompletionBuilder
 from gateway.stream_shaper import StreamShaper, upstream_stream_options
 from gateway.tickets import TicketOffice
+from metering.budget import Budget
 from metering.telemetry import Content, Telemetry
 from router.table import Decision, RouteTable, UnknownModel
 
@@ -81,7 +81,6 @@ class Pipeline:
         routes: RouteTable,
         tickets: TicketOffice,
         telemetry: Telemetry,
-        budgets: BudgetGuard,
         caching: CacheLayer,
         burn: BurnShift,
         serving: Serving,
@@ -95,7 +94,6 @@ class Pipeline:
         self.routes = routes
         self.tickets = tickets
         self.telemetry = telemetry
-        self.budgets = budgets
         self.caching = caching
         self.burn = burn
         self.serving = serving
@@ -150,7 +148,8 @@ class Pipeline:
         ctx.tenant = principal.tenant
         ctx.key_id = principal.key_id
         ctx.allowed_tiers = principal.allowed_tiers
-        budget = self.budgets.check(principal.tenant)  # 429 when spent
+        if principal.daily_usd is not None or principal.monthly_usd is not None:
+            ctx.key_budget = Budget(principal.daily_usd, principal.monthly_usd)
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(ctx.endpoint, body)
@@ -184,8 +183,6 @@ class Pipeline:
         ctx.cache = plan.status
         if shift > 0:  # budget-aware routing moved the cut points
             ctx.headers["x-tollway-route-shift"] = f"{shift:.4f}"
-        if budget is not None:
-            ctx.headers.update(budget.headers())
         if span.wants_content:
             ctx.content = Content(input=body.get("messages", body.get("prompt")))
         idem_print = fingerprint({"path": ctx.endpoint.path, "body": body}) if idem_key else ""

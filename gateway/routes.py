@@ -1,11 +1,11 @@
-"""HTTP routes: each takes the pipeline or state from the app and returns its answer.
+"""The OpenAI API routes: each takes the pipeline or state from the app and returns its answer.
 
-Error bodies everywhere have the OpenAI shape (see ``gateway.errors``).
+Error bodies everywhere have the OpenAI shape (see ``gateway.errors``). The
+operational endpoints (``/metrics``, ``/ready``, ``/health``) are ``gateway.ops_routes``.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -15,7 +15,6 @@ from starlette.responses import Response
 from gateway.errors import JSON
 from gateway.schemas import Endpoint
 from gateway.services import Services
-from metering.occupancy import OccupancySnapshot
 
 router = APIRouter()
 
@@ -72,75 +71,3 @@ async def list_models(request: Request) -> Response:
         ):
             data.append({"id": name, "object": "model", "created": created, "owned_by": "tollway"})
     return _json({"object": "list", "data": data})
-
-
-def _occupancy(snap: OccupancySnapshot) -> dict[str, float]:
-    """The replica's GPU time since the gateway started: busy (by whom) and idle."""
-    return {
-        "wall_s": snap.wall_s,
-        "gpus": snap.gpus,
-        "attributed_gpu_s": snap.attributed_gpu_s,
-        "accrued_gpu_s": snap.accrued_gpu_s,
-        "foreign_gpu_s": snap.foreign_gpu_s,
-        "idle_gpu_s": snap.idle_gpu_s,
-    }
-
-
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    """Prometheus exposition. Async on purpose: it reads the occupancy ledgers on the loop."""
-    services = _services(request)
-    services.recorder.drain()  # every request answered so far is counted
-    body, content_type = services.metrics.render()
-    return Response(body, media_type=content_type)
-
-
-@router.get("/health")
-async def health() -> Response:
-    """Liveness: the process answers. Says nothing about upstreams (see /ready)."""
-    return _json({"status": "ok"})
-
-
-@router.get("/ready")
-async def ready(request: Request) -> Response:
-    """Readiness: every tier has at least one available (healthy, not ejected) replica."""
-    services = _services(request)
-    now = time.monotonic()
-    tiers = {
-        pool.name: {
-            "healthy_replicas": len(pool.available(now)),
-            "queue_depth": services.scheduler.depth(pool.name),
-            "replicas": [
-                {
-                    "url": r.url,
-                    "healthy": r.healthy,
-                    "ejected": r.ejected(now),
-                    "ejected_for_s": round(max(0.0, r.ejected_until - now), 3),
-                    "available": r.available(now),
-                    "in_flight": r.in_flight,
-                    "slots": r.slots,
-                    "foreign": r.foreign,
-                    "error": r.last_error,
-                    "occupancy": _occupancy(r.meter.snapshot(now)),
-                    "vllm": None
-                    if r.vllm is None
-                    else {
-                        "running": r.vllm.running,
-                        "waiting": r.vllm.waiting,
-                        "kv_cache_usage": r.vllm.kv_cache_usage,
-                    },
-                }
-                for r in pool.replicas
-            ],
-        }
-        for pool in services.pools
-    }
-    ok = all(t["healthy_replicas"] for t in tiers.values())
-    return _json(
-        {
-            "status": "ready" if ok else "not_ready",
-            "uptime_s": time.time() - services.started_at,
-            "tiers": tiers,
-        },
-        200 if ok else 503,
-    )

@@ -32,6 +32,7 @@ from gateway.upstream import UpstreamClient
 from ledger import counters
 from ledger.database import UNREACHABLE, Pool, check_schema, open_pool
 from ledger.writer import LedgerWriter
+from metering.estimate import CostEstimator
 from metering.prometheus import GatewayMetrics, ReplicaGpu
 from metering.report import RequestReport
 from metering.telemetry import Telemetry
@@ -106,7 +107,23 @@ class Services:
             )
             metrics.register_spool_source(lambda: ledger.waiting if ledger else 0)
         spend = SpendCounters(redis)
-        budgets = BudgetGuard(settings.budgets, spend)
+        meter = Meter(settings)
+        estimator = CostEstimator(
+            meter.token_prices,
+            meter.overhead,
+            unobserved_usd_per_mtok=settings.reservations.unobserved_usd_per_mtok,
+            floor_usd_per_mtok=settings.reservations.floor_usd_per_mtok,
+        )
+        hold_s = settings.reservations.hold_s or settings.upstream.total_timeout_s + 30
+        budgets = BudgetGuard(
+            settings.budgets,
+            settings.reservations,
+            spend,
+            estimator,
+            hold_s=hold_s,
+            output_caps={t.name: t.max_output_tokens for t in settings.tiers},
+            on_unchecked=metrics.budget_unchecked,
+        )
         cache = ResponseCache(
             redis,
             default_ttl_s=settings.cache.default_ttl_s,
@@ -128,8 +145,9 @@ class Services:
             # How often rows reach the spool on disk: what a SIGKILL can lose at most.
             linger_s=settings.ledger.sync_interval_s,  # /metrics drains it before a scrape
         )
-        sinks = [burn.record] if burn.active else []  # at once: the next route reads it
-        meter = Meter(settings)
+        sinks = [estimator.observe]  # at once: the next reservation and route read them
+        if burn.active:
+            sinks.append(burn.record)
         idempotency = IdempotencyLayer(idempotency_store, settings.idempotency)
         serving = Serving(
             pools=pools,
@@ -147,7 +165,6 @@ class Services:
             routes=routes,
             tickets=tickets,
             telemetry=telemetry,
-            budgets=budgets,
             caching=caching,
             burn=burn,
             serving=serving,
@@ -175,7 +192,7 @@ class Services:
         if self.ledger is not None:
             await self.ledger.start(self.database, schema_checked=checked)
         await self.spend.start()
-        if checked and self.budgets.active:
+        if checked:  # Redis may have lost them, and budgets read them
             await self.rebuild_counters()
         await self.recorder.start()
         await self.upstream.start()

@@ -292,6 +292,7 @@ class Serving:
         """Admission, then the upstream call; falls back once more if the tier dies under it."""
         routed = ctx.decision
         assert routed is not None
+        await self.budgets.reserve(ctx, routed.tier, body)  # 429 when a budget lacks room
         slot, sent = await self._admit(ctx, body, routed)
         try:
             return await self._post(ctx, slot, sent, stream)

@@ -36,6 +36,7 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   fallbacks_total                     counter    from_tier, to_tier, reason
   cache_requests_total                counter    tier, result
   redis_failures_total                counter    operation
+  budget_unchecked_total              counter    tenant
   ledger_spool_rows                   gauge      (none)
   ledger_rows_written_total           counter    (none)
   ledger_rows_dropped_total           counter    reason
@@ -99,7 +100,8 @@ Metrics (every name is prefixed ``tollway_``; units are in the names)::
   reached ``ledger.spool_max_bytes``) | rejected (set aside in the spool's
   ``rejected.jsonl``: the database refused the row's data). Alert on any.
 - ``redis_failures_total`` and ``telemetry_failures_total``: the fail-open
-  paths, counted.
+  paths, counted. ``budget_unchecked_total``: requests of a budgeted tenant
+  served without a reservation because Redis was down (``fail_open``).
 
 PromQL::
 
@@ -495,6 +497,11 @@ class GatewayMetrics:
         self._rows_dropped = counter(
             "tollway_ledger_rows_dropped_total", "Ledger rows lost.", ("reason",)
         )
+        self._unchecked = counter(
+            "tollway_budget_unchecked_total",
+            "Budgeted requests served unchecked (Redis down, fail_open).",
+            ("tenant",),
+        )
         self._telemetry = counter(
             "tollway_telemetry_failures_total", "Telemetry failures (failed open).", ("kind",)
         )
@@ -596,6 +603,9 @@ class GatewayMetrics:
 
     def ledger_rows_dropped(self, reason: str, n: int) -> None:
         self._rows_dropped.labels(reason).inc(n)
+
+    def budget_unchecked(self, tenant: str) -> None:
+        self._unchecked.labels(self._tenant(tenant)).inc()
 
     def telemetry_failure(self, kind: str) -> None:
         self._telemetry.labels(kind).inc()

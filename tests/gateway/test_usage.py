@@ -16,9 +16,13 @@ import redis
 import yaml
 
 from tests.conftest import FAST_SIM, KEY, LEDGER_KEY, OTHER_KEY, Stack, gateway_config, with_ledger
+from tests.support.metrics import metrics_text
 from tests.support.postgres_server import PostgresServer
 from tests.support.procs import BIN, Proc, start_gateway, start_sim
 from tests.support.redis_server import run_redis
+
+
+TINY_HOLDS = {"unobserved_usd_per_mtok": 0.0001}  # a first request's hold: a few nano-dollars
 
 
 def usage(gateway: Proc, key: str, **params: str) -> httpx.Response:
@@ -82,6 +86,9 @@ def test_budget_exceeded_is_429_with_reset(procs: list[Proc], log_dir: Path) -> 
         procs += sims
         config = gateway_config([sims[0].url], [sims[1].url], redis_server.url)
         config["budgets"] = {"acme": {"daily_usd": 0.00000001, "monthly_usd": 100}}
+        # A hold of a few nano-dollars fits the $0.00000001 budget, the request's cost
+        # does not: the first is served, the next refused (its estimate has learned).
+        config["reservations"] = TINY_HOLDS
         gateway = start_gateway(log_dir, config)
         procs.append(gateway)
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
@@ -133,7 +140,7 @@ def test_redis_outage_fails_open_and_recovers(procs: list[Proc], log_dir: Path) 
             max_tokens=4, temperature=0, extra_headers={"idempotency-key": f"k{i}"},
         ).headers["x-tollway-cache"] for i in range(3)]  # fmt: skip
         assert outage == ["miss"] * 3  # looked up, found nothing, stored nothing
-        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        metrics = metrics_text(gateway.url)
         assert "tollway_redis_failures_total" in metrics
 
         redis_server.start()  # same port, empty: the client reconnects by itself
@@ -163,6 +170,7 @@ def test_budgets_survive_losing_redis(
         config = gateway_config([sims[0].url], [sims[1].url], redis_server.url)
         config = with_ledger(config, postgres, tmp_path / "spool")
         config["budgets"] = {"acme": {"daily_usd": 0.00000001}}
+        config["reservations"] = TINY_HOLDS
         gateway = start_gateway(log_dir, config)
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
         spent = client.chat.completions.with_raw_response.create(

@@ -405,6 +405,7 @@ def test_exposition_matches_the_documented_names_and_types() -> None:
     m.observe_route("small", 0.25)
     m.ledger_rows_written(1)
     m.ledger_rows_dropped("rejected", 1)
+    m.budget_unchecked("acme")
     m.register_spool_source(lambda: 0)
     m.register_replica_source(lambda: [ReplicaGpu("http://a:8000", "small", 1, 1, 0, 1, True, 4)])
     body, content_type = m.render()
