@@ -15,7 +15,7 @@ the others see it on their next poll (``auth.refresh_s``). Errors: 401 no or
 a bad key, 403 not an admin key (a config key with ``admin: true``), 400 a bad
 body (tier and model names must be the config's; a new tenant is fine), 404
 an unknown id, 503 no database configured or it is down. A key's budgets are
-stored and shown, not enforced yet (issue 21's spend reservations).
+enforced like its tenant's (``gateway.budgets``).
 """
 
 from __future__ import annotations

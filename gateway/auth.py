@@ -38,8 +38,8 @@ class Principal:
     force_tier: bool = False  # may send x-tollway-tier
     allowed_models: frozenset[str] | None = None  # model names it may ask for; None: any
     allowed_tiers: frozenset[str] | None = None  # tiers it may be served by; None: any
-    # A managed key's budgets: stored and shown, enforced once spend reservations
-    # exist (issue 21); the tenant's budgets (``budgets:``) apply as ever.
+    # A managed key's own budgets, enforced by reservations (gateway.budgets) beside
+    # its tenant's (``budgets:``).
     daily_usd: Decimal | None = None
     monthly_usd: Decimal | None = None
     expires_at: float | None = None  # UNIX time from which the key is refused

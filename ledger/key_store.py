@@ -6,8 +6,8 @@ and ``rotate`` return it once; the table keeps only its SHA-256 digest
 characters (``hint``). Every change moves the row's ``updated_at`` (a trigger
 does it), which is how gateways find what changed (``changed_since``).
 
-A key's budgets (``daily_usd``, ``monthly_usd``) are stored and shown but not
-enforced yet: enforcement arrives with spend reservations (issue 21).
+A key's budgets (``daily_usd``, ``monthly_usd``) are enforced by the gateway's
+reservations (``gateway.budgets``), beside its tenant's.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class KeySpec:
     force_tier: bool = False  # may pick its tier with x-tollway-tier
     allowed_models: tuple[str, ...] | None = None  # None: every model
     allowed_tiers: tuple[str, ...] | None = None  # None: every tier
-    daily_usd: Decimal | None = None  # stored and shown; enforced with issue 21
+    daily_usd: Decimal | None = None  # enforced by gateway.budgets
     monthly_usd: Decimal | None = None
     expires_at: datetime | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
