@@ -129,6 +129,9 @@ class ApiKey(Strict):
     # Admission priority of this key's requests (higher first); None: the tier's.
     priority: int | None = Field(default=None, ge=-100, le=100)
     force_tier: bool = False  # may pick the tier itself with x-tollway-tier
+    # This key's own rate limits, beside its tenant's (``rate_limits``); None: none.
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion
 
 
 class AuthConfig(Strict):
