@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.support.metrics import METRICS_TOKEN, OPS_HEADERS
 from tests.support.postgres_server import PostgresServer, run_postgres
 from tests.support.procs import BIN, Proc, start_gateway, start_sim
 from tests.support.redis_server import RedisServer, run_redis
@@ -105,6 +107,7 @@ def gateway_config(
             "max_ejection_s": 1.0,
         },
         "limits": {"max_body_bytes": 64 * 1024},
+        "ops": {"metrics_token": METRICS_TOKEN},  # /metrics and the detailed /ready
     }
     config.update(overrides)
     return config
@@ -221,10 +224,20 @@ def _session_stack(
 
 
 def all_replicas_healthy(gateway: Proc) -> bool:
-    ready = http_json("GET", gateway.url + "/ready") if _ready_ok(gateway) else None
+    ready = detailed_ready(gateway) if _ready_ok(gateway) else None
     return ready is not None and all(
         r["available"] for tier in ready["tiers"].values() for r in tier["replicas"]
     )
+
+
+def detailed_ready(gateway: Proc) -> Any:
+    """The gateway's detailed ``/ready`` body (it takes the metrics token)."""
+    request = urllib.request.Request(gateway.url + "/ready", headers=OPS_HEADERS)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, the body says why
+        return json.loads(exc.read())
 
 
 def _ready_ok(gateway: Proc) -> bool:

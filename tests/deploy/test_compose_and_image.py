@@ -247,6 +247,22 @@ def test_prometheus_scrapes_what_the_rules_and_dashboards_expect() -> None:
     assert grafana["environment"]["PROMETHEUS_URL"] == "http://prometheus:9090"
 
 
+def test_prometheus_scrapes_the_gateways_with_their_metrics_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = gateway_settings(monkeypatch)
+    assert settings.ops.metrics_token == dotenv_example()["TOLLWAY_METRICS_TOKEN"]
+    assert not settings.ops.metrics_public
+    config = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "tollway-gateway"]
+    path = job["authorization"]["credentials_file"]
+    (secret,) = services()["prometheus"]["secrets"]
+    assert path == f"/run/secrets/{secret}"  # compose mounts a secret there
+    assert compose()["secrets"][secret] == {"environment": "TOLLWAY_METRICS_TOKEN"}
+    for gateway in gateways():  # the same variable, so the same token
+        assert "TOLLWAY_METRICS_TOKEN" in gateway["environment"]
+
+
 def test_drain_timeout_is_shorter_than_the_grace_periods() -> None:
     dockerfile = DOCKERFILES[0].read_text()
     drain = int(re.search(r'"--drain-timeout", "(\d+)"', dockerfile).group(1))  # type: ignore[union-attr]

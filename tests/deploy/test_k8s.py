@@ -196,6 +196,38 @@ def test_only_the_gateway_reaches_vllm_redis_and_postgres(
                 )
 
 
+def test_prometheus_scrapes_the_admin_port_which_only_monitoring_reaches(
+    rendered: tuple[str, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, objects = rendered
+    settings = settings_of(objects, tmp_path, monkeypatch)
+    admin = settings.ops.admin_listen
+    assert admin is not None
+    assert settings.ops.metrics_token is None
+    assert not settings.ops.metrics_public  # the public port refuses /metrics
+    template = gateway_of(objects)["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(admin.port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    (container,) = template["spec"]["containers"]
+    assert {"name": "admin", "containerPort": admin.port} in container["ports"]
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"  # the minimal /ready
+    policy = by_kind(objects, "NetworkPolicy")["gateway-ingress"]
+    for rule in policy["spec"]["ingress"]:
+        if admin.port in [p["port"] for p in rule["ports"]]:
+            assert [p["port"] for p in rule["ports"]] == [admin.port]
+            assert rule["from"] == [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ]
+    assert any(admin.port in [p["port"] for p in r["ports"]] for r in policy["spec"]["ingress"])
+
+
 def test_the_ledger_database_is_in_cluster_or_external(
     rendered: tuple[str, list[dict[str, Any]]],
     tmp_path: Path,

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+import yaml
 
 from tests.conftest import FAST_SIM, HARD, KEY, LEDGER_KEY, OTHER_KEY, gateway_config
 from tests.deploy.prometheus_server import PrometheusServer, run_prometheus
@@ -30,11 +31,13 @@ from tests.deploy.promql import (
     panel_queries,
     rules,
 )
-from tests.support.procs import Proc, free_port, start_gateway, start_sim
+from tests.support.metrics import METRICS_TOKEN
+from tests.support.procs import ROOT, Proc, free_port, start_gateway, start_sim
 from tests.support.redis_server import RedisServer, run_redis
 from tests.support.tools import needs
 
 pytestmark = needs(shutil.which("prometheus") is not None, "Debian's prometheus")
+COMPOSE_PROMETHEUS = ROOT / "deploy" / "compose" / "prometheus.yml"
 
 
 @dataclass
@@ -163,6 +166,19 @@ def static_job(name: str, procs: list[Proc]) -> dict[str, object]:
     return {"job_name": name, "static_configs": [{"targets": targets}]}
 
 
+def gateway_job(gateway: Proc, workdir: Path) -> dict[str, object]:
+    """The compose stack's gateway job (deploy/compose/prometheus.yml), aimed at ``gateway``:
+    it sends the metrics token from a file, as Prometheus there reads compose's secret."""
+    shipped = yaml.safe_load(COMPOSE_PROMETHEUS.read_text())
+    (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "tollway-gateway"]
+    token = workdir / "metrics-token"
+    token.write_text(METRICS_TOKEN + "\n")
+    return {
+        **static_job("tollway-gateway", [gateway]),
+        "authorization": {**job["authorization"], "credentials_file": str(token)},
+    }
+
+
 def constants_for_test(workdir: Path) -> Path:
     """The shipped constants, plus a budget for acme: what an operator would add."""
     text = (RULES / "constants.yml").read_text()
@@ -191,7 +207,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             gateway = start_gateway(workdir, live_config(small, large, redis.url))
             procs.append(gateway)
             scrape = [
-                static_job("tollway-gateway", [gateway]),
+                gateway_job(gateway, workdir),
                 static_job("vllm", [small, *large[:2]]),
             ]
             rule_files = [

@@ -18,7 +18,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import KEY, OTHER_KEY, gateway_config, with_ledger
+from tests.conftest import KEY, OTHER_KEY, detailed_ready, gateway_config, with_ledger
 from tests.support.postgres_server import PostgresServer
 from tests.support.procs import Proc, free_port, start_gateway
 from tests.support.redis_server import run_redis
@@ -170,7 +170,7 @@ async def test_eight_concurrent_requests_queue_in_the_gateway_not_in_vllm(
 
 
 def _occupancy(gateway: Proc) -> dict[str, float]:
-    ready = httpx.get(gateway.url + "/ready", timeout=10).json()
+    ready = detailed_ready(gateway)
     occupancy: dict[str, float] = ready["tiers"]["small"]["replicas"][0]["occupancy"]
     return occupancy
 

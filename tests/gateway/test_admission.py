@@ -16,7 +16,15 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import KEY, OTHER_KEY, SdkFactory, Stack, gateway_config, sim_stats
+from tests.conftest import (
+    KEY,
+    OTHER_KEY,
+    SdkFactory,
+    Stack,
+    detailed_ready,
+    gateway_config,
+    sim_stats,
+)
 from tests.support.metrics import scrape, value
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.watch import VllmWatcher
@@ -271,7 +279,7 @@ def test_replica_killed_is_ejected_traffic_moves_and_it_is_readmitted(
         client.chat.completions.create(model="sim-large", messages=MESSAGES, max_tokens=3)
     ejections = metric(gateway, "tollway_replica_ejections_total", replica=victim.url)
     assert ejections >= 1
-    replicas = httpx.get(gateway.url + "/ready", timeout=5).json()["tiers"]["large"]["replicas"]
+    replicas = detailed_ready(gateway)["tiers"]["large"]["replicas"]
     assert "cannot connect" in (replicas[0]["error"] or "").lower()
 
     restarted = start_sim(log_dir, ["sim-large"], "--zero-delay", port=port)
@@ -281,6 +289,6 @@ def test_replica_killed_is_ejected_traffic_moves_and_it_is_readmitted(
         assert time.monotonic() < deadline, "the restarted replica was never re-admitted"
         client.chat.completions.create(model="sim-large", messages=MESSAGES, max_tokens=3)
         time.sleep(0.05)
-    replicas = httpx.get(gateway.url + "/ready", timeout=5).json()["tiers"]["large"]["replicas"]
+    replicas = detailed_ready(gateway)["tiers"]["large"]["replicas"]
     assert replicas[0]["available"] is True
     assert metric(gateway, "tollway_replica_ejected", replica=victim.url) == 0

@@ -37,6 +37,7 @@ from tests.conftest import (
     with_ledger,
 )
 from tests.support import postgres_server
+from tests.support.metrics import metrics_text
 from tests.support.postgres_server import PostgresServer, run_postgres
 from tests.support.procs import Proc, start_gateway, start_sim
 from tests.support.tools import needs
@@ -427,7 +428,7 @@ def test_no_secret_in_logs_metrics_or_the_database(cluster: Cluster) -> None:
     create(cluster)  # at least one, if this test runs alone
     assert cluster.secrets
     texts = [proc.log.read_text(errors="replace") for proc in (cluster.one, cluster.two)] + [
-        httpx.get(proc.url + "/metrics", timeout=10).text for proc in (cluster.one, cluster.two)
+        metrics_text(proc.url) for proc in (cluster.one, cluster.two)
     ]
     dump = subprocess.run(
         [str(postgres_server.PG_BIN / "pg_dump"), cluster.pg.url],

@@ -12,7 +12,15 @@ from typing import Any
 import httpx2 as httpx
 import openai
 
-from tests.conftest import FAST_SIM, KEY, Stack, gateway_config, http_json, sim_stats
+from tests.conftest import (
+    FAST_SIM,
+    KEY,
+    Stack,
+    detailed_ready,
+    gateway_config,
+    sim_stats,
+)
+from tests.support.metrics import metrics_text
 from tests.support.procs import start_gateway, start_sim
 from tests.support.redis_server import RedisServer
 
@@ -26,7 +34,7 @@ SMALL_USD_PER_GPU_HOUR = Decimal("1.0")  # tests/conftest.py gateway_config
 
 
 def replica_occupancy(stack: Stack, tier: str, index: int = 0) -> dict[str, float]:
-    ready = http_json("GET", stack.gateway.url + "/ready")
+    ready = detailed_ready(stack.gateway)
     occupancy: dict[str, float] = ready["tiers"][tier]["replicas"][index]["occupancy"]
     return occupancy
 
@@ -170,7 +178,7 @@ def test_metering_can_be_switched_off(log_dir: Path) -> None:
         assert raw.parse().choices[0].message.content
         assert raw.headers["x-tollway-tier"] == "small"
         assert not COST_HEADERS - {"x-tollway-tier", "x-tollway-model"} & set(raw.headers)
-        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        metrics = metrics_text(gateway.url)
         assert "tollway_requests_total{" not in metrics
     finally:
         gateway.stop()

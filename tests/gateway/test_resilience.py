@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import FAST_SIM, KEY, SdkFactory, Stack, gateway_config, set_faults, sim_stats
+from tests.support.metrics import OPS_HEADERS
 from tests.support.procs import Proc, free_port, start_gateway, start_sim
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
@@ -27,7 +28,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "co
 
 
 def ready(gateway: Proc) -> httpx.Response:
-    return httpx.get(gateway.url + "/ready", timeout=5)
+    return httpx.get(gateway.url + "/ready", headers=OPS_HEADERS, timeout=5)
 
 
 def sse_events(response: httpx.Response) -> list[str]:

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 import yaml
 
 from tests.conftest import FAST_SIM, HARD, KEY, gateway_config
+from tests.support.metrics import metrics_text
 from tests.support.procs import start_gateway, start_sim
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_burn_rate_over_target_shifts_traffic_to_the_cheap_tier(log_dir: Path) -
         later = hard()  # the first request's cost put the burn rate far over target
         assert later["x-tollway-tier"] == "small"
         assert float(later["x-tollway-route-shift"]) > 0.5
-        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        metrics = metrics_text(gateway.url)
         burn = [line for line in metrics.splitlines()
                 if line.startswith('tollway_burn_rate_usd_per_hour{scope="gateway"}')]  # fmt: skip
         assert float(burn[0].split()[-1]) > 1e-6

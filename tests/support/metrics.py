@@ -7,6 +7,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
+# The tests' gateways' ``ops.metrics_token`` (``tests.conftest.gateway_config``): /metrics
+# and the detailed /ready answer to it only.
+METRICS_TOKEN = "metrics-token-for-tests-0001"
+OPS_HEADERS = {"authorization": f"Bearer {METRICS_TOKEN}"}
+
 
 def parse(text: str) -> Samples:
     return {
@@ -16,9 +21,16 @@ def parse(text: str) -> Samples:
     }
 
 
+def metrics_text(base_url: str) -> str:
+    """``GET {base_url}/metrics`` with the tests' metrics token."""
+    response = httpx.get(base_url + "/metrics", headers=OPS_HEADERS, timeout=10)
+    response.raise_for_status()
+    return response.text
+
+
 def scrape(base_url: str) -> Samples:
-    """``GET {base_url}/metrics``, parsed."""
-    return parse(httpx.get(base_url + "/metrics", timeout=10).text)
+    """``GET {base_url}/metrics`` with the tests' metrics token, parsed."""
+    return parse(metrics_text(base_url))
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -7,6 +7,7 @@ import threading
 import urllib.request
 
 from gateway.scrape import parse_vllm_load
+from tests.support.metrics import OPS_HEADERS
 
 
 class VllmWatcher:
@@ -32,7 +33,8 @@ class VllmWatcher:
                 self.max_waiting = max(self.max_waiting, load.waiting)
                 self.samples += 1
             if self.gateway is not None:
-                with urllib.request.urlopen(self.gateway + "/ready", timeout=5) as response:
+                ready = urllib.request.Request(self.gateway + "/ready", headers=OPS_HEADERS)
+                with urllib.request.urlopen(ready, timeout=5) as response:
                     tiers = json.loads(response.read())["tiers"]
                 queued = sum(tier["queue_depth"] for tier in tiers.values())
                 self.max_queued = max(self.max_queued, queued)
