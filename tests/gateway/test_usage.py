@@ -21,7 +21,6 @@ from tests.support.postgres_server import PostgresServer
 from tests.support.procs import BIN, Proc, start_gateway, start_sim
 from tests.support.redis_server import run_redis
 
-
 TINY_HOLDS = {"unobserved_usd_per_mtok": 0.0001}  # a first request's hold: a few nano-dollars
 
 
