@@ -53,14 +53,20 @@ return 1
 """
 
 
-# Budget reservations. Every key of one call shares the tenant's hash tag.
-# KEYS: holds (zset rid -> expiry ms), hold (hash rid -> "amount key key..."),
-# then the windows to check. ARGV: now ms, rid, amount, expiry ms, ttl, then one
-# limit per window (nano-dollars of loaded cost). Held holds past their expiry
-# (a gateway died holding them) are released first. Returns {1, remaining...}
-# or {0, index of the window that refused, remaining...}: remaining is each
-# window's limit minus spent minus held, once this reservation is held (or not).
-_RELEASE_EXPIRED = """
+# Admission: rate limits and budget reservations in one atomic call. Every key
+# of a call shares the tenant's hash tag.
+# KEYS: holds (zset rid -> expiry ms), hold (hash rid -> "amount key key..."), then
+# the budget windows, then the rate limits' keys (each a GCRA "theoretical arrival
+# time" in ms). ARGV: now ms, rid, amount (nano-dollars), hold expiry ms, ttl s,
+# the number of windows, one limit per window (nano-dollars of loaded cost), then
+# per rate key: units this request takes, ms per unit (60000 / the per-minute
+# limit), period ms (60000: a full minute's units may come at once).
+# Holds past their expiry (a gateway died holding them) are let go first. Nothing
+# is written unless everything has room. Returns {admitted, refused kind (0 none,
+# 1 budget, 2 rate), refused index (1-based), retry ms, remaining per window...,
+# arrival time per rate key...}: remaining is the window's limit minus spent minus
+# held (this request's hold included when admitted).
+_RELEASE = """
 local function release(rid)
   local h = redis.call('HGET', KEYS[2], rid)
   if h then
@@ -74,50 +80,94 @@ local function release(rid)
   redis.call('ZREM', KEYS[1], rid)
 end
 """
-RESERVE = (
-    _RELEASE_EXPIRED
+ADMIT = (
+    _RELEASE
     + """
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do release(rid) end
+local now = tonumber(ARGV[1])
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do release(rid) end
 local amount = tonumber(ARGV[3])
-local remaining = {}
-local refused = 0
-for i = 3, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'cost_loaded_nanos', 'held')
-  local left = tonumber(ARGV[5 + i - 2]) - tonumber(v[1] or '0') - tonumber(v[2] or '0')
-  if refused == 0 and left < amount then refused = i - 2 end
-  remaining[#remaining + 1] = left
+local nwin = tonumber(ARGV[6])
+local kind, index, retry = 0, 0, 0
+local remaining, tats = {}, {}
+for j = 1, #KEYS - 2 - nwin do
+  local base = 6 + nwin + (j - 1) * 3
+  local units, per = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local period = tonumber(ARGV[base + 3])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[2 + nwin + j]) or '0'), now)
+  local after = tat + units * per
+  if after - now > period then
+    if kind == 0 then kind, index, retry = 2, j, after - now - period end
+    tats[j] = tat
+  else
+    tats[j] = after
+  end
 end
-if refused > 0 then return {0, refused, unpack(remaining)} end
-local hold = ARGV[3]
-for i = 3, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'held', amount)
-  redis.call('EXPIRE', KEYS[i], ARGV[5])
-  remaining[i - 2] = remaining[i - 2] - amount
-  hold = hold .. ' ' .. KEYS[i]
+for i = 1, nwin do
+  local v = redis.call('HMGET', KEYS[2 + i], 'cost_loaded_nanos', 'held')
+  local left = tonumber(ARGV[6 + i]) - tonumber(v[1] or '0') - tonumber(v[2] or '0')
+  if kind == 0 and left < amount then kind, index = 1, i end
+  remaining[i] = left
 end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], hold)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-return {1, 0, unpack(remaining)}
+local reply = {kind == 0 and 1 or 0, kind, index, math.ceil(retry)}
+if kind == 0 then
+  for j = 1, #tats do
+    local period = tonumber(ARGV[6 + nwin + j * 3])
+    local ttl = math.ceil(tats[j] - now + period)
+    redis.call('SET', KEYS[2 + nwin + j], tostring(tats[j]), 'PX', ttl)
+  end
+  if nwin > 0 then
+    local hold = ARGV[3]
+    for i = 1, nwin do
+      redis.call('HINCRBY', KEYS[2 + i], 'held', amount)
+      redis.call('EXPIRE', KEYS[2 + i], ARGV[5])
+      remaining[i] = remaining[i] - amount
+      hold = hold .. ' ' .. KEYS[2 + i]
+    end
+    redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+    redis.call('HSET', KEYS[2], ARGV[2], hold)
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+    redis.call('EXPIRE', KEYS[2], ARGV[5])
+  end
+end
+for i = 1, nwin do reply[#reply + 1] = remaining[i] end
+for j = 1, #tats do reply[#reply + 1] = math.floor(tats[j]) end
+return reply
 """
 )
-# KEYS: holds, hold. ARGV: rid. Releases the request's hold, if it still has one.
+# KEYS: holds, hold, then rate keys to give units back to. ARGV: rid, then per rate
+# key the ms to take off its arrival time (tokens reserved but not used).
 RELEASE = (
-    _RELEASE_EXPIRED
+    _RELEASE
     + """
 release(ARGV[1])
+for j = 3, #KEYS do
+  local tat = redis.call('GET', KEYS[j])
+  if tat then
+    redis.call('SET', KEYS[j], tostring(tonumber(tat) - tonumber(ARGV[j - 1])), 'KEEPTTL')
+  end
+end
 return 1
 """
 )
 
 
-class Reservation(NamedTuple):
-    """A reservation's outcome: held, or refused by window ``refused`` (an index)."""
+class RateCharge(NamedTuple):
+    """What one request takes from one rate limit (GCRA)."""
 
-    held: bool
-    refused: int | None
-    remaining_nanos: tuple[int, ...]  # per window: limit - spent - held (this one included)
+    key: str
+    units: int  # 1 request, or tokens reserved
+    per_unit_ms: float  # 60000 / the per-minute limit
+    period_ms: int = 60_000
+
+
+class Admission(NamedTuple):
+    """The admission call's outcome."""
+
+    admitted: bool
+    refused: tuple[str, int] | None  # ("budget" | "rate", index), when not admitted
+    retry_after_ms: int  # a rate refusal: when the units will be there
+    remaining_nanos: tuple[int, ...]  # per budget window: limit - spent - held
+    arrival_ms: tuple[int, ...]  # per rate charge: its arrival time after this request
 
 
 class Sums(NamedTuple):
@@ -147,6 +197,13 @@ def hold_keys(prefix: str, tenant: str) -> tuple[str, str]:
     return f"{tag}:holds", f"{tag}:hold"
 
 
+def rate_key(prefix: str, tenant: str, key_id: str, kind: str) -> str:
+    """A rate limit's GCRA state: the tenant's (``key_id`` "") or a key's; ``kind``
+    ``requests`` or ``tokens``."""
+    scope = f"key:{key_id}" if key_id else "tenant"
+    return f"{spend_tag(prefix, tenant)}:rate:{scope}:{kind}"
+
+
 class SpendCounters:
     PREFIX = "tollway"
 
@@ -155,8 +212,11 @@ class SpendCounters:
         self.prefix = self.PREFIX
         self.interval_s = interval_s
         self._pending: dict[str, Sums] = {}  # key -> sums not yet in Redis
-        self._releases: list[tuple[str, str]] = []  # (tenant, request id) holds to let go
-        self._holding: dict[str, str] = {}  # request id -> tenant, while it holds budget
+        # (tenant, request id, [(rate key, ms to give back)]): holds to let go
+        self._releases: list[tuple[str, str, list[tuple[str, float]]]] = []
+        # request id -> (tenant, rate keys to give tokens back to, with ms per token and
+        # tokens taken), while it holds budget or tokens
+        self._holding: dict[str, tuple[str, list[tuple[str, float, int]]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add_many(self, reports: Sequence[RequestReport]) -> None:
@@ -170,39 +230,53 @@ class SpendCounters:
                 keys += window_keys(self.prefix, report.tenant, at, report.key_id)
             for key in keys:
                 self._pending[key] = self._pending.get(key, Sums()) + sums
-            tenant = self._holding.pop(report.request_id, None)
-            if tenant is not None:  # its spend first, then its hold: counted twice a moment,
-                self._releases.append((tenant, report.request_id))  # never zero times
+            held = self._holding.pop(report.request_id, None)
+            if held is not None:  # its spend first, then its hold: counted twice a moment,
+                tenant, tokens = held  # never zero times
+                used = report.usage.total_tokens
+                back = [(key, max(0, taken - used) * per) for key, per, taken in tokens]
+                self._releases.append((tenant, report.request_id, back))
 
-    def holding(self, request_id: str, tenant: str) -> None:
-        """``request_id`` holds a reservation: let it go when its report is counted."""
-        self._holding[request_id] = tenant
+    def holding(
+        self, request_id: str, tenant: str, tokens: list[tuple[str, float, int]] | None = None
+    ) -> None:
+        """``request_id`` holds a reservation (and ``tokens``: rate keys, ms per token,
+        tokens taken): let it go, and give back the tokens it did not use, when its report
+        is counted."""
+        self._holding[request_id] = (tenant, tokens or [])
 
-    async def reserve(
+    async def admit(
         self,
         tenant: str,
         request_id: str,
         amount_nanos: int,
         windows: Sequence[tuple[str, int]],
+        rates: Sequence[RateCharge],
         hold_s: float,
-    ) -> Reservation | None:
-        """Hold ``amount_nanos`` in every window (key, limit) if all have room, atomically
-        across gateways; None if Redis did not answer."""
+    ) -> Admission | None:
+        """In one atomic call shared by every gateway: take the request's units from every
+        rate limit and hold ``amount_nanos`` in every budget window (key, limit), or
+        nothing if any lacks room. None if Redis did not answer."""
         holds, hold = hold_keys(self.prefix, tenant)
         now_ms = int(time.time() * 1000)
-        keys = [holds, hold, *(key for key, _ in windows)]
-        argv: list[int | str] = [now_ms, request_id, amount_nanos, now_ms + int(hold_s * 1000)]
-        argv += [TTL_S, *(limit for _, limit in windows)]
+        keys = [holds, hold, *(key for key, _ in windows), *(r.key for r in rates)]
+        argv: list[int | float | str] = [now_ms, request_id, amount_nanos]
+        argv += [now_ms + int(hold_s * 1000), TTL_S, len(windows)]
+        argv += [limit for _, limit in windows]
+        for rate in rates:
+            argv += [rate.units, rate.per_unit_ms, rate.period_ms]
 
         async def run(redis: Redis) -> list[Any]:
-            result: list[Any] = await redis.eval(RESERVE, len(keys), *keys, *argv)
+            result: list[Any] = await redis.eval(ADMIT, len(keys), *keys, *argv)
             return result
 
-        result = await self.redis.call("budget.reserve", run, None)
+        result = await self.redis.call("budget.admit", run, None)
         if result is None:
             return None
-        held, refused, *remaining = (int(v) for v in result)
-        return Reservation(bool(held), refused - 1 if refused else None, tuple(remaining))
+        admitted, kind, index, retry, *rest = (int(v) for v in result)
+        refused = None if not kind else ("budget" if kind == 1 else "rate", index - 1)
+        spare = tuple(rest[: len(windows)])
+        return Admission(bool(admitted), refused, retry, spare, tuple(rest[len(windows) :]))
 
     async def start(self) -> None:
         if self._task is None:
@@ -236,8 +310,9 @@ class SpendCounters:
                     if value:
                         pipe.hincrby(key, field, value)
                 pipe.expire(key, TTL_S)
-            for tenant, request_id in releases:
-                pipe.eval(RELEASE, 2, *hold_keys(self.prefix, tenant), request_id)
+            for tenant, request_id, back in releases:
+                keys = [*hold_keys(self.prefix, tenant), *(key for key, _ in back)]
+                pipe.eval(RELEASE, len(keys), *keys, request_id, *(ms for _, ms in back))
             await pipe.execute()
             return True
 

@@ -1,6 +1,16 @@
-"""Budgets enforced under any concurrency: each request's worst case is held before it runs.
+"""Budgets and rate limits enforced under any concurrency, across every gateway.
 
-Before a request is dispatched upstream, ``reserve`` holds its worst-case
+**Rate limits.** Requests and tokens (prompt + completion) per minute, per
+tenant (``rate_limits:``) and per key (config or managed keys), each a GCRA
+limit in Redis: a full minute's worth may come at once, then it refills
+evenly. A request takes 1 request and its worst-case tokens (prompt
+estimate + ``max_tokens``); the tokens it did not use are given back when it
+settles. Refused: 429 ``rate_limit_exceeded`` with ``Retry-After``. Answers
+of a limited key or tenant carry OpenAI's ``x-ratelimit-limit-requests``,
+``-remaining-requests``, ``-reset-requests`` and the ``-tokens`` trio (the
+tighter of key and tenant).
+
+**Budgets.** Before a request is dispatched upstream, ``reserve`` holds its worst-case
 loaded cost (``metering.estimate``) against every budget that applies to it
 (its tenant's daily and monthly, its key's daily and monthly) in one atomic
 Redis call shared by every gateway (``cache.spend``): if any lacks room, the
@@ -11,8 +21,11 @@ a hold whose gateway died is let go after ``reservations.hold_s``. So the
 spend of any number of gateways stays within a budget, give or take what the
 estimates under-guess.
 
-Answers that run nothing (cache hits, coalesced answers, replays) hold
-nothing. Redis unreachable: the tenant's ``on_redis_down`` policy decides,
+Both are checked in one atomic Redis call (one round trip) when a request is
+dispatched; nothing is taken unless everything has room. Answers that run
+nothing (cache hits, coalesced answers, replays) take from neither.
+
+Redis unreachable: the tenant's ``on_redis_down`` policy decides,
 ``fail_open`` (served unchecked, counted in ``tollway_budget_unchecked_total``;
 the ledger has the spend and rebuilds the counters) or ``fail_closed`` (503).
 """
@@ -27,10 +40,10 @@ from decimal import Decimal
 
 import orjson
 
-from cache.spend import SpendCounters, window_keys
-from gateway.config import BudgetConfig, RedisDown, ReservationConfig
+from cache.spend import Admission, RateCharge, SpendCounters, rate_key, window_keys
+from gateway.config import BudgetConfig, RateLimitConfig, RedisDown, ReservationConfig
 from gateway.context import RequestContext
-from gateway.errors import BudgetExceeded, ServiceUnavailable
+from gateway.errors import BudgetExceeded, RateLimited, ServiceUnavailable
 from metering.budget import REMAINING_HEADER, Budget, BudgetName, day_reset, month_reset
 from metering.estimate import CostEstimator, output_tokens_at_most, prompt_tokens_at_most
 from metering.money import fmt, fmt_nanos, from_nanos, to_nanos
@@ -59,6 +72,31 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
+class Limit:
+    """One rate limit a request is charged against."""
+
+    kind: str  # "requests" or "tokens"
+    scope: str  # "tenant" or "key"
+    per_minute: int
+    charge: RateCharge
+
+    def remaining(self, arrival_ms: int, now_ms: int) -> int:
+        """Units left now: what the minute's allowance has beyond the arrival time."""
+        used_ms = max(0, arrival_ms - now_ms)
+        return max(0, int((self.charge.period_ms - used_ms) / self.charge.per_unit_ms))
+
+
+def _duration(ms: float) -> str:
+    """OpenAI's spelling of a reset time: "1s", "6m0s", "250ms"."""
+    if ms < 1000:
+        return f"{max(0, int(ms))}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60)}s"
+
+
+@dataclass(frozen=True, slots=True)
 class Held:
     tenant: str
     amount_nanos: int
@@ -75,8 +113,10 @@ class BudgetGuard:
         *,
         hold_s: float,
         output_caps: dict[str, int],
+        rate_limits: dict[str, RateLimitConfig] | None = None,
         on_unchecked: Callable[[str], None] = lambda tenant: None,
     ):
+        self.rate_limits = rate_limits or {}
         self.budgets = {
             tenant: _budget(b.daily_usd, b.monthly_usd) for tenant, b in budgets.items()
         }
@@ -108,47 +148,90 @@ class BudgetGuard:
                 out.append(Window(month, limit, "monthly", scope, month_reset(now)))
         return out
 
+    def limits(self, ctx: RequestContext, tokens: int) -> list[Limit]:
+        """Every rate limit that applies to the request: its tenant's, then its key's."""
+        out: list[Limit] = []
+        tenant = self.rate_limits.get(ctx.tenant)
+        for scope, key_id, rpm, tpm in (
+            (
+                "tenant",
+                "",
+                tenant and tenant.requests_per_minute,
+                tenant and tenant.tokens_per_minute,
+            ),
+            ("key", ctx.key_id, *ctx.key_rates),
+        ):
+            for kind, per_minute, units in (("requests", rpm, 1), ("tokens", tpm, tokens)):
+                if per_minute:
+                    key = rate_key(self.counters.prefix, ctx.tenant, key_id, kind)
+                    charge = RateCharge(key, units, 60_000 / per_minute)
+                    out.append(Limit(kind, scope, per_minute, charge))
+        return out
+
     async def reserve(self, ctx: RequestContext, tier: str, body: bytes) -> None:
-        """Hold the request's worst case against its budgets, or refuse it (429; 503 when
-        Redis is down and the tenant fails closed). Nothing to do without a budget."""
+        """Take the request's units from its rate limits and hold its worst case against
+        its budgets, or refuse it (429; 503 when Redis is down and the tenant fails
+        closed). Nothing to do without a limit or a budget."""
         now = datetime.now(UTC)
         windows = self.windows(ctx, now)
-        if not windows or ctx.request_id in self._held:
+        if ctx.request_id in self._held or not (windows or self.rate_limits or ctx.key_rates[0]
+                                                or ctx.key_rates[1]):  # fmt: skip
             return
         parsed = orjson.loads(body)
-        amount = self.estimator.nanos(
-            tier,
-            prompt_tokens_at_most(parsed),
-            output_tokens_at_most(parsed, self.output_caps.get(tier, 4096)),
-        )
-        limits = [(w.key, w.limit_nanos) for w in windows]
-        result = await self.counters.reserve(
-            ctx.tenant, ctx.request_id, amount, limits, self.hold_s
+        prompt = prompt_tokens_at_most(parsed)
+        output = output_tokens_at_most(parsed, self.output_caps.get(tier, 4096))
+        limits = self.limits(ctx, prompt + output)
+        if not windows and not limits:
+            return
+        amount = self.estimator.nanos(tier, prompt, output) if windows else 0
+        result = await self.counters.admit(
+            ctx.tenant,
+            ctx.request_id,
+            amount,
+            [(w.key, w.limit_nanos) for w in windows],
+            [limit.charge for limit in limits],
+            self.hold_s,
         )
         if result is None:
             if self.policies.get(ctx.tenant, self.default_policy) == "fail_closed":
                 raise ServiceUnavailable(
-                    "Budgets cannot be checked right now (the gateway's Redis is unreachable) "
-                    "and this tenant's policy is to refuse rather than spend unchecked."
+                    "Budgets and rate limits cannot be checked right now (the gateway's Redis "
+                    "is unreachable) and this tenant's policy is to refuse rather than serve "
+                    "unchecked."
                 )
             self.on_unchecked(ctx.tenant)
             return
-        if not result.held:
+        ctx.headers.update(_rate_headers(limits, result, int(now.timestamp() * 1000)))
+        if not result.admitted:
             assert result.refused is not None
-            message, retry_after = windows[result.refused].refusal(now)
+            what, index = result.refused
+            if what == "rate":
+                limit = limits[index]
+                whose = "this API key" if limit.scope == "key" else "this API key's tenant"
+                raise RateLimited(
+                    f"Rate limit reached for {whose}: {limit.per_minute} {limit.kind} per "
+                    f"minute. Try again in {_duration(result.retry_after_ms)}.",
+                    retry_after_s=max(1, math.ceil(result.retry_after_ms / 1000)),
+                )
+            message, retry_after = windows[index].refusal(now)
             left = max(0, min(result.remaining_nanos))
             raise BudgetExceeded(
                 message, retry_after_s=retry_after, remaining={REMAINING_HEADER: fmt_nanos(left)}
             )
-        held = Held(ctx.tenant, amount, min(result.remaining_nanos))
+        tokens = [
+            (limit.charge.key, limit.charge.per_unit_ms, limit.charge.units)
+            for limit in limits
+            if limit.kind == "tokens"
+        ]
+        held = Held(ctx.tenant, amount, min(result.remaining_nanos) if windows else -1)
         self._held[ctx.request_id] = held
-        self.counters.holding(ctx.request_id, ctx.tenant)
+        self.counters.holding(ctx.request_id, ctx.tenant, tokens)
 
     def headers_for(self, report: RequestReport) -> dict[str, str]:
         """The answer's remaining budget: the tightest budget's room once it is spent
         (other requests' holds at its reservation counted); none without a hold."""
         held = self._held.get(report.request_id)
-        if held is None:
+        if held is None or held.remaining_nanos < 0:  # no hold, or rate limits only
             return {}
         left = held.remaining_nanos + held.amount_nanos - report.cost.loaded_nanos
         return {REMAINING_HEADER: fmt_nanos(max(0, left))}
@@ -159,6 +242,24 @@ class BudgetGuard:
 
     async def stop(self) -> None:
         """Nothing runs in the background: holds not yet let go expire."""
+
+
+def _rate_headers(limits: list[Limit], result: Admission, now_ms: int) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers: for each kind, the limit with the least left."""
+    out: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        pairs = [
+            (limit.remaining(arrival, now_ms), limit, arrival)
+            for limit, arrival in zip(limits, result.arrival_ms, strict=True)
+            if limit.kind == kind
+        ]
+        if not pairs:
+            continue
+        left, limit, arrival = min(pairs, key=lambda p: p[0])
+        out[f"x-ratelimit-limit-{kind}"] = str(limit.per_minute)
+        out[f"x-ratelimit-remaining-{kind}"] = str(left)
+        out[f"x-ratelimit-reset-{kind}"] = _duration(arrival - now_ms)
+    return out
 
 
 def _budget(daily: float | None, monthly: float | None) -> Budget:

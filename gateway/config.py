@@ -105,6 +105,19 @@ class BudgetConfig(Strict):
         return self
 
 
+class RateLimitConfig(Strict):
+    """A tenant's rate limits, shared by every gateway (GCRA in Redis, gateway.budgets)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)  # prompt + completion
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> RateLimitConfig:
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("give requests_per_minute, tokens_per_minute or both")
+        return self
+
+
 class ReservationConfig(Strict):
     """How budgets hold a request's worst-case cost before it runs (gateway.budgets)."""
 
@@ -287,6 +300,7 @@ class Settings(Strict):
     idempotency: IdempotencyConfig = IdempotencyConfig()
     budgets: dict[str, BudgetConfig] = Field(default_factory=dict)  # by tenant
     reservations: ReservationConfig = ReservationConfig()
+    rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)  # by tenant
     ops: OpsConfig = OpsConfig()
 
     @model_validator(mode="after")

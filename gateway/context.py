@@ -42,6 +42,7 @@ class RequestContext:
     key_id: str = ""  # the API key's id (never the key): the ledger's key column
     allowed_tiers: frozenset[str] | None = None  # the key's; None: any (fallbacks too)
     key_budget: Budget | None = None  # a managed key's own budget
+    key_rates: tuple[int | None, int | None] = (None, None)  # the key's requests, tokens/min
     decision: Decision | None = None
     span: RequestSpan | None = None
     ticket: Ticket | None = None  # admission: tenant, priority, deadline

@@ -171,6 +171,21 @@ class BudgetExceeded(GatewayError):
         return {"retry-after": str(self.retry_after_s), **self.remaining}
 
 
+class RateLimited(GatewayError):
+    """A key's or tenant's requests or tokens per minute are used up."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
+
+
 class Overloaded(GatewayError):
     """Load shedding: the tier's queue cannot admit the request within its deadline."""
 

@@ -148,6 +148,7 @@ class Pipeline:
         ctx.tenant = principal.tenant
         ctx.key_id = principal.key_id
         ctx.allowed_tiers = principal.allowed_tiers
+        ctx.key_rates = (principal.requests_per_minute, principal.tokens_per_minute)
         if principal.daily_usd is not None or principal.monthly_usd is not None:
             ctx.key_budget = Budget(principal.daily_usd, principal.monthly_usd)
         raw = await self._read_body(request)

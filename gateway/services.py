@@ -106,7 +106,17 @@ class Services:
                 on_rejected=lambda n: metrics.ledger_rows_dropped("rejected", n),
             )
             metrics.register_spool_source(lambda: ledger.waiting if ledger else 0)
-        spend = SpendCounters(redis)
+        # Budgets and rate limits get their own client: a cache lookup that times out
+        # under load (50 ms budget) opens the shared client's short circuit for a
+        # second, and limits must not fail open for that. Their calls wait up to 1 s.
+        spend = SpendCounters(
+            RedisClient(
+                settings.redis.url,
+                call_budget_s=max(1.0, settings.redis.call_budget_ms / 1000),
+                on_failure=metrics.redis_failure,
+                cluster=settings.redis.cluster,
+            )
+        )
         meter = Meter(settings)
         estimator = CostEstimator(
             meter.token_prices,
@@ -122,6 +132,7 @@ class Services:
             estimator,
             hold_s=hold_s,
             output_caps={t.name: t.max_output_tokens for t in settings.tiers},
+            rate_limits=settings.rate_limits,
             on_unchecked=metrics.budget_unchecked,
         )
         cache = ResponseCache(
@@ -189,6 +200,7 @@ class Services:
             self.database = await open_pool(database)
         await self.auth.start(self.database)
         await self.redis.start()
+        await self.spend.redis.start()
         if self.ledger is not None:
             await self.ledger.start(self.database, schema_checked=checked)
         await self.spend.start()
@@ -213,6 +225,7 @@ class Services:
             await self.ledger.stop()  # spools all, writes what the database takes in time
         await self.spend.stop()
         await self.redis.close()
+        await self.spend.redis.close()
         await self.auth.stop()
         if self.database is not None:
             await self.database.close()

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from tests.support import postgres_server
 from tests.support.metrics import metrics_text
 from tests.support.postgres_server import PostgresServer, run_postgres
 from tests.support.procs import Proc, start_gateway, start_sim
+from tests.support.redis_server import RedisServer, run_redis
 from tests.support.tools import needs
 
 pytestmark = needs(postgres_server.installed(), "PostgreSQL (Debian package postgresql)")
@@ -50,9 +52,11 @@ SPREAD_S = 2.5  # a change on one gateway is seen by every other within this (re
 T = TypeVar("T")
 
 
-def ledgered_config(pg: PostgresServer, sims: list[Proc], spool: Path) -> dict[str, Any]:
+def ledgered_config(
+    pg: PostgresServer, sims: list[Proc], spool: Path, redis_url: str
+) -> dict[str, Any]:
     small, large = sims
-    return with_ledger(gateway_config([small.url], [large.url]), pg, spool)
+    return with_ledger(gateway_config([small.url], [large.url], redis_url), pg, spool)
 
 
 @dataclass
@@ -63,16 +67,17 @@ class Cluster:
     sims: list[Proc]
     log_dir: Path
     spools: Path
+    redis: RedisServer
     secrets: list[str] = field(default_factory=list)  # every secret handed out in this module
 
     def config(self, name: str) -> dict[str, Any]:
-        return ledgered_config(self.pg, self.sims, self.spools / name)
+        return ledgered_config(self.pg, self.sims, self.spools / name, self.redis.url)
 
 
 @pytest.fixture(scope="module")
 def cluster(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     started: list[Proc] = []
-    with run_postgres() as pg:
+    with run_postgres() as pg, run_redis() as redis_server:  # budgets are held in Redis
         try:
             migrate_database(pg.url)  # its own database: a test here stops it
             for model in ("sim-small", "sim-large"):
@@ -80,8 +85,9 @@ def cluster(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             sims = started[:2]
             spools = tmp_path_factory.mktemp("spools")
             for name in ("one", "two"):
-                started.append(start_gateway(log_dir, ledgered_config(pg, sims, spools / name)))
-            yield Cluster(pg, started[2], started[3], sims, log_dir, spools)
+                config = ledgered_config(pg, sims, spools / name, redis_server.url)
+                started.append(start_gateway(log_dir, config))
+            yield Cluster(pg, started[2], started[3], sims, log_dir, spools, redis_server)
         finally:
             for proc in reversed(started):
                 proc.stop()
@@ -507,3 +513,24 @@ def test_a_fallback_tier_the_key_may_not_use_is_not_tried(
             model="sim-small", messages=[{"role": "user", "content": "fall back"}], max_tokens=4
         )
     assert refused.value.status_code == 503
+
+
+def test_a_keys_own_budget_is_enforced(cluster: Cluster, sdk: SdkFactory) -> None:
+    """A managed key's daily budget is held against like its tenant's: a request whose
+    worst case does not fit is refused naming the key's budget; one that fits is served
+    with what is left of it."""
+    tight = create(cluster, daily_usd=0.000000001)["secret"]  # under any request's worst case
+    roomy = create(cluster, daily_usd=100)["secret"]
+    for secret in (tight, roomy):
+        accepted_on(cluster.two, secret)
+    with pytest.raises(openai.RateLimitError) as refused:
+        sdk(cluster.two, tight).chat.completions.create(
+            model="sim-small", messages=[{"role": "user", "content": "costly"}], max_tokens=4000
+        )
+    assert refused.value.code == "budget_exceeded"
+    assert "daily budget of $0.000000001 for this API key is spent" in refused.value.message
+    raw = sdk(cluster.two, roomy).chat.completions.with_raw_response.create(
+        model="sim-small", messages=[{"role": "user", "content": "budgeted"}], max_tokens=4
+    )
+    left = Decimal(raw.headers["x-tollway-budget-remaining-usd"])
+    assert Decimal(100) - Decimal(raw.headers["x-tollway-cost-loaded-usd"]) >= left > 99
