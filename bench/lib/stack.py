@@ -76,6 +76,8 @@ def gateway_config(
     config: dict[str, Any] = {
         "listen": {"host": HOST, "port": 8080},  # the port is overridden by --port
         "auth": {"keys": keys},
+        # Loopback only: the benchmarks read /metrics and the detailed /ready without a token.
+        "ops": {"metrics_public": True},
         "tiers": [
             {
                 "name": "bench",
