@@ -14,8 +14,8 @@ A change is written to PostgreSQL and applied to this gateway's keys at once;
 the others see it on their next poll (``auth.refresh_s``). Errors: 401 no or
 a bad key, 403 not an admin key (a config key with ``admin: true``), 400 a bad
 body (tier and model names must be the config's; a new tenant is fine), 404
-an unknown id, 503 no database configured or it is down. A key's budgets are
-enforced like its tenant's (``gateway.budgets``).
+an unknown id, 503 no database configured or it is down. A key's budgets and
+rate limits are enforced like its tenant's (``gateway.budgets``).
 """
 
 from __future__ import annotations
@@ -56,9 +56,16 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _MAX_METADATA_BYTES = 16 * 1024
 
-# The same rules as a config key's tenant and priority (gateway.config.ApiKey).
+# The same rules as a config key's tenant, priority and limits (gateway.config.ApiKey).
 Tenant = Annotated[str, ApiKey.model_fields["tenant"]]
 Priority = Annotated[int | None, ApiKey.model_fields["priority"]]
+_INT_MAX = 2**31 - 1  # the limits' columns are PostgreSQL integers
+RequestsPerMinute = Annotated[
+    int | None, ApiKey.model_fields["requests_per_minute"], Field(le=_INT_MAX)
+]
+TokensPerMinute = Annotated[
+    int | None, ApiKey.model_fields["tokens_per_minute"], Field(le=_INT_MAX)
+]
 Usd = Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=9)]
 Names = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 
@@ -76,6 +83,8 @@ class NewKey(BaseModel):
     allowed_tiers: Names | None = None
     daily_usd: Usd | None = None
     monthly_usd: Usd | None = None
+    requests_per_minute: RequestsPerMinute = None
+    tokens_per_minute: TokensPerMinute = None
     expires_at: AwareDatetime | None = None
     expires_in_s: float | None = Field(default=None, gt=0)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -170,6 +179,8 @@ def _spec(body: NewKey, services: Services, now: datetime) -> KeySpec:
         allowed_tiers=None if body.allowed_tiers is None else tuple(body.allowed_tiers),
         daily_usd=body.daily_usd,
         monthly_usd=body.monthly_usd,
+        requests_per_minute=body.requests_per_minute,
+        tokens_per_minute=body.tokens_per_minute,
         expires_at=expires_at,
         metadata=body.metadata,
     )
@@ -199,6 +210,8 @@ def key_json(key: StoredKey, now: datetime) -> dict[str, Any]:
         "allowed_tiers": None if spec.allowed_tiers is None else list(spec.allowed_tiers),
         "daily_usd": _money(spec.daily_usd),
         "monthly_usd": _money(spec.monthly_usd),
+        "requests_per_minute": spec.requests_per_minute,
+        "tokens_per_minute": spec.tokens_per_minute,
         "metadata": dict(spec.metadata),
         "created_at": _when(key.created_at),
         "expires_at": _when(spec.expires_at),

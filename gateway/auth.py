@@ -42,6 +42,10 @@ class Principal:
     # its tenant's (``budgets:``).
     daily_usd: Decimal | None = None
     monthly_usd: Decimal | None = None
+    # The key's own rate limits (either kind of key), shared by every gateway beside
+    # its tenant's (``rate_limits:``); None: no limit of the key's own.
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + completion
     expires_at: float | None = None  # UNIX time from which the key is refused
 
     def may_use_model(self, model: str) -> bool:
@@ -63,6 +67,8 @@ def managed_principal(key: StoredKey) -> Principal:
         allowed_tiers=None if spec.allowed_tiers is None else frozenset(spec.allowed_tiers),
         daily_usd=spec.daily_usd,
         monthly_usd=spec.monthly_usd,
+        requests_per_minute=spec.requests_per_minute,
+        tokens_per_minute=spec.tokens_per_minute,
         expires_at=None if spec.expires_at is None else spec.expires_at.timestamp(),
     )
 
@@ -76,7 +82,13 @@ class Authenticator:
             if found in self._config:
                 raise ValueError(f"API key of tenant {key.tenant!r} is listed twice")
             self._config[found] = Principal(
-                key.tenant, key.admin, found.hex()[:12], key.priority, key.force_tier
+                tenant=key.tenant,
+                admin=key.admin,
+                key_id=found.hex()[:12],
+                priority=key.priority,
+                force_tier=key.force_tier,
+                requests_per_minute=key.requests_per_minute,
+                tokens_per_minute=key.tokens_per_minute,
             )
         self._managed: dict[bytes, Principal] = {}
         self._revoked: set[bytes] = set()  # to say "revoked" rather than "incorrect"

@@ -15,7 +15,17 @@ from typing import Any
 
 from gateway.api_client import ApiError, call_json
 
-LIST_COLUMNS = ("id", "name", "tenant", "hint", "status", "expires_at", "created_at")
+LIST_COLUMNS = (
+    "id",
+    "name",
+    "tenant",
+    "hint",
+    "status",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "expires_at",
+    "created_at",
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +50,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     create.add_argument("--priority", type=int, help="admission priority, -100..100")
     create.add_argument("--force-tier", action="store_true", help="may send x-tollway-tier")
-    create.add_argument("--daily-usd", help="daily budget (stored, not enforced yet)")
-    create.add_argument("--monthly-usd", help="monthly budget (stored, not enforced yet)")
+    create.add_argument("--daily-usd", help="the key's daily budget, in USD")
+    create.add_argument("--monthly-usd", help="the key's monthly budget, in USD")
+    create.add_argument(
+        "--requests-per-minute", type=int, metavar="N", help="the key's request rate limit"
+    )
+    create.add_argument(
+        "--tokens-per-minute",
+        type=int,
+        metavar="N",
+        help="the key's token rate limit (prompt + completion)",
+    )
     expiry = create.add_mutually_exclusive_group()
     expiry.add_argument("--expires-at", help="ISO 8601 time with its zone, e.g. 2027-01-01T00:00Z")
     expiry.add_argument("--expires-in", type=float, metavar="SECONDS")
@@ -102,6 +121,8 @@ def _create(args: argparse.Namespace) -> int:
         "priority",
         "daily_usd",
         "monthly_usd",
+        "requests_per_minute",
+        "tokens_per_minute",
         "expires_at",
     ):
         if getattr(args, field) is not None:

@@ -6,8 +6,9 @@ and ``rotate`` return it once; the table keeps only its SHA-256 digest
 characters (``hint``). Every change moves the row's ``updated_at`` (a trigger
 does it), which is how gateways find what changed (``changed_since``).
 
-A key's budgets (``daily_usd``, ``monthly_usd``) are enforced by the gateway's
-reservations (``gateway.budgets``), beside its tenant's.
+A key's budgets (``daily_usd``, ``monthly_usd``) and rate limits
+(``requests_per_minute``, ``tokens_per_minute``) are enforced by the gateway
+(``gateway.budgets``), beside its tenant's.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class KeySpec:
     allowed_tiers: tuple[str, ...] | None = None  # None: every tier
     daily_usd: Decimal | None = None  # enforced by gateway.budgets
     monthly_usd: Decimal | None = None
+    requests_per_minute: int | None = None  # None: no limit of the key's own
+    tokens_per_minute: int | None = None  # prompt + completion
     expires_at: datetime | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -102,13 +105,14 @@ class KeyNotActive(Exception):
 
 
 _COLUMNS = """id, name, tenant, digest, hint, priority, force_tier, allowed_models,
-    allowed_tiers, daily_usd, monthly_usd, metadata::text AS metadata, created_at,
-    expires_at, revoked_at, rotated_from, updated_at"""
+    allowed_tiers, daily_usd, monthly_usd, requests_per_minute, tokens_per_minute,
+    metadata::text AS metadata, created_at, expires_at, revoked_at, rotated_from, updated_at"""
 
 _INSERT = f"""
 INSERT INTO api_keys (id, name, tenant, digest, hint, priority, force_tier, allowed_models,
-    allowed_tiers, daily_usd, monthly_usd, metadata, expires_at, rotated_from)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14)
+    allowed_tiers, daily_usd, monthly_usd, requests_per_minute, tokens_per_minute, metadata,
+    expires_at, rotated_from)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::jsonb, $15, $16)
 RETURNING {_COLUMNS}"""
 
 
@@ -123,6 +127,8 @@ def _stored(row: asyncpg.Record) -> StoredKey:
         allowed_tiers=None if tiers is None else tuple(tiers),
         daily_usd=row["daily_usd"],
         monthly_usd=row["monthly_usd"],
+        requests_per_minute=row["requests_per_minute"],
+        tokens_per_minute=row["tokens_per_minute"],
         expires_at=row["expires_at"],
         metadata=orjson.loads(row["metadata"]),
     )
@@ -155,6 +161,8 @@ async def _insert(
         None if spec.allowed_tiers is None else list(spec.allowed_tiers),
         spec.daily_usd,
         spec.monthly_usd,
+        spec.requests_per_minute,
+        spec.tokens_per_minute,
         orjson.dumps(dict(spec.metadata)).decode(),
         spec.expires_at,
         rotated_from,

@@ -13,7 +13,14 @@ import asyncpg
 import pytest
 
 from ledger import schema
-from ledger.key_store import SECRET_PREFIX, KeyNotActive, KeyNotFound, KeySpec, KeyStore
+from ledger.key_store import (
+    SECRET_PREFIX,
+    KeyNotActive,
+    KeyNotFound,
+    KeySpec,
+    KeyStore,
+    StoredKey,
+)
 from tests.support import postgres_server
 from tests.support.postgres_server import PostgresServer, run_postgres
 from tests.support.tools import needs
@@ -29,6 +36,8 @@ SPEC = KeySpec(
     allowed_tiers=("small",),
     daily_usd=Decimal("1.5"),
     monthly_usd=Decimal("20.000000001"),
+    requests_per_minute=60,
+    tokens_per_minute=100_000,
     metadata={"owner": "team-a", "labels": {"env": "ci"}},
 )
 
@@ -68,11 +77,16 @@ async def test_create_returns_the_secret_once_and_stores_its_digest(
     assert key.digest == hashlib.sha256(secret.encode()).digest()
     assert key.hint == secret[-4:]
     assert key.spec == SPEC
+    assert (key.spec.requests_per_minute, key.spec.tokens_per_minute) == (60, 100_000)
     assert key.status(datetime.now(UTC)) == "active"
     assert key.revoked_at is None
     assert key.rotated_from is None
     stored = server.psql(f"SELECT encode(digest, 'hex'), hint FROM api_keys WHERE id = '{key.id}'")
     assert stored == f"{hashlib.sha256(secret.encode()).hexdigest()}|{secret[-4:]}"
+    limits = server.psql(
+        f"SELECT requests_per_minute, tokens_per_minute FROM api_keys WHERE id = '{key.id}'"
+    )
+    assert limits == "60|100000"
     assert await store.get(key.id) == key
 
 
@@ -97,6 +111,20 @@ async def test_list_filters_by_tenant_and_hides_revoked(store: KeyStore) -> None
     assert second.id not in everyone
 
 
+async def test_rate_limits_are_listed_and_optional(store: KeyStore) -> None:
+    limited, _ = await store.create(KeySpec(name="rpm", tenant="limits", requests_per_minute=30))
+    unlimited, _ = await store.create(KeySpec(name="none", tenant="limits"))
+
+    def limits(keys: list[StoredKey]) -> dict[str, tuple[int | None, int | None]]:
+        return {k.id: (k.spec.requests_per_minute, k.spec.tokens_per_minute) for k in keys}
+
+    assert limits(await store.list_keys("limits")) == {
+        limited.id: (30, None),
+        unlimited.id: (None, None),
+    }
+    assert limits(await store.changed_since(None))[limited.id] == (30, None)
+
+
 async def test_revoke_sets_revoked_at_once_and_moves_updated_at(store: KeyStore) -> None:
     key, _ = await store.create(KeySpec(name="r", tenant="revoke"))
     revoked = await store.revoke(key.id)
@@ -118,6 +146,7 @@ async def test_rotate_now_revokes_the_old_key(store: KeyStore) -> None:
     assert new.id != old.id
     assert new.rotated_from == old.id
     assert new.spec == old.spec
+    assert (new.spec.requests_per_minute, new.spec.tokens_per_minute) == (60, 100_000)
     assert new.digest == hashlib.sha256(secret.encode()).digest()
     assert retired.id == old.id
     assert retired.revoked_at is not None
@@ -181,6 +210,10 @@ async def test_the_table_refuses_bad_rows(store: KeyStore) -> None:
         await store.create(KeySpec(name="", tenant="bad"))
     with pytest.raises(asyncpg.CheckViolationError):
         await store.create(KeySpec(name="b", tenant="bad", daily_usd=Decimal(-1)))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.create(KeySpec(name="r", tenant="bad", requests_per_minute=0))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.create(KeySpec(name="t", tenant="bad", tokens_per_minute=-5))
 
 
 async def test_no_secret_is_stored_in_clear(store: KeyStore, server: PostgresServer) -> None:

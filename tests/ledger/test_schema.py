@@ -83,12 +83,20 @@ async def test_migrating_from_the_previous_version_keeps_the_rows(
         " VALUES ('2026-01-15T10:00:00Z', 'old-row', 'acme', 'k', 'small', 'm', 'http://r',"
         " 'chat', 200, 'miss', 10, 5, 0, 1234, 99, 120, 0, 1, 5000)"
     )
+    await conn.execute(
+        "INSERT INTO api_keys (id, name, tenant, digest, hint)"
+        " VALUES ('key_old', 'old', 'acme', sha256('old'::bytea), 'abcd')"
+    )
     applied = await schema.migrate(conn)
     assert [m.version for m in applied] == list(range(previous + 1, schema.latest() + 1))
     assert await schema.check(conn) == schema.latest()
     row = await conn.fetchrow("SELECT tenant, cost_nanos FROM usage_requests")
     assert row is not None
     assert (row["tenant"], row["cost_nanos"]) == ("acme", 99)
+    key = await conn.fetchrow("SELECT * FROM api_keys")
+    assert key is not None
+    assert (key["id"], key["name"], key["tenant"]) == ("key_old", "old", "acme")
+    assert key["requests_per_minute"] is None  # a key made before limits existed has none
 
 
 async def test_a_newer_schema_than_the_code_knows_is_refused(conn: asyncpg.Connection) -> None:
