@@ -534,3 +534,24 @@ def test_a_keys_own_budget_is_enforced(cluster: Cluster, sdk: SdkFactory) -> Non
     )
     left = Decimal(raw.headers["x-tollway-budget-remaining-usd"])
     assert Decimal(100) - Decimal(raw.headers["x-tollway-cost-loaded-usd"]) >= left > 99
+
+
+def test_a_keys_own_rate_limit_holds_across_both_gateways(
+    cluster: Cluster, sdk: SdkFactory
+) -> None:
+    """A managed key's requests_per_minute is one limit for every gateway: its first two
+    requests pass (one through each), the third is refused on either."""
+    limited = create(cluster, requests_per_minute=2)["secret"]
+    for gateway in (cluster.one, cluster.two):
+        accepted_on(gateway, limited)
+    first = sdk(cluster.one, limited).chat.completions.with_raw_response.create(
+        model="sim-small", messages=[{"role": "user", "content": "one"}], max_tokens=4
+    )
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    chat(sdk(cluster.two, limited))
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(sdk(cluster.one, limited))
+    assert refused.value.code == "rate_limit_exceeded"
+    assert "2 requests per minute" in refused.value.message
+    assert "this API key" in refused.value.message
