@@ -214,9 +214,10 @@ class SpendCounters:
         self._pending: dict[str, Sums] = {}  # key -> sums not yet in Redis
         # (tenant, request id, [(rate key, ms to give back)]): holds to let go
         self._releases: list[tuple[str, str, list[tuple[str, float]]]] = []
-        # request id -> (tenant, rate keys to give tokens back to, with ms per token and
-        # tokens taken), while it holds budget or tokens
-        self._holding: dict[str, tuple[str, list[tuple[str, float, int]]]] = {}
+        # request id -> its requests' holds (a client may send one id on several at
+        # once): (hold id, tenant, rate keys to give tokens back to, with ms per token
+        # and tokens taken), while they hold budget or tokens
+        self._holding: dict[str, list[tuple[str, str, list[tuple[str, float, int]]]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add_many(self, reports: Sequence[RequestReport]) -> None:
@@ -230,20 +231,34 @@ class SpendCounters:
                 keys += window_keys(self.prefix, report.tenant, at, report.key_id)
             for key in keys:
                 self._pending[key] = self._pending.get(key, Sums()) + sums
-            held = self._holding.pop(report.request_id, None)
-            if held is not None:  # its spend first, then its hold: counted twice a moment,
-                tenant, tokens = held  # never zero times
+            holds = self._holding.get(report.request_id)
+            if holds:  # its spend first, then its hold: counted twice a moment, never zero
+                hold_id, tenant, tokens = holds.pop(0)
+                if not holds:
+                    del self._holding[report.request_id]
                 used = report.usage.total_tokens
                 back = [(key, max(0, taken - used) * per) for key, per, taken in tokens]
-                self._releases.append((tenant, report.request_id, back))
+                self._releases.append((tenant, hold_id, back))
 
     def holding(
-        self, request_id: str, tenant: str, tokens: list[tuple[str, float, int]] | None = None
+        self,
+        request_id: str,
+        hold_id: str,
+        tenant: str,
+        tokens: list[tuple[str, float, int]] | None = None,
     ) -> None:
-        """``request_id`` holds a reservation (and ``tokens``: rate keys, ms per token,
-        tokens taken): let it go, and give back the tokens it did not use, when its report
-        is counted."""
-        self._holding[request_id] = (tenant, tokens or [])
+        """A request holds a reservation ``hold_id`` (and ``tokens``: rate keys, ms per
+        token, tokens taken): let it go, and give back the tokens it did not use, when its
+        report is counted."""
+        self._holding.setdefault(request_id, []).append((hold_id, tenant, tokens or []))
+
+    def forget(self, request_id: str, hold_id: str) -> None:
+        """The admission refused ``hold_id``: nothing to let go."""
+        holds = [h for h in self._holding.get(request_id, []) if h[0] != hold_id]
+        if holds:
+            self._holding[request_id] = holds
+        else:
+            self._holding.pop(request_id, None)
 
     async def admit(
         self,
@@ -297,7 +312,7 @@ class SpendCounters:
 
     async def flush(self) -> bool:
         """Add the pending sums to Redis, then let go of the settled requests' holds;
-        False (sums kept for the next flush) if it failed. Holds not let go expire."""
+        False (both kept for the next flush) if it failed."""
         if not self._pending and not self._releases:
             return True
         batch, self._pending = self._pending, {}
@@ -310,9 +325,9 @@ class SpendCounters:
                     if value:
                         pipe.hincrby(key, field, value)
                 pipe.expire(key, TTL_S)
-            for tenant, request_id, back in releases:
+            for tenant, hold_id, back in releases:
                 keys = [*hold_keys(self.prefix, tenant), *(key for key, _ in back)]
-                pipe.eval(RELEASE, len(keys), *keys, request_id, *(ms for _, ms in back))
+                pipe.eval(RELEASE, len(keys), *keys, hold_id, *(ms for _, ms in back))
             await pipe.execute()
             return True
 
@@ -320,6 +335,7 @@ class SpendCounters:
             return True
         for key, sums in batch.items():  # kept, added to what came since
             self._pending[key] = self._pending.get(key, Sums()) + sums
+        self._releases[:0] = releases  # and let go after them (else counted twice till expiry)
         return False
 
     async def rebuild(self, ledger: Mapping[str, Sums], budget_s: float = 10.0) -> bool:

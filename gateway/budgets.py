@@ -33,6 +33,7 @@ the ledger has the spend and rebuilds the counters) or ``fail_closed`` (503).
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ from cache.spend import Admission, RateCharge, SpendCounters, rate_key, window_k
 from gateway.config import BudgetConfig, RateLimitConfig, RedisDown, ReservationConfig
 from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, RateLimited, ServiceUnavailable
-from metering.budget import REMAINING_HEADER, Budget, BudgetName, day_reset, month_reset
+from metering.budget import REMAINING_HEADER, Budget, BudgetName, Held, day_reset, month_reset
 from metering.estimate import CostEstimator, output_tokens_at_most, prompt_tokens_at_most
 from metering.money import fmt, fmt_nanos, from_nanos, to_nanos
 from metering.report import RequestReport
@@ -96,13 +97,6 @@ def _duration(ms: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60)}s"
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
-    tenant: str
-    amount_nanos: int
-    remaining_nanos: int  # the tightest budget's room once this hold was taken
-
-
 class BudgetGuard:
     def __init__(
         self,
@@ -129,7 +123,6 @@ class BudgetGuard:
         self.hold_s = hold_s
         self.output_caps = output_caps
         self.on_unchecked = on_unchecked
-        self._held: dict[str, Held] = {}  # request id -> its hold, until settled
 
     def windows(self, ctx: RequestContext, now: datetime) -> list[Window]:
         """Every budget that applies to the request: its tenant's, then its key's."""
@@ -174,8 +167,7 @@ class BudgetGuard:
         closed). Nothing to do without a limit or a budget."""
         now = datetime.now(UTC)
         windows = self.windows(ctx, now)
-        if ctx.request_id in self._held or not (windows or self.rate_limits or ctx.key_rates[0]
-                                                or ctx.key_rates[1]):  # fmt: skip
+        if ctx.hold is not None or not (windows or self.rate_limits or any(ctx.key_rates)):
             return
         parsed = orjson.loads(body)
         prompt = prompt_tokens_at_most(parsed)
@@ -184,9 +176,19 @@ class BudgetGuard:
         if not windows and not limits:
             return
         amount = self.estimator.nanos(tier, prompt, output) if windows else 0
+        # The client may send one x-request-id on several requests: the hold's id is ours.
+        hold_id = f"{ctx.request_id}.{secrets.token_hex(6)}"
+        tokens = [
+            (limit.charge.key, limit.charge.per_unit_ms, limit.charge.units)
+            for limit in limits
+            if limit.kind == "tokens"
+        ]
+        # Registered before the call: if the client leaves while Redis applies it, the
+        # request still settles, and its hold is let go then, not left to expire.
+        self.counters.holding(ctx.request_id, hold_id, ctx.tenant, tokens)
         result = await self.counters.admit(
             ctx.tenant,
-            ctx.request_id,
+            hold_id,
             amount,
             [(w.key, w.limit_nanos) for w in windows],
             [limit.charge for limit in limits],
@@ -203,6 +205,7 @@ class BudgetGuard:
             return
         ctx.headers.update(_rate_headers(limits, result, int(now.timestamp() * 1000)))
         if not result.admitted:
+            self.counters.forget(ctx.request_id, hold_id)  # nothing was taken
             assert result.refused is not None
             what, index = result.refused
             if what == "rate":
@@ -218,27 +221,17 @@ class BudgetGuard:
             raise BudgetExceeded(
                 message, retry_after_s=retry_after, remaining={REMAINING_HEADER: fmt_nanos(left)}
             )
-        tokens = [
-            (limit.charge.key, limit.charge.per_unit_ms, limit.charge.units)
-            for limit in limits
-            if limit.kind == "tokens"
-        ]
-        held = Held(ctx.tenant, amount, min(result.remaining_nanos) if windows else -1)
-        self._held[ctx.request_id] = held
-        self.counters.holding(ctx.request_id, ctx.tenant, tokens)
+        ctx.hold = Held(ctx.tenant, amount, min(result.remaining_nanos) if windows else -1)
 
-    def headers_for(self, report: RequestReport) -> dict[str, str]:
+    @staticmethod
+    def headers_for(ctx: RequestContext, report: RequestReport) -> dict[str, str]:
         """The answer's remaining budget: the tightest budget's room once it is spent
         (other requests' holds at its reservation counted); none without a hold."""
-        held = self._held.get(report.request_id)
+        held = ctx.hold
         if held is None or held.remaining_nanos < 0:  # no hold, or rate limits only
             return {}
         left = held.remaining_nanos + held.amount_nanos - report.cost.loaded_nanos
         return {REMAINING_HEADER: fmt_nanos(max(0, left))}
-
-    def spend(self, report: RequestReport) -> None:
-        """A request settled: its hold goes (its spend is counted by ``cache.spend``)."""
-        self._held.pop(report.request_id, None)
 
     async def stop(self) -> None:
         """Nothing runs in the background: holds not yet let go expire."""

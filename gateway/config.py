@@ -128,6 +128,9 @@ class ReservationConfig(Strict):
     # it is ever taken to be (loaded USD per million tokens; see metering/estimate.py).
     unobserved_usd_per_mtok: PositiveFloat = 20.0
     floor_usd_per_mtok: NonNegativeFloat = 0.0
+    # A GPU-priced tier's estimate times this: a token's GPU time swings with how many
+    # share the batch, and the most seen lately may not be the most the next one takes.
+    margin: Annotated[float, Field(ge=1)] = 2.0
     # Redis unreachable: serve unchecked (counted, reconciled from the ledger after)
     # or refuse with 503. Per tenant: budgets.<tenant>.on_redis_down.
     on_redis_down: RedisDown = "fail_open"

@@ -20,7 +20,7 @@ from gateway.admission import Ticket
 from gateway.errors import GatewayError
 from gateway.schemas import Endpoint
 from gateway.upstream import GpuBill
-from metering.budget import Budget
+from metering.budget import Budget, Held
 from metering.report import RequestReport
 from metering.telemetry import Content, RequestSpan
 from metering.usage import TokenUsage
@@ -42,6 +42,7 @@ class RequestContext:
     key_id: str = ""  # the API key's id (never the key): the ledger's key column
     allowed_tiers: frozenset[str] | None = None  # the key's; None: any (fallbacks too)
     key_budget: Budget | None = None  # a managed key's own budget
+    hold: Held | None = None  # what it holds against its budgets and rate limits
     key_rates: tuple[int | None, int | None] = (None, None)  # the key's requests, tokens/min
     decision: Decision | None = None
     span: RequestSpan | None = None

@@ -11,6 +11,7 @@ final event and in the settlement (``gateway.settle``) are one report.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -93,13 +94,23 @@ class Meter:
         replica = ctx.bill.replica
         if replica is None:
             return NO_COST  # nothing ran: no replica was reached
+        return self._tariff(replica).price_at(gpu_us, now)
+
+    def _tariff(self, replica: ReplicaState) -> GpuTariff:
         tariff = self._tariffs.get(replica)
         if tariff is None:
             meter = replica.meter
             tariff = self._tariffs[replica] = GpuTariff(
                 meter.hourly, self.overhead, meter.idle_per_busy
             )
-        return tariff.price_at(gpu_us, now)
+        return tariff
+
+    def dearest(self, replicas: Iterable[ReplicaState], gpu_us: int) -> int:
+        """``gpu_us`` priced now (loaded nano-dollars) at the dearest of ``replicas``: what
+        a request about to run there will cost at most, for its budget reservation."""
+        now = time.monotonic()
+        return max((self._tariff(r).price_at(gpu_us, now).loaded_nanos for r in replicas),
+                   default=0)  # fmt: skip
 
     def headers(self, report: RequestReport) -> dict[str, str]:
         """The report's ``x-tollway-*`` headers for its answer; none with metering off."""

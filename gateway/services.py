@@ -123,6 +123,8 @@ class Services:
             meter.overhead,
             unobserved_usd_per_mtok=settings.reservations.unobserved_usd_per_mtok,
             floor_usd_per_mtok=settings.reservations.floor_usd_per_mtok,
+            price_gpu=lambda tier, gpu_us: meter.dearest(pools.tiers[tier].replicas, gpu_us),
+            margin=settings.reservations.margin,
         )
         hold_s = settings.reservations.hold_s or settings.upstream.total_timeout_s + 30
         budgets = BudgetGuard(
@@ -169,7 +171,7 @@ class Services:
             caching=caching,
             idempotency=idempotency,
         )
-        settlement = Settlement(meter, budgets, recorder, count_refused(metrics), sinks)
+        settlement = Settlement(meter, recorder, count_refused(metrics), sinks)
         limits = settings.limits
         pipeline = Pipeline(
             auth=auth,

@@ -91,7 +91,7 @@ class Serving:
         headers = _where(ctx)
         report = self.meter.report(ctx)
         headers.update(self.meter.headers(report))
-        headers.update(self.budgets.headers_for(report))
+        headers.update(self.budgets.headers_for(ctx, report))
         return headers
 
     async def _serve_once(self, ctx: RequestContext, prepared: Prepared) -> Response:
@@ -186,7 +186,7 @@ class Serving:
             ctx.failed(error)
         report = self.meter.report(ctx)
         figures = self.meter.stream_object(report)
-        remaining = self.budgets.headers_for(report)
+        remaining = self.budgets.headers_for(ctx, report)
         if remaining and figures is not None:
             figures["budget_remaining_usd"] = next(iter(remaining.values()))
         return figures

@@ -10,11 +10,11 @@ if any) and that report is recorded everywhere it goes:
 
 - the span: its attributes and status (``error.type`` from the error value),
   then its end;
-- the tenant's budget spend;
 - the sinks that read each report at once (the burn rate budget-aware routing
   watches);
-- the recorder, which hands it to Prometheus and the usage ledger a batch
-  at a time.
+- the recorder, which hands it to Prometheus, the spend counters (which
+  also let go of its budget and rate-limit hold) and the ledger a batch at a
+  time.
 
 A request refused before it was routed (a bad key, a body that does not
 parse, an unknown model) did no work and has no report: it is only counted in
@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from gateway.budgets import BudgetGuard
 from gateway.context import RequestContext
 from gateway.meter import Meter
 from gateway.recorder import Recorder
@@ -43,13 +42,11 @@ class Settlement:
     def __init__(
         self,
         meter: Meter,
-        budgets: BudgetGuard,
         recorder: Recorder | None,
         count_refused: Callable[[RequestReport], None],
         sinks: Sequence[ReportSink] = (),
     ):
         self.meter = meter
-        self.budgets = budgets
         self.sinks = list(sinks) if meter.enabled else []
         self.recorder = recorder if meter.enabled else None
         self.count_refused = count_refused
@@ -69,7 +66,6 @@ class Settlement:
             return None
         report = self.meter.report(ctx)
         self._end_span(ctx, report)
-        self._call(self.budgets.spend, report)
         for sink in self.sinks:
             self._call(sink, report)
         if self.recorder is not None:

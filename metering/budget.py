@@ -63,3 +63,12 @@ class Budget:
         for amount in (self.daily_usd, self.monthly_usd):
             if amount is not None and amount < 0:
                 raise ValueError(f"a budget cannot be negative: {amount}")
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a request holds against its budgets while it runs (``gateway.budgets``)."""
+
+    tenant: str
+    amount_nanos: int
+    remaining_nanos: int  # the tightest budget's room once this hold was taken; -1: none

@@ -7,15 +7,22 @@ Priced at:
 
 - a token-priced tier: its prices, with the overhead factor, exactly as the
   meter will price it;
-- a GPU-priced tier: its loaded cost per token as observed on settled
-  requests (a moving average per tier), never below ``floor``; before the
-  tier has data, ``unobserved`` (documented as a deliberate over-estimate:
-  a reservation too large only refuses early; one too small overspends).
+- a GPU-priced tier: the most GPU time a token took among its last
+  ``WINDOW`` settled requests (a lone request has the GPU to itself: the
+  most), priced as the meter will price it, at the dearest of the tier's
+  replicas' current loaded tariff (idle share included, which moves with how
+  long the replicas sat idle), and never below ``floor`` a token; before the
+  tier has data, ``unobserved`` a token. The most, not an average, and times
+  ``margin`` (2): a token's GPU time swings with how many share the batch, so
+  the next request may take more than any seen lately; a reservation too
+  large only refuses early, one too small overspends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -25,7 +32,7 @@ from metering.pricing import TokenPrices, price_tokens
 from metering.report import RequestReport
 
 NANOS_PER_USD_PER_MTOK = 1000  # 1 USD per million tokens is 1,000 nano-dollars a token
-ALPHA = 0.1  # the moving average's weight for each new request
+WINDOW = 512  # settled requests per tier whose cost per token the estimate looks at
 
 
 def prompt_tokens_at_most(body: Mapping[str, Any]) -> int:
@@ -47,26 +54,43 @@ class CostEstimator:
         *,
         unobserved_usd_per_mtok: float,
         floor_usd_per_mtok: float,
+        price_gpu: Callable[[str, int], int],
+        margin: float = 1.0,
     ):
+        self.margin = margin
         self.token_prices = dict(token_prices)
         self.overhead = overhead
         self.unobserved = unobserved_usd_per_mtok * NANOS_PER_USD_PER_MTOK
         self.floor = floor_usd_per_mtok * NANOS_PER_USD_PER_MTOK
-        self._per_token: dict[str, float] = {}  # tier -> loaded nano-dollars a token
+        self.price_gpu = price_gpu  # (tier, micro-GPU-seconds) -> loaded nano-dollars now
+        # tier -> micro-GPU-seconds a token of its last WINDOW requests, and their max
+        self._seen: dict[str, deque[float]] = {}
+        self._highest: dict[str, float] = {}
 
     def observe(self, report: RequestReport) -> None:
         """Learn from a settled request that ran on the GPUs (a settlement sink)."""
         tokens = report.usage.total_tokens
-        if report.free or tokens <= 0 or report.cost.loaded_nanos <= 0:
+        if report.free or tokens <= 0 or report.gpu_us <= 0:
             return
-        seen = report.cost.loaded_nanos / tokens
-        last = self._per_token.get(report.tier)
-        self._per_token[report.tier] = seen if last is None else last + ALPHA * (seen - last)
+        cost = report.gpu_us / tokens
+        seen = self._seen.setdefault(report.tier, deque(maxlen=WINDOW))
+        dropped = seen[0] if len(seen) == WINDOW else None
+        seen.append(cost)
+        highest = self._highest.get(report.tier, 0.0)
+        if cost >= highest:
+            self._highest[report.tier] = cost
+        elif dropped is not None and dropped >= highest:  # the max left the window
+            self._highest[report.tier] = max(seen)
 
     def nanos(self, tier: str, prompt_tokens: int, output_tokens: int) -> int:
         """The most the request may cost (loaded nano-dollars), as this estimator sees it."""
         prices = self.token_prices.get(tier)
         if prices is not None:
             return price_tokens(prompt_tokens, output_tokens, prices, self.overhead).loaded_nanos
-        per_token = max(self._per_token.get(tier, self.unobserved), self.floor)
-        return int(per_token * (prompt_tokens + output_tokens)) + 1
+        tokens = prompt_tokens + output_tokens
+        us_per_token = self._highest.get(tier)
+        if us_per_token is None:
+            priced = self.unobserved * tokens
+        else:
+            priced = self.price_gpu(tier, math.ceil(us_per_token * self.margin * tokens))
+        return int(max(priced, self.floor * tokens)) + 1
