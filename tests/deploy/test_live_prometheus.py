@@ -115,12 +115,13 @@ def fallback(gateway: Proc) -> None:
 
 
 def over_budget(gateway: Proc) -> None:
-    """initech's daily budget is a nano-dollar: its first request passes, later ones get 429."""
+    """initech's daily budget is ten nano-dollars, less than a request's worst case once
+    the gateway has seen the tier's costs: its requests get 429 budget_exceeded (the
+    first may pass, held at the tiny price the tier has before it has served anything)."""
     headers = {"authorization": f"Bearer {LEDGER_KEY}"}
     body = {"model": "sim-small", "max_tokens": 4,
             "messages": [{"role": "user", "content": "spend the budget"}]}  # fmt: skip
     with httpx.Client(base_url=gateway.url, timeout=10) as http:
-        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
         deadline = time.monotonic() + 10
         while (answer := http.post("/v1/chat/completions", json=body, headers=headers)).is_success:
             assert time.monotonic() < deadline, "initech was never refused"
@@ -156,7 +157,9 @@ def live_config(small: Proc, large: list[Proc], redis_url: str) -> dict[str, obj
         "cut_points": [0.3, 1.0],  # spare owns no score
         "burn_target_usd_per_hour": 1000,  # active, never reached: the burn gauge is exported
     }
-    config["budgets"] = {"initech": {"daily_usd": 0.000000001}}
+    config["budgets"] = {"initech": {"daily_usd": 0.00000001}}
+    # A first request's hold is a few nano-dollars (it fits), its cost is not.
+    config["reservations"] = {"unobserved_usd_per_mtok": 0.0001}
     config["cache"] = {"local_ttl_s": 0}  # hits go to Redis, so the outage is seen
     return config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import time
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -168,9 +169,14 @@ def test_budgets_survive_losing_redis(
         procs += sims
         config = gateway_config([sims[0].url], [sims[1].url], redis_server.url)
         config = with_ledger(config, postgres, tmp_path / "spool")
-        config["budgets"] = {"acme": {"daily_usd": 0.00000001}}
+        # Its own tenant: the shared ledger holds other tests' spend, which the start's
+        # rebuild of the counters would count against this budget.
+        tenant = f"rebuild-{uuid.uuid4().hex[:8]}"
+        config["auth"]["keys"][0]["tenant"] = tenant
+        config["budgets"] = {tenant: {"daily_usd": 0.00000001}}
         config["reservations"] = TINY_HOLDS
         gateway = start_gateway(log_dir, config)
+        procs.append(gateway)
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
         spent = client.chat.completions.with_raw_response.create(
             model="sim-small", messages=[{"role": "user", "content": "spend"}], max_tokens=8
@@ -191,8 +197,8 @@ def test_budgets_survive_losing_redis(
             )  # fmt: skip
             assert rebuilt.returncode == 0, rebuilt.stderr
             assert "rebuilt from the ledger" in rebuilt.stdout
-            day = [k for k in keys.keys("{tollway:spend:acme}:day:*")]
-            assert len(day) == 1  # the shared ledger has other tenants' too: acme's is there
+            day = list(keys.keys(f"{{tollway:spend:{tenant}}}:day:*"))
+            assert len(day) == 1  # the shared ledger has other tenants' too: this one's is there
             assert (
                 int(keys.hget(day[0], "cost_loaded_nanos") or 0)
                 >= Decimal(spent.headers["x-tollway-cost-loaded-usd"]) * 10**9
