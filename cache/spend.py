@@ -1,7 +1,12 @@
-"""Each tenant's spend of the UTC day and month, in Redis, shared by every gateway.
+"""Spend, budget holds and rate limits in Redis, shared by every gateway.
 
-Budgets read these counters (``gateway.budgets``) so that each gateway sees
-what the others spent. They are hot, rebuildable state: PostgreSQL's ledger
+``admit`` is the one atomic call a request makes before it is sent upstream
+(``gateway.budgets``): it takes its units from its rate limits and holds its
+worst-case cost against its budgets, or takes nothing. Settled requests'
+spend is added, and their holds let go, by the flush below.
+
+The spend counters are what budgets are checked against, so that each
+gateway sees what the others spent. They are hot, rebuildable state: PostgreSQL's ledger
 is the record. ``add_many`` (a recorder consumer) sums settled requests per
 tenant and window in memory; a background task adds the sums to Redis every
 ``interval_s`` in one pipeline. Sums Redis did not take stay and go with the
@@ -12,8 +17,13 @@ it): after Redis lost its data, or on demand (``tollway db rebuild-counters``).
 
 Keys (``P`` the prefix, default ``tollway``; a hash per tenant and window)::
 
-    {P:spend:<tenant>}:day:YYYYMMDD    requests, cost_nanos, cost_loaded_nanos
+    {P:spend:<tenant>}:day:YYYYMMDD    requests, cost_nanos, cost_loaded_nanos, held
     {P:spend:<tenant>}:month:YYYYMM    the same for the calendar month
+    {P:spend:<tenant>}:key:<id>:day:YYYYMMDD (and :month:) a managed key's own
+    {P:spend:<tenant>}:holds           zset: hold id -> expiry (ms)
+    {P:spend:<tenant>}:hold            hash: hold id -> "amount window-key..."
+    {P:spend:<tenant>}:rate:<scope>:<kind>   a GCRA arrival time (ms); scope
+                                       "tenant" or "key:<id>", kind requests|tokens
 
 Each expires ``TTL_S`` after its last write, well past its window.
 """
