@@ -233,9 +233,6 @@ class BudgetGuard:
         left = held.remaining_nanos + held.amount_nanos - report.cost.loaded_nanos
         return {REMAINING_HEADER: fmt_nanos(max(0, left))}
 
-    async def stop(self) -> None:
-        """Nothing runs in the background: holds not yet let go expire."""
-
 
 def _rate_headers(limits: list[Limit], result: Admission, now_ms: int) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers: for each kind, the limit with the least left."""

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from cache.redis_client import RedisClient
 from cache.spend import SpendCounters
-from gateway.config import ConfigError, DatabaseConfig, RedisConfig, load_settings
+from gateway.config import ConfigError, DatabaseConfig, RedisConfig, Settings, load_settings
 from ledger import counters, schema, store
-from ledger.database import UNREACHABLE, connect
+from ledger.database import UNREACHABLE, Conn, connect
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -69,23 +71,44 @@ def database_config(args: argparse.Namespace) -> DatabaseConfig:
     return DatabaseConfig(url=url)
 
 
+@contextlib.asynccontextmanager
+async def _connected(config: DatabaseConfig) -> AsyncIterator[Conn]:
+    """A connection for one command, closed after; exit 1 if the database does not answer."""
+    try:
+        conn = await connect(config)
+    except UNREACHABLE as exc:
+        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _settings_with_database(path: str) -> tuple[Settings, DatabaseConfig]:
+    """The config at ``path`` and its database; exit 2 (a message) if it names none."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if settings.database is None:
+        print(f"tollway: {path} has no database section", file=sys.stderr)
+        raise SystemExit(2)
+    return settings, settings.database
+
+
 def _migrate(args: argparse.Namespace) -> int:
     return asyncio.run(_run_migrate(database_config(args)))
 
 
 async def _run_migrate(config: DatabaseConfig) -> int:
-    try:
-        conn = await connect(config)
-    except UNREACHABLE as exc:
-        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
-        return 1
-    try:
-        done = await schema.migrate(conn)
-    except schema.SchemaError as exc:
-        print(f"tollway: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await conn.close()
+    async with _connected(config) as conn:
+        try:
+            done = await schema.migrate(conn)
+        except schema.SchemaError as exc:
+            print(f"tollway: {exc}", file=sys.stderr)
+            return 1
     for migration in done:
         print(f"applied {migration.version:04d}_{migration.name}")
     print(f"schema at version {schema.latest()}" + ("" if done else " (nothing to do)"))
@@ -97,67 +120,40 @@ def _status(args: argparse.Namespace) -> int:
 
 
 async def _run_status(config: DatabaseConfig) -> int:
-    try:
-        conn = await connect(config)
-    except UNREACHABLE as exc:
-        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
-        return 1
-    try:
+    async with _connected(config) as conn:
         applied = await schema.applied(conn)
-    finally:
-        await conn.close()
     have = applied[-1] if applied else 0
     print(f"applied: {have}  known to this tollway: {schema.latest()}")
     return 0 if have == schema.latest() else 3
 
 
 def _rebuild_counters(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"tollway: {exc}", file=sys.stderr)
-        return 2
-    if settings.database is None:
-        print(f"tollway: {args.config} has no database section", file=sys.stderr)
-        return 2
-    return asyncio.run(_run_rebuild(settings.database, settings.redis))
+    settings, database = _settings_with_database(args.config)
+    return asyncio.run(_run_rebuild(database, settings.redis))
 
 
 async def _run_rebuild(database: DatabaseConfig, redis_config: RedisConfig) -> int:
     redis = RedisClient(redis_config.url, cluster=redis_config.cluster)
     await redis.start()
     try:
-        conn = await connect(database)
-    except UNREACHABLE as exc:
-        await redis.close()
-        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
-        return 1
-    try:
-        tenants = await counters.rebuild(conn, SpendCounters(redis))
+        async with _connected(database) as conn:
+            tenants = await counters.rebuild(conn, SpendCounters(redis))
     except ConnectionError as exc:
         print(f"tollway: {exc} ({redis_config.url})", file=sys.stderr)
         return 1
     finally:
-        await conn.close()
         await redis.close()
     print(f"spend counters rebuilt from the ledger for {tenants} tenant(s)")
     return 0
 
 
 def _prune(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"tollway: {exc}", file=sys.stderr)
-        return 2
-    if settings.database is None:
-        print(f"tollway: {args.config} has no database section", file=sys.stderr)
-        return 2
+    settings, database = _settings_with_database(args.config)
     keep = args.keep_months or settings.ledger.retention_months
     if keep < 1:
         print("tollway: --keep-months must be at least 1", file=sys.stderr)
         return 2
-    return asyncio.run(_run_prune(settings.database, keep))
+    return asyncio.run(_run_prune(database, keep))
 
 
 async def _run_prune(database: DatabaseConfig, keep: int) -> int:
@@ -165,15 +161,8 @@ async def _run_prune(database: DatabaseConfig, keep: int) -> int:
     today = datetime.now(UTC)
     index = today.year * 12 + today.month - 1 - (keep - 1)
     oldest_kept = (index // 12, index % 12 + 1)
-    try:
-        conn = await connect(database)
-    except UNREACHABLE as exc:
-        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
-        return 1
-    try:
+    async with _connected(database) as conn:
         dropped = await store.drop_before(conn, oldest_kept)
-    finally:
-        await conn.close()
     for year, month in dropped:
         print(f"dropped {year:04d}-{month:02d}")
     print(f"kept from {oldest_kept[0]:04d}-{oldest_kept[1]:02d} on")

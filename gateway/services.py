@@ -221,7 +221,6 @@ class Services:
             await self.health.stop()
         self.scheduler.close()
         await self.upstream.close()
-        await self.budgets.stop()
         await self.recorder.stop()  # hands the last requests to the ledger and the metrics
         if self.ledger is not None:
             await self.ledger.stop()  # spools all, writes what the database takes in time
