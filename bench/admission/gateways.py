@@ -267,6 +267,5 @@ def check_settled(bench: Bench) -> str:
         f"unchecked and no failed call of {', '.join(BUDGET_CALLS)}; afterwards {len(left)} "
         f"holds were left in Redis (of the {bench.cut_off} requests stopping wrk runs could "
         "cut off) and the tenant's `held` was their sum: every settled request let its hold "
-        "go; a request whose client leaves during its admission call keeps its hold until "
-        "`reservations.hold_s`"
+        "go (a request whose client left during its admission call too, at its settlement)"
     )

@@ -190,14 +190,18 @@ def publish(
 ) -> None:
     """Print a benchmark's table and notes; unless ``no_record``, make them its RESULTS.md section.
 
-    ``head`` is ``section_head(...)``; ``runs_detail`` (one line per run) goes in a
-    collapsed block; a profile, when there is one, follows as a code block.
+    ``head`` is ``section_head(...)``; ``runs_detail`` (one line per run) is printed
+    only: the page keeps the figures, the run's output its rounds. A profile, when there
+    is one, follows as a code block.
     """
     print()
     print(result)
     print()
     for note in notes:
         print(f"- {note}")
+    if runs_detail:
+        print()
+        print(runs_detail)
     if profile_text:
         print()
         print(profile_text)
@@ -207,9 +211,6 @@ def publish(
     if pinning:
         lines.append(f"- pinning: {pinning}")
     lines += [*(f"- {note}" for note in notes), "", result, ""]
-    if runs_detail:
-        lines += ["<details><summary>individual runs</summary>", "", runs_detail, "", "</details>"]
-        lines.append("")
     section = "\n".join(lines)
     if profile_text:
         section += "\n```\n" + profile_text + "\n```\n"
