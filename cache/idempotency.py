@@ -70,13 +70,15 @@ import orjson
 from redis.asyncio import Redis
 
 from cache.redis_client import RedisClient
+from cache.scripts import Script
 from cache.singleflight import backoff, jittered, lease_renewer, new_token
 
 log = logging.getLogger("tollway.idempotency")
 
 # Claim the key or report its state: ARGV = fingerprint, token, lease (ms).
 # Returns {"begun"} | {"running"} | {"done", resp} | {"mismatch"}.
-_BEGIN = """
+_BEGIN = Script(
+    """
 local st, fp = unpack(redis.call('HMGET', KEYS[1], 'st', 'fp'))
 if not st then
   redis.call('HSET', KEYS[1], 'st', 'r', 'fp', ARGV[1], 'tok', ARGV[2])
@@ -87,9 +89,11 @@ if fp ~= ARGV[1] then return {'mismatch'} end
 if st == 'd' then return {'done', redis.call('HGET', KEYS[1], 'resp')} end
 return {'running'}
 """
+)
 
 # The owner (ARGV[1]) stores the response (ARGV[2]) for ARGV[3] ms.
-_COMPLETE = """
+_COMPLETE = Script(
+    """
 local st, tok = unpack(redis.call('HMGET', KEYS[1], 'st', 'tok'))
 if st ~= 'r' or tok ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'resp', ARGV[2])
@@ -97,14 +101,17 @@ redis.call('HDEL', KEYS[1], 'tok')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+)
 
 # The owner (ARGV[1]) gives the key up (ARGV[2] = "del") or extends its lease to ARGV[2] ms.
-_OWNER = """
+_OWNER = Script(
+    """
 local st, tok = unpack(redis.call('HMGET', KEYS[1], 'st', 'tok'))
 if st ~= 'r' or tok ~= ARGV[1] then return 0 end
 if ARGV[2] == 'del' then return redis.call('DEL', KEYS[1]) end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
+)
 
 _FORMAT = 1
 
@@ -260,7 +267,7 @@ class IdempotencyStore:
         packed = stored.pack()
 
         async def complete(redis: Redis) -> bool:
-            return bool(await redis.eval(_COMPLETE, 1, record, token, packed, _ms(self.ttl_s)))
+            return bool(await _COMPLETE(redis, [record], [token, packed, _ms(self.ttl_s)]))
 
         return await self.redis.call("idempotency.complete", complete, False)
 
@@ -285,7 +292,7 @@ class IdempotencyStore:
         record = self.record_key(tenant, key)
 
         async def owner(redis: Redis) -> bool:
-            return bool(await redis.eval(_OWNER, 1, record, token, action))
+            return bool(await _OWNER(redis, [record], [token, action]))
 
         return await self.redis.call(operation, owner, None)
 
@@ -293,8 +300,8 @@ class IdempotencyStore:
         token = new_token()
 
         async def begin(redis: Redis) -> list[Any] | None:
-            reply: list[Any] = await redis.eval(
-                _BEGIN, 1, record, fingerprint, token, _ms(self.lease_s)
+            reply: list[Any] = await _BEGIN(
+                redis, [record], [fingerprint, token, _ms(self.lease_s)]
             )
             return reply
 

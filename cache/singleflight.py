@@ -57,20 +57,25 @@ from typing import Literal, TypeVar
 from redis.asyncio import Redis
 
 from cache.redis_client import RedisClient
+from cache.scripts import Script
 
 log = logging.getLogger("tollway.singleflight")
 
 T = TypeVar("T")
 
 # Compare-and-delete / compare-and-extend: only the token's holder may.
-_RELEASE = """
+_RELEASE = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_RENEW = """
+)
+_RENEW = Script(
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +220,7 @@ class SingleFlight:
         """Drop the lock if ``token`` still holds it; after storing the result, or on failure."""
 
         async def release(redis: Redis) -> bool:
-            return bool(await redis.eval(_RELEASE, 1, self.lock_key(digest), token))
+            return bool(await _RELEASE(redis, [self.lock_key(digest)], [token]))
 
         return await self.redis.call("flight.release", release, False)
 
@@ -229,7 +234,7 @@ class SingleFlight:
 
     async def _renew(self, digest: str, token: str) -> bool | None:
         async def renew(redis: Redis) -> bool:
-            return bool(await redis.eval(_RENEW, 1, self.lock_key(digest), token, self._lease_ms))
+            return bool(await _RENEW(redis, [self.lock_key(digest)], [token, self._lease_ms]))
 
         return await self.redis.call("flight.renew", renew, None)
 

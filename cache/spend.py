@@ -34,13 +34,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
 from cache.redis_client import RedisClient
+from cache.scripts import Arg, Script
 from metering.budget import utc
 from metering.report import RequestReport
 
@@ -90,7 +92,7 @@ local function release(rid)
   redis.call('ZREM', KEYS[1], rid)
 end
 """
-ADMIT = (
+ADMIT = Script(
     _RELEASE
     + """
 local now = tonumber(ARGV[1])
@@ -144,21 +146,25 @@ for j = 1, #tats do reply[#reply + 1] = math.floor(tats[j]) end
 return reply
 """
 )
-# KEYS: holds, hold, then rate keys to give units back to. ARGV: rid, then per rate
-# key the ms to take off its arrival time (tokens reserved but not used).
+# KEYS: holds, hold, then rate keys to give units back to. ARGV: the number of holds
+# n, their ids, then per rate key the ms to take off its arrival time (tokens
+# reserved but not used, summed over the holds). One call lets go of a batch.
 RELEASE = (
     _RELEASE
     + """
-release(ARGV[1])
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do release(ARGV[i]) end
 for j = 3, #KEYS do
+  local back = tonumber(ARGV[n + j - 1])
   local tat = redis.call('GET', KEYS[j])
-  if tat then
-    redis.call('SET', KEYS[j], tostring(tonumber(tat) - tonumber(ARGV[j - 1])), 'KEEPTTL')
+  if tat and back > 0 then
+    redis.call('SET', KEYS[j], tostring(tonumber(tat) - back), 'KEEPTTL')
   end
 end
-return 1
+return n
 """
 )
+RELEASE_BATCH = 500  # holds per release call: bounds how long one call blocks Redis
 
 
 class RateCharge(NamedTuple):
@@ -214,6 +220,24 @@ def rate_key(prefix: str, tenant: str, key_id: str, kind: str) -> str:
     return f"{spend_tag(prefix, tenant)}:rate:{scope}:{kind}"
 
 
+@dataclass(slots=True)
+class Releases:
+    """One tenant's holds to let go, and the tokens to give back to its rate limits."""
+
+    hold_ids: list[str] = field(default_factory=list)
+    back_ms: dict[str, float] = field(default_factory=dict)  # rate key -> ms off its arrival
+
+    def add(self, hold_id: str, back: Iterable[tuple[str, float]]) -> None:
+        self.hold_ids.append(hold_id)
+        for key, ms in back:
+            self.back_ms[key] = self.back_ms.get(key, 0.0) + ms
+
+    def merge(self, other: Releases) -> None:
+        self.hold_ids.extend(other.hold_ids)
+        for key, ms in other.back_ms.items():
+            self.back_ms[key] = self.back_ms.get(key, 0.0) + ms
+
+
 class SpendCounters:
     PREFIX = "tollway"
 
@@ -222,8 +246,7 @@ class SpendCounters:
         self.prefix = self.PREFIX
         self.interval_s = interval_s
         self._pending: dict[str, Sums] = {}  # key -> sums not yet in Redis
-        # (tenant, request id, [(rate key, ms to give back)]): holds to let go
-        self._releases: list[tuple[str, str, list[tuple[str, float]]]] = []
+        self._releases: dict[str, Releases] = {}  # by tenant: holds to let go
         # request id -> its requests' holds (a client may send one id on several at
         # once): (hold id, tenant, rate keys to give tokens back to, with ms per token
         # and tokens taken), while they hold budget or tokens
@@ -247,8 +270,8 @@ class SpendCounters:
                 if not holds:
                     del self._holding[report.request_id]
                 used = report.usage.total_tokens
-                back = [(key, max(0, taken - used) * per) for key, per, taken in tokens]
-                self._releases.append((tenant, hold_id, back))
+                back = ((key, max(0, taken - used) * per) for key, per, taken in tokens)
+                self._releases.setdefault(tenant, Releases()).add(hold_id, back)
 
     def holding(
         self,
@@ -273,7 +296,7 @@ class SpendCounters:
     async def admit(
         self,
         tenant: str,
-        request_id: str,
+        hold_id: str,
         amount_nanos: int,
         windows: Sequence[tuple[str, int]],
         rates: Sequence[RateCharge],
@@ -282,17 +305,17 @@ class SpendCounters:
         """In one atomic call shared by every gateway: take the request's units from every
         rate limit and hold ``amount_nanos`` in every budget window (key, limit), or
         nothing if any lacks room. None if Redis did not answer."""
-        holds, hold = hold_keys(self.prefix, tenant)
         now_ms = int(time.time() * 1000)
-        keys = [holds, hold, *(key for key, _ in windows), *(r.key for r in rates)]
-        argv: list[int | float | str] = [now_ms, request_id, amount_nanos]
-        argv += [now_ms + int(hold_s * 1000), TTL_S, len(windows)]
+        keys = [*hold_keys(self.prefix, tenant), *(key for key, _ in windows)]
+        keys += [r.key for r in rates]
+        argv: list[Arg] = [now_ms, hold_id, amount_nanos, now_ms + int(hold_s * 1000), TTL_S]
+        argv.append(len(windows))
         argv += [limit for _, limit in windows]
         for rate in rates:
             argv += [rate.units, rate.per_unit_ms, rate.period_ms]
 
         async def run(redis: Redis) -> list[Any]:
-            result: list[Any] = await redis.eval(ADMIT, len(keys), *keys, *argv)
+            result: list[Any] = await ADMIT(redis, keys, argv)
             return result
 
         result = await self.redis.call("budget.admit", run, None)
@@ -321,23 +344,30 @@ class SpendCounters:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Add the pending sums to Redis, then let go of the settled requests' holds;
-        False (both kept for the next flush) if it failed."""
+        """Add the pending sums to Redis, then let go of the settled requests' holds (one
+        call per tenant and ``RELEASE_BATCH`` holds); False (both kept for the next flush)
+        if it failed."""
         if not self._pending and not self._releases:
             return True
         batch, self._pending = self._pending, {}
-        releases, self._releases = self._releases, []
+        releases, self._releases = self._releases, {}
 
         async def add(redis: Redis) -> bool:
             pipe = redis.pipeline(transaction=False)
             for key, sums in batch.items():
-                for field, value in zip(FIELDS, sums, strict=True):
+                for field_name, value in zip(FIELDS, sums, strict=True):
                     if value:
-                        pipe.hincrby(key, field, value)
+                        pipe.hincrby(key, field_name, value)
                 pipe.expire(key, TTL_S)
-            for tenant, hold_id, back in releases:
-                keys = [*hold_keys(self.prefix, tenant), *(key for key, _ in back)]
-                pipe.eval(RELEASE, len(keys), *keys, hold_id, *(ms for _, ms in back))
+            for tenant, each in releases.items():
+                rate_keys = list(each.back_ms)
+                keys = [*hold_keys(self.prefix, tenant), *rate_keys]
+                for start in range(0, len(each.hold_ids), RELEASE_BATCH):
+                    ids = each.hold_ids[start : start + RELEASE_BATCH]
+                    # Tokens go back once, with the first batch.
+                    back = [each.back_ms[k] if start == 0 else 0 for k in rate_keys]
+                    # A pipeline cannot fall back from EVALSHA: the text, once per batch.
+                    pipe.eval(RELEASE, len(keys), *keys, len(ids), *ids, *back)
             await pipe.execute()
             return True
 
@@ -345,7 +375,8 @@ class SpendCounters:
             return True
         for key, sums in batch.items():  # kept, added to what came since
             self._pending[key] = self._pending.get(key, Sums()) + sums
-        self._releases[:0] = releases  # and let go after them (else counted twice till expiry)
+        for tenant, each in releases.items():  # let go after the spend (else counted twice)
+            self._releases.setdefault(tenant, Releases()).merge(each)
         return False
 
     async def rebuild(self, ledger: Mapping[str, Sums], budget_s: float = 10.0) -> bool:
@@ -362,7 +393,3 @@ class SpendCounters:
             return True
 
         return await self.redis.call("spend.rebuild", apply, False, budget_s=budget_s)
-
-
-def _int(value: Any) -> int:
-    return 0 if value is None else int(value)

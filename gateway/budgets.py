@@ -32,14 +32,14 @@ the ledger has the spend and rebuilds the counters) or ``fail_closed`` (503).
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-
-import orjson
 
 from cache.spend import Admission, RateCharge, SpendCounters, rate_key, window_keys
 from gateway.config import BudgetConfig, RateLimitConfig, RedisDown, ReservationConfig
@@ -49,6 +49,9 @@ from metering.budget import REMAINING_HEADER, Budget, BudgetName, Held, day_rese
 from metering.estimate import CostEstimator, output_tokens_at_most, prompt_tokens_at_most
 from metering.money import fmt, fmt_nanos, from_nanos, to_nanos
 from metering.report import RequestReport
+
+DAY_S = 86_400
+PLANS_KEPT = 10_000  # tenant and key pairs whose plans are kept for the day
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +82,33 @@ class Limit:
     kind: str  # "requests" or "tokens"
     scope: str  # "tenant" or "key"
     per_minute: int
-    charge: RateCharge
+    key: str  # its GCRA state in Redis
+    period_ms: int = 60_000  # a full minute's units may come at once
+
+    @property
+    def per_unit_ms(self) -> float:
+        return self.period_ms / self.per_minute
+
+    def charge(self, units: int) -> RateCharge:
+        return RateCharge(self.key, units, self.per_unit_ms, self.period_ms)
 
     def remaining(self, arrival_ms: int, now_ms: int) -> int:
         """Units left now: what the minute's allowance has beyond the arrival time."""
         used_ms = max(0, arrival_ms - now_ms)
-        return max(0, int((self.charge.period_ms - used_ms) / self.charge.per_unit_ms))
+        return max(0, int((self.period_ms - used_ms) / self.per_unit_ms))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every budget window and rate limit that applies to a tenant's (or one of its
+    keys') requests on one UTC day: the tenant's, then the key's."""
+
+    windows: tuple[Window, ...]
+    limits: tuple[Limit, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.windows and not self.limits
 
 
 def _duration(ms: float) -> str:
@@ -123,8 +147,25 @@ class BudgetGuard:
         self.hold_s = hold_s
         self.output_caps = output_caps
         self.on_unchecked = on_unchecked
+        # Hold ids: the request's id (which a client may reuse) and one of this process's.
+        self._hold_tag = secrets.token_hex(6)
+        self._hold_seq = itertools.count()
+        self._plans: dict[tuple[object, ...], Plan] = {}
+        self._plans_day = -1
 
-    def windows(self, ctx: RequestContext, now: datetime) -> list[Window]:
+    def plan(self, ctx: RequestContext, day: int) -> Plan:
+        """What applies to the request on UTC day ``day`` (days since the epoch), worked out
+        once a day per tenant and key."""
+        whose = (ctx.tenant, ctx.key_id, ctx.key_budget, ctx.key_rates)
+        if day != self._plans_day or len(self._plans) >= PLANS_KEPT:
+            self._plans, self._plans_day = {}, day
+        plan = self._plans.get(whose)
+        if plan is None:
+            now = datetime.fromtimestamp(day * DAY_S, UTC)
+            plan = self._plans[whose] = Plan(self.windows(ctx, now), self.limits(ctx))
+        return plan
+
+    def windows(self, ctx: RequestContext, now: datetime) -> tuple[Window, ...]:
         """Every budget that applies to the request: its tenant's, then its key's."""
         out: list[Window] = []
         for scope, budget, key_id in (
@@ -139,9 +180,9 @@ class BudgetGuard:
             if budget.monthly_usd is not None:
                 limit = to_nanos(budget.monthly_usd)
                 out.append(Window(month, limit, "monthly", scope, month_reset(now)))
-        return out
+        return tuple(out)
 
-    def limits(self, ctx: RequestContext, tokens: int) -> list[Limit]:
+    def limits(self, ctx: RequestContext) -> tuple[Limit, ...]:
         """Every rate limit that applies to the request: its tenant's, then its key's."""
         out: list[Limit] = []
         tenant = self.rate_limits.get(ctx.tenant)
@@ -154,47 +195,43 @@ class BudgetGuard:
             ),
             ("key", ctx.key_id, *ctx.key_rates),
         ):
-            for kind, per_minute, units in (("requests", rpm, 1), ("tokens", tpm, tokens)):
+            for kind, per_minute in (("requests", rpm), ("tokens", tpm)):
                 if per_minute:
                     key = rate_key(self.counters.prefix, ctx.tenant, key_id, kind)
-                    charge = RateCharge(key, units, 60_000 / per_minute)
-                    out.append(Limit(kind, scope, per_minute, charge))
-        return out
+                    out.append(Limit(kind, scope, per_minute, key))
+        return tuple(out)
 
     async def reserve(self, ctx: RequestContext, tier: str, body: bytes) -> None:
         """Take the request's units from its rate limits and hold its worst case against
         its budgets, or refuse it (429; 503 when Redis is down and the tenant fails
         closed). Nothing to do without a limit or a budget."""
-        now = datetime.now(UTC)
-        windows = self.windows(ctx, now)
-        if ctx.hold is not None or not (windows or self.rate_limits or any(ctx.key_rates)):
+        now_s = time.time()
+        plan = self.plan(ctx, int(now_s // DAY_S))
+        if ctx.hold is not None or plan.empty:
             return
-        parsed = orjson.loads(body)
-        prompt = prompt_tokens_at_most(parsed)
-        output = output_tokens_at_most(parsed, self.output_caps.get(tier, 4096))
-        limits = self.limits(ctx, prompt + output)
-        if not windows and not limits:
-            return
-        amount = self.estimator.nanos(tier, prompt, output) if windows else 0
-        # The client may send one x-request-id on several requests: the hold's id is ours.
-        hold_id = f"{ctx.request_id}.{secrets.token_hex(6)}"
-        tokens = [
-            (limit.charge.key, limit.charge.per_unit_ms, limit.charge.units)
-            for limit in limits
+        prompt = prompt_tokens_at_most(body)
+        output = output_tokens_at_most(ctx.max_tokens, self.output_caps.get(tier, 4096))
+        tokens = prompt + output
+        charges = [limit.charge(tokens if limit.kind == "tokens" else 1) for limit in plan.limits]
+        amount = self.estimator.nanos(tier, prompt, output) if plan.windows else 0
+        hold_id = f"{ctx.request_id}.{self._hold_tag}{next(self._hold_seq):x}"
+        given_back = [
+            (c.key, c.per_unit_ms, c.units)
+            for limit, c in zip(plan.limits, charges, strict=True)
             if limit.kind == "tokens"
         ]
         # Registered before the call: if the client leaves while Redis applies it, the
         # request still settles, and its hold is let go then, not left to expire.
-        self.counters.holding(ctx.request_id, hold_id, ctx.tenant, tokens)
+        self.counters.holding(ctx.request_id, hold_id, ctx.tenant, given_back)
         result = await self.counters.admit(
             ctx.tenant,
             hold_id,
             amount,
-            [(w.key, w.limit_nanos) for w in windows],
-            [limit.charge for limit in limits],
+            [(w.key, w.limit_nanos) for w in plan.windows],
+            charges,
             self.hold_s,
         )
-        if result is None:
+        if result is None:  # (a hold Redis took but whose reply was lost goes at settlement)
             if self.policies.get(ctx.tenant, self.default_policy) == "fail_closed":
                 raise ServiceUnavailable(
                     "Budgets and rate limits cannot be checked right now (the gateway's Redis "
@@ -203,25 +240,11 @@ class BudgetGuard:
                 )
             self.on_unchecked(ctx.tenant)
             return
-        ctx.headers.update(_rate_headers(limits, result, int(now.timestamp() * 1000)))
+        ctx.headers.update(_rate_headers(plan.limits, result, int(now_s * 1000)))
         if not result.admitted:
             self.counters.forget(ctx.request_id, hold_id)  # nothing was taken
-            assert result.refused is not None
-            what, index = result.refused
-            if what == "rate":
-                limit = limits[index]
-                whose = "this API key" if limit.scope == "key" else "this API key's tenant"
-                raise RateLimited(
-                    f"Rate limit reached for {whose}: {limit.per_minute} {limit.kind} per "
-                    f"minute. Try again in {_duration(result.retry_after_ms)}.",
-                    retry_after_s=max(1, math.ceil(result.retry_after_ms / 1000)),
-                )
-            message, retry_after = windows[index].refusal(now)
-            left = max(0, min(result.remaining_nanos))
-            raise BudgetExceeded(
-                message, retry_after_s=retry_after, remaining={REMAINING_HEADER: fmt_nanos(left)}
-            )
-        ctx.hold = Held(ctx.tenant, amount, min(result.remaining_nanos) if windows else -1)
+            _refuse(plan, result)
+        ctx.hold = Held(ctx.tenant, amount, min(result.remaining_nanos) if plan.windows else -1)
 
     @staticmethod
     def headers_for(ctx: RequestContext, report: RequestReport) -> dict[str, str]:
@@ -234,18 +257,35 @@ class BudgetGuard:
         return {REMAINING_HEADER: fmt_nanos(max(0, left))}
 
 
-def _rate_headers(limits: list[Limit], result: Admission, now_ms: int) -> dict[str, str]:
+def _refuse(plan: Plan, result: Admission) -> None:
+    """Raise the refusal the admission call answered with: a rate limit's, or a budget's."""
+    assert result.refused is not None
+    what, index = result.refused
+    if what == "rate":
+        limit = plan.limits[index]
+        whose = "this API key" if limit.scope == "key" else "this API key's tenant"
+        raise RateLimited(
+            f"Rate limit reached for {whose}: {limit.per_minute} {limit.kind} per "
+            f"minute. Try again in {_duration(result.retry_after_ms)}.",
+            retry_after_s=max(1, math.ceil(result.retry_after_ms / 1000)),
+        )
+    message, retry_after = plan.windows[index].refusal(datetime.now(UTC))
+    left = max(0, min(result.remaining_nanos))
+    raise BudgetExceeded(
+        message, retry_after_s=retry_after, remaining={REMAINING_HEADER: fmt_nanos(left)}
+    )
+
+
+def _rate_headers(limits: tuple[Limit, ...], result: Admission, now_ms: int) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers: for each kind, the limit with the least left."""
+    tightest: dict[str, tuple[int, Limit, int]] = {}
+    for limit, arrival in zip(limits, result.arrival_ms, strict=True):
+        left = limit.remaining(arrival, now_ms)
+        seen = tightest.get(limit.kind)
+        if seen is None or left < seen[0]:
+            tightest[limit.kind] = (left, limit, arrival)
     out: dict[str, str] = {}
-    for kind in ("requests", "tokens"):
-        pairs = [
-            (limit.remaining(arrival, now_ms), limit, arrival)
-            for limit, arrival in zip(limits, result.arrival_ms, strict=True)
-            if limit.kind == kind
-        ]
-        if not pairs:
-            continue
-        left, limit, arrival = min(pairs, key=lambda p: p[0])
+    for kind, (left, limit, arrival) in tightest.items():
         out[f"x-ratelimit-limit-{kind}"] = str(limit.per_minute)
         out[f"x-ratelimit-remaining-{kind}"] = str(left)
         out[f"x-ratelimit-reset-{kind}"] = _duration(arrival - now_ms)

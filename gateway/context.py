@@ -44,6 +44,7 @@ class RequestContext:
     key_budget: Budget | None = None  # a managed key's own budget
     hold: Held | None = None  # what it holds against its budgets and rate limits
     key_rates: tuple[int | None, int | None] = (None, None)  # the key's requests, tokens/min
+    max_tokens: int | None = None  # the most output the client asked for, if it said
     decision: Decision | None = None
     span: RequestSpan | None = None
     ticket: Ticket | None = None  # admission: tenant, priority, deadline

@@ -23,9 +23,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import orjson
 
 from metering.money import Ratio
 from metering.pricing import TokenPrices, price_tokens
@@ -35,15 +32,16 @@ NANOS_PER_USD_PER_MTOK = 1000  # 1 USD per million tokens is 1,000 nano-dollars 
 WINDOW = 512  # settled requests per tier whose cost per token the estimate looks at
 
 
-def prompt_tokens_at_most(body: Mapping[str, Any]) -> int:
-    """An over-estimate of the prompt's tokens from the request body."""
-    text = body.get("messages", body.get("prompt", ""))
-    return len(orjson.dumps(text)) // 4 + 1
+def prompt_tokens_at_most(body: bytes) -> int:
+    """An over-estimate of the prompt's tokens: the request body's size / 4 (its messages,
+    and its tools and parameters, which count too or add a little)."""
+    return len(body) // 4 + 1
 
 
-def output_tokens_at_most(body: Mapping[str, Any], tier_cap: int) -> int:
-    asked = body.get("max_completion_tokens") or body.get("max_tokens")
-    return int(asked) if isinstance(asked, int) and asked > 0 else tier_cap
+def output_tokens_at_most(asked: int | None, tier_cap: int) -> int:
+    """What the client asked for at most (``max_completion_tokens`` or ``max_tokens``),
+    else the tier's cap."""
+    return asked if asked is not None and asked > 0 else tier_cap
 
 
 class CostEstimator:

@@ -160,7 +160,7 @@ def yardstick_table(stick: Yardstick) -> str:
         [
             ["PING: one round trip", plain(stick.ping_p50_us), plain(stick.ping_p99_us),
              plain(stick.ping_cpu_us)],
-            ["the admission call alone (`SpendCounters.admit`: EVAL of ADMIT)",
+            ["the admission call alone (`SpendCounters.admit`: EVALSHA of ADMIT)",
              plain(stick.admit_p50_us), plain(stick.admit_p99_us), plain(stick.admit_cpu_us)],
         ],
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The gateway against a local 3-node Redis Cluster: cache, coalescing, idempotency, spend."""
+"""The gateway against a local 3-node Redis Cluster: cache, coalescing, idempotency, spend,
+budget holds and rate limits."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import uuid
 from pathlib import Path
 
 import openai
+import pytest
+from redis.cluster import RedisCluster
 
+from cache.spend import SpendCounters, hold_keys
 from tests.conftest import FAST_SIM, KEY, gateway_config, with_ledger
 from tests.support.postgres_server import PostgresServer
 from tests.support.procs import start_gateway, start_sim
@@ -24,6 +28,9 @@ def test_gateway_on_a_redis_cluster(
         config["auth"]["keys"][0]["tenant"] = "cluster-acme"  # its own usage sums
         config["redis"]["cluster"] = True
         config["cache"] = {"local_ttl_s": 0}  # every hit must come from the cluster
+        # Admission too: the requests that run (6 misses, 1 completion) take the minute's 7.
+        config["budgets"] = {"cluster-acme": {"daily_usd": 1000}}
+        config["rate_limits"] = {"cluster-acme": {"requests_per_minute": 7}}
         gateway = start_gateway(log_dir, config)
         try:
             client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
@@ -50,6 +57,17 @@ def test_gateway_on_a_redis_cluster(
             assert "idempotent-replayed" not in first.headers
             assert again.headers["idempotent-replayed"] == "true"
             assert again.parse().choices[0].text == first.parse().choices[0].text
+            assert first.headers["x-ratelimit-remaining-requests"] == "0"
+            assert float(first.headers["x-tollway-budget-remaining-usd"]) > 999
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.completions.create(model="sim-large", prompt="one more", max_tokens=3)
+            assert refused.value.code == "rate_limit_exceeded"
+            holds, _ = hold_keys(SpendCounters.PREFIX, "cluster-acme")
+            with RedisCluster.from_url(cluster.url) as check:
+                deadline = time.monotonic() + 5
+                while check.zcard(holds):  # let go by the flush, on the tenant's node
+                    assert time.monotonic() < deadline, "holds left after settlement"
+                    time.sleep(0.1)
 
             deadline = time.monotonic() + 10
             while True:
