@@ -2,11 +2,12 @@
 
 ``run`` is one request from its head to its last byte::
 
-    prepare   auth -> budget check (429) -> read the body (size limit, read timeout)
+    prepare   auth -> read the body (size limit, read timeout)
               -> parse, validate -> span starts -> route to a tier
               -> the key's allowed models (404) and tiers (403) -> cache plan
     serve     Idempotency-Key (replay / wait / 409 / 422)
               -> cache lookup (hit) -> join an identical request in flight (coalesced)
+              -> rate limits and budget holds, one Redis call (429; ``gateway.budgets``)
               -> admission on the tier or a fallback -> upstream (retries inside)
               -> the answer, whole (``serving.serve_full``) or streamed
                  (``serving.serve_stream``)
