@@ -32,7 +32,8 @@ Rules for callers, which keep single-node Redis and Cluster interchangeable:
   ``MULTI``/``WATCH``, a multi-key command) uses keys with one ``{hash tag}``,
   so they live in one slot; a non-transactional pipeline may span tags (the
   cluster client splits it per node) but is then not atomic;
-- Lua scripts touch only the keys passed in ``KEYS``;
+- Lua scripts touch only keys under the hash tag of their ``KEYS`` (the spend
+  scripts read a few more from a hold's record, all under the tenant's tag);
 - in cluster mode a cluster that cannot be discovered (no node reachable,
   slots not covered) or answers ``CLUSTERDOWN`` counts as an outage and
   opens the circuit; any other ``RedisClusterException`` from ``fn`` (keys

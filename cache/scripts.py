@@ -4,8 +4,9 @@ A script's text goes over the wire once per Redis server (after a restart or
 ``SCRIPT FLUSH``, once more): every call sends its SHA1 instead, and on
 ``NOSCRIPT`` sends the text with ``EVAL``, which also caches it. On a cluster
 the call goes to the node of its keys' slot, and the fallback caches the
-script there. Rules of ``cache.redis_client`` apply: keys of one call share a
-hash tag, and a script touches only the keys it is given.
+script there. Rules of ``cache.redis_client`` apply: every key a script
+touches shares one hash tag (the spend scripts also touch window keys named in
+a hold's record, all under the tenant's tag).
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -74,22 +73,24 @@ return 1
 # per rate key: units this request takes, ms per unit (60000 / the per-minute
 # limit), period ms (60000: a full minute's units may come at once).
 # Holds past their expiry (a gateway died holding them) are let go first. Nothing
-# is written unless everything has room. Returns {admitted, refused kind (0 none,
+# is written unless everything has room; an admitted request's hold is recorded
+# (with no window when it only took rate units: its record is what lets its unused
+# tokens come back, once). Returns {admitted, refused kind (0 none,
 # 1 budget, 2 rate), refused index (1-based), retry ms, remaining per window...,
 # arrival time per rate key...}: remaining is the window's limit minus spent minus
 # held (this request's hold included when admitted).
 _RELEASE = """
 local function release(rid)
   local h = redis.call('HGET', KEYS[2], rid)
-  if h then
-    local amount = nil
-    for part in string.gmatch(h, '%S+') do
-      if amount == nil then amount = tonumber(part)
-      else redis.call('HINCRBY', part, 'held', -amount) end
-    end
-    redis.call('HDEL', KEYS[2], rid)
-  end
   redis.call('ZREM', KEYS[1], rid)
+  if not h then return false end
+  local amount = nil
+  for part in string.gmatch(h, '%S+') do
+    if amount == nil then amount = tonumber(part)
+    else redis.call('HINCRBY', part, 'held', -amount) end
+  end
+  redis.call('HDEL', KEYS[2], rid)
+  return true
 end
 """
 ADMIT = Script(
@@ -127,41 +128,48 @@ if kind == 0 then
     local ttl = math.ceil(tats[j] - now + period)
     redis.call('SET', KEYS[2 + nwin + j], tostring(tats[j]), 'PX', ttl)
   end
-  if nwin > 0 then
-    local hold = ARGV[3]
-    for i = 1, nwin do
-      redis.call('HINCRBY', KEYS[2 + i], 'held', amount)
-      redis.call('EXPIRE', KEYS[2 + i], ARGV[5])
-      remaining[i] = remaining[i] - amount
-      hold = hold .. ' ' .. KEYS[2 + i]
-    end
-    redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
-    redis.call('HSET', KEYS[2], ARGV[2], hold)
-    redis.call('EXPIRE', KEYS[1], ARGV[5])
-    redis.call('EXPIRE', KEYS[2], ARGV[5])
+  local hold = ARGV[3]
+  for i = 1, nwin do
+    redis.call('HINCRBY', KEYS[2 + i], 'held', amount)
+    redis.call('EXPIRE', KEYS[2 + i], ARGV[5])
+    remaining[i] = remaining[i] - amount
+    hold = hold .. ' ' .. KEYS[2 + i]
   end
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[2], hold)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 for i = 1, nwin do reply[#reply + 1] = remaining[i] end
 for j = 1, #tats do reply[#reply + 1] = math.floor(tats[j]) end
 return reply
 """
 )
-# KEYS: holds, hold, then rate keys to give units back to. ARGV: the number of holds
-# n, their ids, then per rate key the ms to take off its arrival time (tokens
-# reserved but not used, summed over the holds). One call lets go of a batch.
+# KEYS: holds, hold, then the rate keys tokens go back to. ARGV: the number of holds,
+# then per hold: its id, m, and m pairs (the index in KEYS of a rate key, the ms to
+# take off its arrival time: tokens taken but not used). A hold's tokens come back
+# only if the hold was still there: a flush sent again after Redis applied it (its
+# reply lost), or a hold Redis never took, gives nothing back.
 RELEASE = (
     _RELEASE
     + """
-local n = tonumber(ARGV[1])
-for i = 2, n + 1 do release(ARGV[i]) end
-for j = 3, #KEYS do
-  local back = tonumber(ARGV[n + j - 1])
-  local tat = redis.call('GET', KEYS[j])
-  if tat and back > 0 then
-    redis.call('SET', KEYS[j], tostring(tonumber(tat) - back), 'KEEPTTL')
+local back, i = {}, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local held = release(ARGV[i])
+  local m = tonumber(ARGV[i + 1])
+  if held then
+    for k = 1, m do
+      local j = tonumber(ARGV[i + 2 * k])
+      back[j] = (back[j] or 0) + tonumber(ARGV[i + 2 * k + 1])
+    end
   end
+  i = i + 2 + 2 * m
 end
-return n
+for j, ms in pairs(back) do
+  local tat = redis.call('GET', KEYS[j])
+  if tat then redis.call('SET', KEYS[j], tostring(tonumber(tat) - ms), 'KEEPTTL') end
+end
+return 1
 """
 )
 RELEASE_BATCH = 500  # holds per release call: bounds how long one call blocks Redis
@@ -220,22 +228,8 @@ def rate_key(prefix: str, tenant: str, key_id: str, kind: str) -> str:
     return f"{spend_tag(prefix, tenant)}:rate:{scope}:{kind}"
 
 
-@dataclass(slots=True)
-class Releases:
-    """One tenant's holds to let go, and the tokens to give back to its rate limits."""
-
-    hold_ids: list[str] = field(default_factory=list)
-    back_ms: dict[str, float] = field(default_factory=dict)  # rate key -> ms off its arrival
-
-    def add(self, hold_id: str, back: Iterable[tuple[str, float]]) -> None:
-        self.hold_ids.append(hold_id)
-        for key, ms in back:
-            self.back_ms[key] = self.back_ms.get(key, 0.0) + ms
-
-    def merge(self, other: Releases) -> None:
-        self.hold_ids.extend(other.hold_ids)
-        for key, ms in other.back_ms.items():
-            self.back_ms[key] = self.back_ms.get(key, 0.0) + ms
+# A settled hold to let go: its id, and per rate key the ms its unused tokens give back.
+Release = tuple[str, list[tuple[str, float]]]
 
 
 class SpendCounters:
@@ -246,11 +240,10 @@ class SpendCounters:
         self.prefix = self.PREFIX
         self.interval_s = interval_s
         self._pending: dict[str, Sums] = {}  # key -> sums not yet in Redis
-        self._releases: dict[str, Releases] = {}  # by tenant: holds to let go
-        # request id -> its requests' holds (a client may send one id on several at
-        # once): (hold id, tenant, rate keys to give tokens back to, with ms per token
-        # and tokens taken), while they hold budget or tokens
-        self._holding: dict[str, list[tuple[str, str, list[tuple[str, float, int]]]]] = {}
+        self._releases: dict[str, list[Release]] = {}  # by tenant: holds to let go
+        # hold id -> (tenant, rate keys to give tokens back to, with ms per token and
+        # tokens taken), while its request holds budget or tokens
+        self._holding: dict[str, tuple[str, list[tuple[str, float, int]]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add_many(self, reports: Sequence[RequestReport]) -> None:
@@ -264,34 +257,24 @@ class SpendCounters:
                 keys += window_keys(self.prefix, report.tenant, at, report.key_id)
             for key in keys:
                 self._pending[key] = self._pending.get(key, Sums()) + sums
-            holds = self._holding.get(report.request_id)
-            if holds:  # its spend first, then its hold: counted twice a moment, never zero
-                hold_id, tenant, tokens = holds.pop(0)
-                if not holds:
-                    del self._holding[report.request_id]
+            held = self._holding.pop(report.hold_id, None) if report.hold_id else None
+            if held is not None:  # its spend first, then its hold: counted twice a moment
+                tenant, tokens = held
                 used = report.usage.total_tokens
-                back = ((key, max(0, taken - used) * per) for key, per, taken in tokens)
-                self._releases.setdefault(tenant, Releases()).add(hold_id, back)
+                back = [(key, (taken - used) * per) for key, per, taken in tokens if taken > used]
+                self._releases.setdefault(tenant, []).append((report.hold_id, back))
 
     def holding(
-        self,
-        request_id: str,
-        hold_id: str,
-        tenant: str,
-        tokens: list[tuple[str, float, int]] | None = None,
+        self, hold_id: str, tenant: str, tokens: list[tuple[str, float, int]] | None = None
     ) -> None:
         """A request holds a reservation ``hold_id`` (and ``tokens``: rate keys, ms per
         token, tokens taken): let it go, and give back the tokens it did not use, when its
-        report is counted."""
-        self._holding.setdefault(request_id, []).append((hold_id, tenant, tokens or []))
+        report (``RequestReport.hold_id``) is counted."""
+        self._holding[hold_id] = (tenant, tokens or [])
 
-    def forget(self, request_id: str, hold_id: str) -> None:
+    def forget(self, hold_id: str) -> None:
         """The admission refused ``hold_id``: nothing to let go."""
-        holds = [h for h in self._holding.get(request_id, []) if h[0] != hold_id]
-        if holds:
-            self._holding[request_id] = holds
-        else:
-            self._holding.pop(request_id, None)
+        self._holding.pop(hold_id, None)
 
     async def admit(
         self,
@@ -346,7 +329,7 @@ class SpendCounters:
     async def flush(self) -> bool:
         """Add the pending sums to Redis, then let go of the settled requests' holds (one
         call per tenant and ``RELEASE_BATCH`` holds); False (both kept for the next flush)
-        if it failed."""
+        if it failed. Cancelled meanwhile (the gateway stopping), both are kept too."""
         if not self._pending and not self._releases:
             return True
         batch, self._pending = self._pending, {}
@@ -359,25 +342,39 @@ class SpendCounters:
                     if value:
                         pipe.hincrby(key, field_name, value)
                 pipe.expire(key, TTL_S)
-            for tenant, each in releases.items():
-                rate_keys = list(each.back_ms)
-                keys = [*hold_keys(self.prefix, tenant), *rate_keys]
-                for start in range(0, len(each.hold_ids), RELEASE_BATCH):
-                    ids = each.hold_ids[start : start + RELEASE_BATCH]
-                    # Tokens go back once, with the first batch.
-                    back = [each.back_ms[k] if start == 0 else 0 for k in rate_keys]
+            for tenant, holds in releases.items():
+                for start in range(0, len(holds), RELEASE_BATCH):
+                    keys, argv = self._release_call(tenant, holds[start : start + RELEASE_BATCH])
                     # A pipeline cannot fall back from EVALSHA: the text, once per batch.
-                    pipe.eval(RELEASE, len(keys), *keys, len(ids), *ids, *back)
+                    pipe.eval(RELEASE, len(keys), *keys, *argv)
             await pipe.execute()
             return True
 
-        if await self.redis.call("spend.add", add, False, budget_s=2.0):
-            return True
-        for key, sums in batch.items():  # kept, added to what came since
+        try:
+            done = await self.redis.call("spend.add", add, False, budget_s=2.0)
+        except asyncio.CancelledError:
+            self._keep(batch, releases)
+            raise
+        if not done:
+            self._keep(batch, releases)
+        return done
+
+    def _release_call(self, tenant: str, holds: Sequence[Release]) -> tuple[list[str], list[Arg]]:
+        """RELEASE's keys and arguments for ``holds`` of ``tenant``."""
+        rate_keys: dict[str, int] = {}  # rate key -> its index in KEYS (1-based)
+        argv: list[Arg] = [len(holds)]
+        for hold_id, back in holds:
+            argv += [hold_id, len(back)]
+            for key, ms in back:
+                argv += [rate_keys.setdefault(key, 3 + len(rate_keys)), ms]
+        return [*hold_keys(self.prefix, tenant), *rate_keys], argv
+
+    def _keep(self, batch: dict[str, Sums], releases: dict[str, list[Release]]) -> None:
+        """A flush that did not go through: its sums and releases go with the next."""
+        for key, sums in batch.items():  # added to what came since
             self._pending[key] = self._pending.get(key, Sums()) + sums
-        for tenant, each in releases.items():  # let go after the spend (else counted twice)
-            self._releases.setdefault(tenant, Releases()).merge(each)
-        return False
+        for tenant, holds in releases.items():  # let go after the spend (else counted twice)
+            self._releases.setdefault(tenant, []).extend(holds)
 
     async def rebuild(self, ledger: Mapping[str, Sums], budget_s: float = 10.0) -> bool:
         """Raise each counter named in ``ledger`` (key -> the ledger's sums) to at least

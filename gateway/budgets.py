@@ -16,7 +16,7 @@ loaded cost (``metering.estimate``) against every budget that applies to it
 Redis call shared by every gateway (``cache.spend``): if any lacks room, the
 request is refused with 429 ``budget_exceeded``, naming the budget and when
 it resets. When the request settles, its metered cost is added to the spend
-and its hold let go (``cache.spend``'s flush, every ``ledger.sync_interval_s``);
+and its hold let go (``cache.spend``'s flush, every 0.2 s);
 a hold whose gateway died is let go after ``reservations.hold_s``. So the
 spend of any number of gateways stays within a budget, give or take what the
 estimates under-guess.
@@ -44,7 +44,7 @@ from decimal import Decimal
 from cache.spend import Admission, RateCharge, SpendCounters, rate_key, window_keys
 from gateway.config import BudgetConfig, RateLimitConfig, RedisDown, ReservationConfig
 from gateway.context import RequestContext
-from gateway.errors import BudgetExceeded, RateLimited, ServiceUnavailable
+from gateway.errors import BudgetExceeded, RateLimited, RequestTooLarge, ServiceUnavailable
 from metering.budget import REMAINING_HEADER, Budget, BudgetName, Held, day_reset, month_reset
 from metering.estimate import CostEstimator, output_tokens_at_most, prompt_tokens_at_most
 from metering.money import fmt, fmt_nanos, from_nanos, to_nanos
@@ -207,22 +207,28 @@ class BudgetGuard:
         closed). Nothing to do without a limit or a budget."""
         now_s = time.time()
         plan = self.plan(ctx, int(now_s // DAY_S))
-        if ctx.hold is not None or plan.empty:
+        if ctx.hold_id or plan.empty:
             return
         prompt = prompt_tokens_at_most(body)
-        output = output_tokens_at_most(ctx.max_tokens, self.output_caps.get(tier, 4096))
+        cap = self.output_caps.get(tier, 4096)
+        output = output_tokens_at_most(ctx.max_tokens, cap) * ctx.choices
         tokens = prompt + output
-        charges = [limit.charge(tokens if limit.kind == "tokens" else 1) for limit in plan.limits]
+        charges = []
+        for limit in plan.limits:
+            if limit.kind == "tokens" and tokens > limit.per_minute:
+                raise _too_large(limit, tokens)
+            charges.append(limit.charge(tokens if limit.kind == "tokens" else 1))
         amount = self.estimator.nanos(tier, prompt, output) if plan.windows else 0
-        hold_id = f"{ctx.request_id}.{self._hold_tag}{next(self._hold_seq):x}"
+        hold_id = ctx.hold_id = f"{ctx.request_id}.{self._hold_tag}{next(self._hold_seq):x}"
         given_back = [
             (c.key, c.per_unit_ms, c.units)
             for limit, c in zip(plan.limits, charges, strict=True)
             if limit.kind == "tokens"
         ]
         # Registered before the call: if the client leaves while Redis applies it, the
-        # request still settles, and its hold is let go then, not left to expire.
-        self.counters.holding(ctx.request_id, hold_id, ctx.tenant, given_back)
+        # request still settles (its report names the hold), and its hold is let go
+        # then, not left to expire.
+        self.counters.holding(hold_id, ctx.tenant, given_back)
         result = await self.counters.admit(
             ctx.tenant,
             hold_id,
@@ -242,7 +248,8 @@ class BudgetGuard:
             return
         ctx.headers.update(_rate_headers(plan.limits, result, int(now_s * 1000)))
         if not result.admitted:
-            self.counters.forget(ctx.request_id, hold_id)  # nothing was taken
+            self.counters.forget(hold_id)  # nothing was taken
+            ctx.hold_id = ""
             _refuse(plan, result)
         ctx.hold = Held(ctx.tenant, amount, min(result.remaining_nanos) if plan.windows else -1)
 
@@ -255,6 +262,17 @@ class BudgetGuard:
             return {}
         left = held.remaining_nanos + held.amount_nanos - report.cost.loaded_nanos
         return {REMAINING_HEADER: fmt_nanos(max(0, left))}
+
+
+def _too_large(limit: Limit, tokens: int) -> RequestTooLarge:
+    """A request that may use more tokens than its limit allows in a whole minute."""
+    whose = "this API key" if limit.scope == "key" else "this API key's tenant"
+    return RequestTooLarge(
+        f"Request too large for the tokens-per-minute limit of {whose}: it may use up to "
+        f"{tokens} tokens (its prompt, estimated as its size / 4, plus max_tokens for each "
+        f"choice) and the limit is {limit.per_minute} per minute. Lower max_tokens or send "
+        "less."
+    )
 
 
 def _refuse(plan: Plan, result: Admission) -> None:

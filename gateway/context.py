@@ -42,9 +42,11 @@ class RequestContext:
     key_id: str = ""  # the API key's id (never the key): the ledger's key column
     allowed_tiers: frozenset[str] | None = None  # the key's; None: any (fallbacks too)
     key_budget: Budget | None = None  # a managed key's own budget
-    hold: Held | None = None  # what it holds against its budgets and rate limits
+    hold_id: str = ""  # its hold in Redis, from just before the admission call
+    hold: Held | None = None  # what it holds against its budgets, once admitted
     key_rates: tuple[int | None, int | None] = (None, None)  # the key's requests, tokens/min
-    max_tokens: int | None = None  # the most output the client asked for, if it said
+    max_tokens: int | None = None  # the most output a choice may have, if the client said
+    choices: int = 1  # completions asked for: n, times the prompts of a completions request
     decision: Decision | None = None
     span: RequestSpan | None = None
     ticket: Ticket | None = None  # admission: tenant, priority, deadline

@@ -12,7 +12,9 @@
     ├── IdempotencyConflict     409    the first request with this key still runs
     ├── PayloadTooLarge         413    body over ``limits.max_body_bytes``
     ├── IdempotencyMismatch     422    the key was used with another body
-    ├── BudgetExceeded          429    the tenant's daily or monthly budget is spent
+    ├── BudgetExceeded          429    a daily or monthly budget (tenant's or key's) is spent
+    ├── RateLimited             429    requests or tokens per minute used up (Retry-After)
+    ├── RequestTooLarge         429    more tokens than a whole minute of the limit allows
     ├── Overloaded              429    no slot within the request's deadline (shed)
     ├── ClientDisconnected      499    client left first; nothing is sent
     ├── InternalError           500    a bug: logged with its trace, never shown
@@ -184,6 +186,15 @@ class RateLimited(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(self.retry_after_s)}
+
+
+class RequestTooLarge(GatewayError):
+    """One request may use more tokens than its tokens-per-minute limit allows in a whole
+    minute: it could never be admitted, so no Retry-After (OpenAI's "Request too large")."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class Overloaded(GatewayError):

@@ -81,6 +81,7 @@ class Meter:
             key_id=ctx.key_id,
             route_score=decision.score if decision else None,
             fallback_from=ctx.fallback_from,
+            hold_id=ctx.hold_id,
         )
         return ctx.report
 

@@ -155,7 +155,7 @@ class Pipeline:
         raw = await self._read_body(request)
         body = _parse_json(raw)
         parsed = validate(ctx.endpoint, body)
-        ctx.max_tokens = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+        ctx.max_tokens, ctx.choices = parsed.max_output, parsed.choices
         asked = self.tickets.read_headers(headers)  # priority, deadline (400 if bad)
         idem_key = idempotency_key(headers.get("idempotency-key"))
         # From here on the request is served, or refused, with a span and a report.

@@ -64,16 +64,37 @@ class _Sampling(msgspec.Struct, kw_only=True, gc=False):
     stop: str | list[str] | None = None
     user: str | None = None
 
+    @property
+    def max_output(self) -> int | None:
+        """The most tokens one choice may generate, if the request says."""
+        return self.max_tokens
+
+    @property
+    def choices(self) -> int:
+        """How many completions it asks for."""
+        return self.n or 1
+
 
 class ChatRequest(_Sampling, kw_only=True, gc=False):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+    @property
+    def max_output(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_Sampling, kw_only=True, gc=False):
     # A string, or a list of strings, of token ids, or of lists of token ids (checked below:
     # a msgspec union holds one list type).
     prompt: str | list[Any]
+
+    @property
+    def choices(self) -> int:
+        """n for each prompt: a list of strings, or of token-id lists, is several prompts."""
+        prompt = self.prompt
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        return (self.n or 1) * (len(prompt) if several else 1)
 
 
 _TYPES: dict[Endpoint, type[ChatRequest] | type[CompletionRequest]] = {

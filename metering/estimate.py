@@ -1,8 +1,9 @@
 """What a request may cost at most, before it runs: the amount a budget reservation holds.
 
 Worst case in tokens: the prompt (estimated from the body's size: a token is
-at least about four bytes of JSON text, so bytes / 4 over-counts) plus the
-most it may generate (``max_tokens``, else the tier's ``max_output_tokens``).
+usually at least four bytes of JSON text, so bytes / 4 over-counts, though
+token-id prompts and CJK text can hold more) plus the most it may generate
+(``max_tokens`` for each choice, else the tier's ``max_output_tokens``).
 Priced at:
 
 - a token-priced tier: its prices, with the overhead factor, exactly as the

@@ -65,6 +65,9 @@ class RequestReport(NamedTuple):
     key_id: str = ""
     route_score: float | None = None  # the complexity score, when one decided the tier
     fallback_from: str | None = None  # the tier first chosen, when a fallback served it
+    # Its budget and rate-limit hold in Redis (gateway.budgets), let go when the report
+    # is counted; "" when it took none.
+    hold_id: str = ""
 
     @property
     def gpu_seconds(self) -> float:

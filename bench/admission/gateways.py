@@ -147,7 +147,7 @@ class Bench:
             self.cut_off += self.args.connections if on else 0
 
     def one(self, phase: str, round: int, on: bool, connections: int) -> Run:
-        """One gateway alone under one wrk, with Redis's CPU and EVALs over the same window."""
+        """One gateway alone under one wrk, with Redis's CPU and scripts over the same window."""
         gateway = self.stack.gateways[on]
         redis_cpu, evals = cpu_seconds(self.stack.redis.proc.pid), self.evals()
         sample = measure(

@@ -13,7 +13,7 @@ that, against the same gateway without them:
   alone, timed from the gateway core through the gateway's own Redis client;
 - **latency at 1 connection**: ``--repeats`` rounds of ``--duration`` s per
   gateway, one at a time, taking turns; p50/p99, the gateway's and Redis's
-  CPU per request, Redis EVALs per request. Goal: the added p50 is about one
+  CPU per request, Redis scripts per request. Goal: the added p50 is about one
   Redis round trip (``summary.ROUND_TRIPS_GOAL`` PINGs at most);
 - **throughput at ``--connections``**: ``--together-rounds`` of
   ``--together-duration`` s with both gateways loaded at once (each by its
@@ -164,7 +164,7 @@ def execute(args: argparse.Namespace, procs: Procs, tmp: Path, command: str) -> 
             "differences, on minus off. Throughput: medians of the rounds, on / off the median "
             "of the rounds' ratios",
             f"CPU: utime + stime over the run plus {args.settle:g} s (the flush of releases), "
-            "per request wrk counted; Redis: its CPU and the EVALs it ran (`INFO "
+            "per request wrk counted; Redis: its CPU and the scripts it ran (`INFO "
             "commandstats`) over the same window, one gateway loaded",
             f"yardstick: `round_trip.py` pinned to cpu {args.gateway_cpu} on uvloop, through "
             "the gateway's `RedisClient`, while the gateways idled",

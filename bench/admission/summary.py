@@ -23,8 +23,8 @@ LABELS = {True: "admission on (budget + rate limits)", False: "admission off"}
 class Run:
     """One gateway's figures from one wrk run: its ``Sample`` (the gateway's CPU over the
     run and the settle after it, so the flush of its releases is charged to it), and
-    Redis's over the same window: its CPU and the EVALs it ran (admissions, releases),
-    None when both gateways were loaded at once (not one gateway's)."""
+    Redis's over the same window: its CPU and the scripts it ran (EVAL + EVALSHA:
+    admissions, releases), None when both gateways were loaded at once (not one gateway's)."""
 
     phase: str
     round: int
@@ -68,7 +68,9 @@ class Run:
     def line(self) -> str:
         redis = ""
         if self.redis_us is not None and self.evals_per_request is not None:
-            redis = f", Redis {self.redis_us:.1f} µs CPU/req, {self.evals_per_request:.2f} EVAL/req"
+            redis = (
+                f", Redis {self.redis_us:.1f} µs CPU/req, {self.evals_per_request:.2f} scripts/req"
+            )
         return (
             f"{self.phase} round {self.round + 1}, {LABELS[self.admission]}: "
             f"{self.rps:,.0f} req/s, p50 {self.p50_us} µs, p99 {self.p99_us} µs, gateway "
@@ -135,7 +137,7 @@ def latency_table(runs: Sequence[Run]) -> str:
     ])  # fmt: skip
     columns = [
         ("gateway, 1 connection", "l"), ("p50 µs", "r"), ("p99 µs", "r"),
-        ("gateway CPU µs/req", "r"), ("Redis CPU µs/req", "r"), ("Redis EVALs/req", "r"),
+        ("gateway CPU µs/req", "r"), ("Redis CPU µs/req", "r"), ("Redis scripts/req", "r"),
     ]  # fmt: skip
     return markdown_table(columns, cells)
 

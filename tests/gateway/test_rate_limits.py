@@ -120,7 +120,7 @@ async def test_tokens_per_minute_reserve_max_tokens_and_give_back_what_was_not_u
     pair = gateways(log_dir, sims, redis_server, procs, tokens_per_minute=1000)
     results, elapsed = await burst(pair, 40, max_tokens=100)
     ok, refused = split(results)
-    reserved_each = 100 + 5  # max_tokens plus the prompt's estimate (bytes / 4)
+    reserved_each = 100 + 20  # max_tokens plus (at least) the body's bytes / 4
     print(f"1000 tokens/min, 40 x {reserved_each} reserved at once: {len(ok)} accepted")
     assert 1 <= len(ok) <= math.ceil(1000 * (1 + elapsed / 60) / 100)
     assert refused
@@ -136,3 +136,26 @@ async def test_tokens_per_minute_reserve_max_tokens_and_give_back_what_was_not_u
     assert len(ok_again) == 1, again
     remaining = int(ok_again[0].headers["x-ratelimit-remaining-tokens"])
     assert remaining < 1000
+
+
+async def test_a_request_larger_than_a_minute_of_tokens_is_refused_without_retry_after(
+    log_dir: Path, sims: list[Proc], redis_server: RedisServer, procs: list[Proc]
+) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    pair = gateways(log_dir, sims, redis_server, procs, tokens_per_minute=1000)
+    client = openai.OpenAI(base_url=pair[0].url + "/v1", api_key=KEY, max_retries=0)
+    ask = {"model": "sim-small", "messages": [{"role": "user", "content": "n of them"}]}
+    # 300 tokens a choice fits a minute of 1,000 once; four choices never can.
+    fits = client.chat.completions.with_raw_response.create(**ask, max_tokens=300, n=1)
+    assert fits.parse().choices
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(**ask, max_tokens=300, n=4)
+    assert refused.value.code == "rate_limit_exceeded"
+    assert "Request too large" in refused.value.message
+    assert "the limit is 1000 per minute" in refused.value.message
+    assert "retry-after" not in refused.value.response.headers
+    # Refused before Redis: it took nothing, so a request that fits is still admitted.
+    again = client.chat.completions.with_raw_response.create(**ask, max_tokens=300, n=1)
+    assert int(again.headers["x-ratelimit-remaining-tokens"]) < 1000
+    client.close()
