@@ -17,7 +17,7 @@ from typing import Any
 
 import openai
 import pytest
-import redis
+from redis import Redis
 
 from tests.conftest import FAST_SIM, KEY, OTHER_KEY, gateway_config
 from tests.support.procs import Proc, start_gateway, start_sim
@@ -41,6 +41,9 @@ def sims(log_dir: Path) -> Iterator[list[Proc]]:
 def gateways(
     log_dir: Path, sims: list[Proc], redis: RedisServer, procs: list[Proc], **limits: Any
 ) -> list[Proc]:
+    """Two gateways with tenant acme's ``limits``, on a Redis emptied first."""
+    with Redis.from_url(redis.url) as client:
+        client.flushall()
     config = gateway_config([sims[0].url], [sims[1].url], redis.url)
     config["rate_limits"] = {"acme": limits}
     started = [start_gateway(log_dir, config) for _ in range(2)]
@@ -113,8 +116,6 @@ async def test_requests_per_minute_hold_across_two_gateways(
 async def test_tokens_per_minute_reserve_max_tokens_and_give_back_what_was_not_used(
     log_dir: Path, sims: list[Proc], redis_server: RedisServer, procs: list[Proc]
 ) -> None:
-    with redis.Redis.from_url(redis_server.url) as client:
-        client.flushall()
     # Each request reserves its prompt estimate plus max_tokens=100; the simulator
     # answers 8-24 tokens, so a settled request gives most of it back.
     pair = gateways(log_dir, sims, redis_server, procs, tokens_per_minute=1000)
@@ -141,8 +142,6 @@ async def test_tokens_per_minute_reserve_max_tokens_and_give_back_what_was_not_u
 async def test_a_request_larger_than_a_minute_of_tokens_is_refused_without_retry_after(
     log_dir: Path, sims: list[Proc], redis_server: RedisServer, procs: list[Proc]
 ) -> None:
-    with redis.Redis.from_url(redis_server.url) as client:
-        client.flushall()
     pair = gateways(log_dir, sims, redis_server, procs, tokens_per_minute=1000)
     client = openai.OpenAI(base_url=pair[0].url + "/v1", api_key=KEY, max_retries=0)
     ask = {"model": "sim-small", "messages": [{"role": "user", "content": "n of them"}]}
