@@ -378,15 +378,30 @@ class SpendCounters:
 
     async def rebuild(self, ledger: Mapping[str, Sums], budget_s: float = 10.0) -> bool:
         """Raise each counter named in ``ledger`` (key -> the ledger's sums) to at least
-        its figure; False if Redis did not take it."""
-        if not ledger:
-            return True
+        its figure, and mark Redis as holding them (``lost``); False if Redis did not take
+        it."""
 
         async def apply(redis: Redis) -> bool:
             pipe = redis.pipeline(transaction=False)
             for key, sums in ledger.items():
                 pipe.eval(RAISE, 1, key, TTL_S, *sums)  # one key a call: cluster-safe
+            pipe.set(self.mark, int(time.time()))
             await pipe.execute()
             return True
 
         return await self.redis.call("spend.rebuild", apply, False, budget_s=budget_s)
+
+    @property
+    def mark(self) -> str:
+        """Set when the counters were rebuilt from the ledger: a Redis without it lost them
+        (restarted empty, flushed) or never had them."""
+        return f"{{{self.prefix}:spend}}:rebuilt"
+
+    async def lost(self) -> bool | None:
+        """Whether Redis lost the counters since they were last rebuilt; None if it did
+        not answer."""
+
+        async def check(redis: Redis) -> bool:
+            return not await redis.exists(self.mark)
+
+        return await self.redis.call("spend.check", check, None)

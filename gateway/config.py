@@ -86,6 +86,9 @@ class LedgerConfig(Strict):
     write_interval_s: float = Field(default=1.0, gt=0, le=60)
     batch_rows: int = Field(default=5000, ge=1, le=100_000)
     retention_months: int = Field(default=25, ge=1)  # what `tollway db prune` keeps
+    # How often each gateway checks that Redis still holds the spend counters budgets
+    # read; when it lost them (restarted empty), they are rebuilt from the ledger.
+    counters_check_s: float = Field(default=5.0, gt=0, le=300)
 
 
 RedisDown = Literal["fail_open", "fail_closed"]

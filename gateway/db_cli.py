@@ -137,13 +137,13 @@ async def _run_rebuild(database: DatabaseConfig, redis_config: RedisConfig) -> i
     await redis.start()
     try:
         async with _connected(database) as conn:
-            tenants = await counters.rebuild(conn, SpendCounters(redis))
+            rebuilt = await counters.rebuild(conn, SpendCounters(redis))
     except ConnectionError as exc:
         print(f"tollway: {exc} ({redis_config.url})", file=sys.stderr)
         return 1
     finally:
         await redis.close()
-    print(f"spend counters rebuilt from the ledger for {tenants} tenant(s)")
+    print(f"spend counters rebuilt from the ledger: {rebuilt} day and month sums")
     return 0
 
 

@@ -27,10 +27,10 @@ from gateway.pool import Pools
 from gateway.recorder import Recorder
 from gateway.serving import Serving
 from gateway.settle import Settlement
+from gateway.spend_watch import SpendWatch
 from gateway.tickets import TicketOffice
 from gateway.upstream import UpstreamClient
-from ledger import counters
-from ledger.database import UNREACHABLE, Pool, check_schema, open_pool
+from ledger.database import Pool, check_schema, open_pool
 from ledger.writer import LedgerWriter
 from metering.estimate import CostEstimator
 from metering.prometheus import GatewayMetrics, ReplicaGpu
@@ -60,6 +60,7 @@ class Services:
     recorder: Recorder
     health: HealthChecker | None = None
     database: Pool | None = None  # opened by start() when settings.database is set
+    spend_watch: SpendWatch | None = None  # with a database: counters Redis lost, rebuilt
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -206,8 +207,13 @@ class Services:
         if self.ledger is not None:
             await self.ledger.start(self.database, schema_checked=checked)
         await self.spend.start()
-        if checked:  # Redis may have lost them, and budgets read them
-            await self.rebuild_counters()
+        if self.database is not None:  # budgets read the counters, which Redis may lose
+            self.spend_watch = SpendWatch(
+                self.spend, self.database, interval_s=self.settings.ledger.counters_check_s
+            )
+            if checked:  # (a database down at start: the watch rebuilds when it answers)
+                await self.spend_watch.rebuild()
+            self.spend_watch.start()
         await self.recorder.start()
         await self.upstream.start()
         self.health = HealthChecker(
@@ -221,6 +227,8 @@ class Services:
             await self.health.stop()
         self.scheduler.close()
         await self.upstream.close()
+        if self.spend_watch is not None:
+            await self.spend_watch.stop()
         await self.recorder.stop()  # hands the last requests to the ledger and the metrics
         if self.ledger is not None:
             await self.ledger.stop()  # spools all, writes what the database takes in time
@@ -231,18 +239,6 @@ class Services:
         if self.database is not None:
             await self.database.close()
         self.telemetry.shutdown()
-
-    async def rebuild_counters(self) -> None:
-        """Raise Redis's spend counters to the ledger's (after Redis lost them, say)."""
-        if self.database is None:
-            return
-        try:
-            async with self.database.acquire() as conn:
-                tenants = await counters.rebuild(conn, self.spend)
-        except UNREACHABLE as exc:  # ConnectionError (Redis) is an OSError too
-            log.warning("spend counters not rebuilt from the ledger: %s", exc)
-            return
-        log.info("spend counters rebuilt from the ledger for %d tenants", tenants)
 
 
 def count_refused(metrics: GatewayMetrics) -> Callable[[RequestReport], None]:

@@ -162,8 +162,8 @@ def test_budgets_survive_losing_redis(
     procs: list[Proc], log_dir: Path, postgres: PostgresServer, tmp_path: Path
 ) -> None:
     """Redis's spend counters are rebuilt from the ledger: a Redis that lost everything
-    (restarted empty) does not give a spent budget its money back, at the next gateway
-    start or with ``tollway db rebuild-counters``."""
+    (restarted empty) does not give a spent budget its money back, with ``tollway db
+    rebuild-counters``, at the next gateway start, or while the gateway runs."""
     with run_redis() as redis_server:
         sims = [start_sim(log_dir, [name], *FAST_SIM) for name in ("sim-small", "sim-large")]
         procs += sims
@@ -175,6 +175,7 @@ def test_budgets_survive_losing_redis(
         config["auth"]["keys"][0]["tenant"] = tenant
         config["budgets"] = {tenant: {"daily_usd": 0.00000001}}
         config["reservations"] = TINY_HOLDS
+        config["ledger"]["counters_check_s"] = 0.5
         gateway = start_gateway(log_dir, config)
         procs.append(gateway)
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
@@ -222,3 +223,18 @@ def test_budgets_survive_losing_redis(
             assert time.monotonic() < deadline, "the rebuilt spend never reached the budget"
             time.sleep(0.2)
         assert refused.code == "budget_exceeded"
+
+        # Lost while the gateway runs: it notices within ledger.counters_check_s and
+        # rebuilds them, so the spent budget stays spent.
+        cost_nanos = Decimal(spent.headers["x-tollway-cost-loaded-usd"]) * 10**9
+        with redis.Redis.from_url(redis_server.url) as keys:
+            keys.flushall()
+            lost_at = time.monotonic()
+            while int(keys.hget(day[0], "cost_loaded_nanos") or 0) < cost_nanos:
+                assert time.monotonic() - lost_at < 5, "the lost counters were not rebuilt"
+                time.sleep(0.1)
+        with pytest.raises(openai.RateLimitError) as again:
+            client.chat.completions.create(
+                model="sim-small", messages=[{"role": "user", "content": "more"}], max_tokens=4
+            )
+        assert again.value.code == "budget_exceeded"

@@ -21,7 +21,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ledger import schema, store
+from cache.spend import SpendCounters, Sums, window_keys
+from ledger import counters, schema, store
 from ledger.rows import LedgerRow
 from ledger.usage import (
     GROUPS,
@@ -433,3 +434,23 @@ async def test_the_common_queries_can_use_the_usage_indexes(pool: asyncpg.Pool) 
                 assert "Seq Scan" not in text, text
                 assert "Index Scan Backward using usage_requests_y2026m02_" in text, text
                 assert "Presorted Key: usage_requests.finished_at" in text, text
+
+
+async def test_the_spend_counters_rebuild_from_the_ledger_per_tenant_and_per_key(
+    pool: asyncpg.Pool,
+) -> None:
+    """Each tenant's and each key's day and month, summed from ``usage_hourly``: what Redis's
+    spend counters are raised to after Redis lost them (``ledger.counters``)."""
+    now = FEB + timedelta(hours=3)  # the day and the month are 1 February's
+    async with pool.acquire() as conn:
+        spend = await counters.ledger_spend(conn, now)
+    expected: dict[str, Sums] = {}
+    for r in ROWS:
+        if r.finished_us < us(FEB):
+            continue  # January's: neither this day nor this month
+        for key_id in ("", r.key_id):
+            for window in window_keys(SpendCounters.PREFIX, r.tenant, now, key_id):
+                sums = Sums(1, r.cost_nanos, r.cost_loaded_nanos)
+                expected[window] = expected.get(window, Sums()) + sums
+    assert spend == expected
+    assert any(":key:" in window for window in spend)  # the keys' own windows are there
