@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NoReturn
 
 from cache.spend import Admission, RateCharge, SpendCounters, rate_key, window_keys
 from gateway.config import BudgetConfig, RateLimitConfig, RedisDown, ReservationConfig
@@ -88,6 +89,10 @@ class Limit:
     @property
     def per_unit_ms(self) -> float:
         return self.period_ms / self.per_minute
+
+    @property
+    def whose(self) -> str:
+        return "this API key" if self.scope == "key" else "this API key's tenant"
 
     def charge(self, units: int) -> RateCharge:
         return RateCharge(self.key, units, self.per_unit_ms, self.period_ms)
@@ -266,24 +271,22 @@ class BudgetGuard:
 
 def _too_large(limit: Limit, tokens: int) -> RequestTooLarge:
     """A request that may use more tokens than its limit allows in a whole minute."""
-    whose = "this API key" if limit.scope == "key" else "this API key's tenant"
     return RequestTooLarge(
-        f"Request too large for the tokens-per-minute limit of {whose}: it may use up to "
+        f"Request too large for the tokens-per-minute limit of {limit.whose}: it may use up to "
         f"{tokens} tokens (its prompt, estimated as its size / 4, plus max_tokens for each "
         f"choice) and the limit is {limit.per_minute} per minute. Lower max_tokens or send "
         "less."
     )
 
 
-def _refuse(plan: Plan, result: Admission) -> None:
+def _refuse(plan: Plan, result: Admission) -> NoReturn:
     """Raise the refusal the admission call answered with: a rate limit's, or a budget's."""
     assert result.refused is not None
     what, index = result.refused
     if what == "rate":
         limit = plan.limits[index]
-        whose = "this API key" if limit.scope == "key" else "this API key's tenant"
         raise RateLimited(
-            f"Rate limit reached for {whose}: {limit.per_minute} {limit.kind} per "
+            f"Rate limit reached for {limit.whose}: {limit.per_minute} {limit.kind} per "
             f"minute. Try again in {_duration(result.retry_after_ms)}.",
             retry_after_s=max(1, math.ceil(result.retry_after_ms / 1000)),
         )
