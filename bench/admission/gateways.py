@@ -36,7 +36,7 @@ from bench.lib.entry import clean_env
 from bench.lib.measure import Target, measure, measure_together
 from bench.lib.net import http
 from bench.lib.procs import Procs, pinned, run_quiet
-from bench.lib.profile import summarise_profile, under_pyspy
+from bench.lib.profile import profile_gateway, summarise_profile
 from bench.lib.redis_server import RedisServer, start_redis
 from bench.lib.stack import (
     Server,
@@ -175,18 +175,14 @@ class Bench:
         """One more run against the admission-on gateway, alone, under py-spy: its summary."""
         args, gateway = self.args, self.stack.gateways[True]
         conns, seconds = args.profile_connections, args.profile_duration
-        stats, raw = under_pyspy(
-            procs, tmp, gateway.proc.pid, args.load_cpu,
-            lambda: self.wrk.run(gateway.chat_url, API_KEY, conns, seconds,
-                                 logs=(gateway.proc, self.stack.sim.proc)),
-            rate=args.profile_rate, native=args.profile_native,
+        _, raw, title = profile_gateway(
+            args, procs, tmp, self.wrk, gateway, self.stack.sim, API_KEY,
+            connections=conns, duration=seconds,
         )  # fmt: skip
         self.cut_off += conns
         shares = profile_shares(raw.read_text(errors="replace"))
         return "\n".join([
-            f"profiled run of the admission-on gateway ({conns} conns, {seconds} s, py-spy at "
-            f"{args.profile_rate} Hz{', native' if args.profile_native else ''}, so slower "
-            f"than unprofiled): {stats.rps:.0f} req/s, p50 {stats.p50_us} µs",
+            f"profiled run of the admission-on gateway {title}",
             "admission's share of the samples (on the stack):",
             *(f"  {line}" for line in shares),
             summarise_profile(raw, args.profile_top),

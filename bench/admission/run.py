@@ -64,7 +64,13 @@ from bench.admission.summary import (
 )
 from bench.lib import HOST
 from bench.lib.cpu import load_average
-from bench.lib.entry import add_load_arguments, add_profile_arguments, run_benchmark
+from bench.lib.entry import (
+    add_load_arguments,
+    add_profile_arguments,
+    add_turns_arguments,
+    check_turns_arguments,
+    run_benchmark,
+)
 from bench.lib.procs import Procs
 from bench.lib.profile import ensure_pyspy
 from bench.lib.redis_server import redis_version
@@ -88,26 +94,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile-connections", type=int, default=1, help="wrk's connections when profiling"
     )
     parser.add_argument("--profile-duration", type=int, default=8, help="seconds profiled")
-    parser.add_argument(
-        "--together-rounds", type=int, default=5,
-        help="throughput rounds with both gateways loaded at once",
-    )  # fmt: skip
-    parser.add_argument("--together-duration", type=int, default=5, help="seconds per round")
+    add_turns_arguments(
+        parser,
+        together_duration=5,
+        rounds_help="throughput rounds with both gateways loaded at once",
+        settle_s=0.3,
+        settle_help="seconds a run's CPU window stays open after wrk stops, so the releases "
+        "its requests left to the next flush (every 0.2 s) are charged to it",
+    )
     parser.add_argument(
         "--alone-rounds", type=int, default=3,
         help="throughput rounds with one gateway at a time, taking turns (--duration s each)",
     )  # fmt: skip
     parser.add_argument("--calls", type=int, default=2000, help="timed calls of the yardstick")
-    parser.add_argument(
-        "--settle", type=float, default=0.3,
-        help="seconds a run's CPU window stays open after wrk stops, so the releases its "
-        "requests left to the next flush (every 0.2 s) are charged to it",
-    )  # fmt: skip
     args = parser.parse_args(argv)
-    if min(args.duration, args.repeats, args.connections, args.together_duration) < 1:
-        parser.error("--duration, --repeats, --connections, --together-duration must be >= 1")
-    if min(args.together_rounds, args.alone_rounds) < 0 or args.calls < 1 or args.settle < 0:
-        parser.error("rounds must be >= 0, --calls >= 1, --settle >= 0")
+    if min(args.duration, args.repeats, args.connections) < 1:
+        parser.error("--duration, --repeats, --connections must be >= 1")
+    if args.alone_rounds < 0 or args.calls < 1:
+        parser.error("--alone-rounds must be >= 0, --calls >= 1")
+    check_turns_arguments(parser, args)
     return args
 
 

@@ -30,7 +30,7 @@ from bench.lib.entry import clean_env
 from bench.lib.measure import Sample, Target, measure, measure_together
 from bench.lib.net import http
 from bench.lib.procs import Procs
-from bench.lib.profile import summarise_profile, under_pyspy
+from bench.lib.profile import profile_gateway, summarise_profile
 from bench.lib.redis_server import start_redis
 from bench.lib.stack import (
     Server,
@@ -223,18 +223,11 @@ def profile(
     served: Served,
 ) -> str:  # fmt: skip
     """One more run against the ledger-on gateway, alone, under py-spy: its summary."""
-    stats, raw = under_pyspy(
-        procs, tmp, gateway.proc.pid, args.load_cpu,
-        lambda: wrk.run(
-            gateway.chat_url, API_KEY, args.connections, args.duration,
-            logs=(gateway.proc, sim.proc),
-        ),
-        rate=args.profile_rate, native=args.profile_native,
+    stats, raw, title = profile_gateway(
+        args, procs, tmp, wrk, gateway, sim, API_KEY,
+        connections=args.connections, duration=args.duration,
     )  # fmt: skip
     served.add(stats.requests)
-    return (
-        f"profiled run of the ledger-on gateway ({args.connections} conns, {args.duration} s, "
-        f"under py-spy at {args.profile_rate} Hz{', native' if args.profile_native else ''}, "
-        f"so slower than unprofiled): {stats.rps:.0f} req/s\n"
-        + summarise_profile(raw, args.profile_top)
+    return f"profiled run of the ledger-on gateway {title}\n" + summarise_profile(
+        raw, args.profile_top
     )

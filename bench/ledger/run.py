@@ -62,7 +62,14 @@ from bench.ledger.summary import (
 )
 from bench.lib import BenchError
 from bench.lib.cpu import load_average
-from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env, run_benchmark
+from bench.lib.entry import (
+    add_load_arguments,
+    add_profile_arguments,
+    add_turns_arguments,
+    check_turns_arguments,
+    clean_env,
+    run_benchmark,
+)
 from bench.lib.procs import Procs
 from bench.lib.profile import ensure_pyspy
 from bench.lib.redis_server import redis_version
@@ -83,13 +90,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_profile_arguments(parser)
     parser.add_argument("--only", choices=("writer", "gateway"), help="run one part only")
-    parser.add_argument(
-        "--together-rounds", type=int, default=5,
-        help="rounds with both gateways loaded at once (0: none; the target is then judged "
-        "on the alone rounds)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--together-duration", type=int, default=6, help="seconds per together round"
+    add_turns_arguments(
+        parser,
+        together_duration=6,
+        rounds_help="rounds with both gateways loaded at once (0: none; the target is then "
+        "judged on the alone rounds)",
+        settle_s=1.5,
+        settle_help="seconds a gateway's CPU window stays open after wrk stops, so the "
+        "ledger's last write (write_interval_s 1 s after the recorder's 0.2 s) is charged to "
+        "the run",
     )
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the end-to-end run")
     parser.add_argument(
@@ -104,18 +113,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--insert-rows", type=int, default=30_000, help="rows per insert batch size"
     )
-    parser.add_argument(
-        "--settle", type=float, default=1.5,
-        help="seconds a gateway's CPU window stays open after wrk stops, so the ledger's "
-        "last write (write_interval_s 1 s after the recorder's 0.2 s) is charged to the run",
-    )  # fmt: skip
     args = parser.parse_args(argv)
     if min(args.duration, args.repeats, args.connections, args.rows, args.record_batch) < 1:
         parser.error("--duration, --repeats, --connections, --rows, --record-batch must be >= 1")
-    if min(args.insert_batches) < 1 or args.batch_rows < 1 or args.settle < 0:
-        parser.error("--insert-batches and --batch-rows must be >= 1, --settle >= 0")
-    if args.together_rounds < 0 or args.together_duration < 1:
-        parser.error("--together-rounds must be >= 0, --together-duration >= 1")
+    if min(args.insert_batches) < 1 or args.batch_rows < 1:
+        parser.error("--insert-batches and --batch-rows must be >= 1")
+    check_turns_arguments(parser, args)
     return args
 
 

@@ -52,6 +52,29 @@ def add_load_arguments(
     parser.add_argument("--load-cpu", type=int, default=1, help=load_help)
 
 
+def add_turns_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    together_duration: int,
+    rounds_help: str,
+    settle_s: float,
+    settle_help: str,
+) -> None:
+    """The options of a benchmark comparing two gateways: rounds with both loaded at once,
+    and how long a run's CPU window stays open after wrk stops (``check_turns_arguments``)."""
+    parser.add_argument("--together-rounds", type=int, default=5, help=rounds_help)
+    parser.add_argument(
+        "--together-duration", type=int, default=together_duration,
+        help="seconds per together round",
+    )  # fmt: skip
+    parser.add_argument("--settle", type=float, default=settle_s, help=settle_help)
+
+
+def check_turns_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.together_rounds < 0 or args.together_duration < 1 or args.settle < 0:
+        parser.error("--together-rounds must be >= 0, --together-duration >= 1, --settle >= 0")
+
+
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway afterwards")
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")

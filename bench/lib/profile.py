@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import shutil
@@ -14,6 +15,8 @@ from typing import TypeVar
 
 from bench.lib import BenchError
 from bench.lib.procs import Procs, pinned, run_quiet
+from bench.lib.stack import Server
+from bench.lib.wrk import Wrk, WrkStats
 
 PYSPY_VENV = Path("/tmp/tollway-pyspy")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*)\)$")
@@ -81,6 +84,27 @@ def under_pyspy(
     if not raw.exists():
         raise BenchError(f"py-spy wrote no output:\n{spy.log_tail()}")
     return result, raw
+
+
+def profile_gateway(
+    args: argparse.Namespace, procs: Procs, tmp: Path, wrk: Wrk, gateway: Server, sim: Server,
+    key: str, *, connections: int, duration: int,
+) -> tuple[WrkStats, Path, str]:  # fmt: skip
+    """One more wrk run against ``gateway`` while py-spy samples it (``--profile-*``
+    options): wrk's figures, the raw stacks, and a first line saying what was profiled."""
+    stats, raw = under_pyspy(
+        procs, tmp, gateway.proc.pid, args.load_cpu,
+        lambda: wrk.run(
+            gateway.chat_url, key, connections, duration, logs=(gateway.proc, sim.proc)
+        ),
+        rate=args.profile_rate, native=args.profile_native,
+    )  # fmt: skip
+    title = (
+        f"({connections} conns, {duration} s, under py-spy at {args.profile_rate} Hz"
+        f"{', native' if args.profile_native else ''}, so slower than unprofiled): "
+        f"{stats.rps:.0f} req/s, p50 {stats.p50_us} µs"
+    )
+    return stats, raw, title
 
 
 def summarise_profile(raw: Path, top: int) -> str:

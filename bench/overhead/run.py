@@ -43,7 +43,7 @@ from bench.lib.entry import add_load_arguments, add_profile_arguments, clean_env
 from bench.lib.measure import measure
 from bench.lib.net import free_port, wait_ready
 from bench.lib.procs import Proc, Procs, check_pinned, pinned
-from bench.lib.profile import ensure_pyspy, summarise_profile, under_pyspy
+from bench.lib.profile import ensure_pyspy, profile_gateway, summarise_profile
 from bench.lib.redis_server import redis_version, start_redis
 from bench.lib.report import publish, section_head
 from bench.lib.stack import (
@@ -268,19 +268,11 @@ def profile(
     args: argparse.Namespace, procs: Procs, tmp: Path, wrk: Wrk, gateway: Server, sim: Server
 ) -> str:
     """One more throughput run against tollway (metering on) under py-spy; its summary."""
-    stats, raw = under_pyspy(
-        procs, tmp, gateway.proc.pid, args.load_cpu,
-        lambda: wrk.run(
-            gateway.chat_url, API_KEY, args.connections, args.duration,
-            logs=(gateway.proc, sim.proc),
-        ),
-        rate=args.profile_rate, native=args.profile_native,
+    _, raw, title = profile_gateway(
+        args, procs, tmp, wrk, gateway, sim, API_KEY,
+        connections=args.connections, duration=args.duration,
     )  # fmt: skip
-    return (
-        f"profiled run of tollway ({args.connections} conns, {args.duration} s, under py-spy "
-        f"at {args.profile_rate} Hz{', native' if args.profile_native else ''}, so slower "
-        f"than unprofiled): {stats.rps:.0f} req/s\n" + summarise_profile(raw, args.profile_top)
-    )
+    return f"profiled run of tollway {title}\n" + summarise_profile(raw, args.profile_top)
 
 
 if __name__ == "__main__":
